@@ -1,0 +1,1 @@
+"""Models learned from telemetry: call graphs, footprint, resources, latency, cost, availability."""

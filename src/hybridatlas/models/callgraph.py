@@ -1,0 +1,123 @@
+"""Traces -> per-API call graphs of components.
+
+A span's component is its process's `container.name`. A client span whose operation matches a
+database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component.
+Children listed in `async_operations`, or that end after their parent, are background work.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Iterator
+
+from hybridatlas.config import AtlasConfig
+from hybridatlas.errors import warn_data
+from hybridatlas.ingest.jaeger import Span, Trace
+
+Edge = tuple[str, str]
+
+
+class DatabaseMapper:
+    """Maps (calling component, operation) to a database component by ordered rules."""
+
+    def __init__(self, rules: list[dict[str, str]]) -> None:
+        self.rules = rules
+
+    def target(self, caller: str, operation: str) -> str | None:
+        """The database a client span calls, or None if the span is not a database call."""
+        for rule in self.rules:
+            if fnmatchcase(caller, rule["caller"]) and operation.startswith(rule["operation_prefix"]):
+                service = caller[: -len("-service")] if caller.endswith("-service") else caller
+                return rule["component"].replace("{service}", service)
+        return None
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One component-to-component call carried by a span: `edge` = (caller, callee)."""
+
+    edge: Edge
+    operation: str
+
+
+def is_background(child: Span, parent: Span, async_operations: list[str]) -> bool:
+    """Async consumer spans and children that outlive their parent do not add to its latency."""
+    return any(fnmatchcase(child.operation, pattern) for pattern in async_operations) or child.end_us > parent.end_us
+
+
+def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper) -> list[Hop]:
+    """Calls a span stands for: the RPC into its component (from the parent, or the gateway for the
+    root) and, for a database client span, the call to the database. A span whose parent is a
+    database client span (a message-queue consumer) is itself a client of that database."""
+    hops = []
+    parent_target = mapper.target(parent.component, parent.operation) if parent is not None else None
+    if parent_target is not None:
+        hops.append(Hop((span.component, parent_target), span.operation))
+    else:
+        caller = parent.component if parent is not None else gateway
+        if caller != span.component:
+            hops.append(Hop((caller, span.component), span.operation))
+    database = mapper.target(span.component, span.operation)
+    if database is not None:
+        hops.append(Hop((span.component, database), span.operation))
+    return hops
+
+
+def walk(trace: Trace, async_operations: list[str]) -> Iterator[tuple[Span, Span | None, bool]]:
+    """(span, parent, in_background) for every span, parents before children."""
+    stack: list[tuple[Span, Span | None, bool]] = [(trace.root, None, False)]
+    while stack:
+        span, parent, background = stack.pop()
+        yield span, parent, background
+        for child in span.children:
+            stack.append((child, span, background or is_background(child, span, async_operations)))
+
+
+@dataclass
+class ApiCallGraph:
+    """Mean calls per request of one API on each edge; background edges are kept apart."""
+
+    api: str
+    traces: int
+    calls: dict[Edge, float] = field(default_factory=dict)
+    background: set[Edge] = field(default_factory=set)
+
+    @property
+    def components(self) -> set[str]:
+        return {component for edge in self.calls for component in edge}
+
+    def uses(self, component: str) -> bool:
+        return component in self.components
+
+
+def build_call_graphs(traces: list[Trace], config: AtlasConfig) -> dict[str, ApiCallGraph]:
+    """One call graph per API (root operation name)."""
+    mapper = DatabaseMapper(config.database_rules)
+    by_api: dict[str, list[Trace]] = defaultdict(list)
+    for trace in traces:
+        by_api[trace.api].append(trace)
+    graphs = {}
+    for api, api_traces in sorted(by_api.items()):
+        counts: dict[Edge, int] = defaultdict(int)
+        background_counts: dict[Edge, int] = defaultdict(int)
+        for trace in api_traces:
+            for span, parent, background in walk(trace, config.async_operations):
+                for hop in span_hops(span, parent, config.gateway, mapper):
+                    counts[hop.edge] += 1
+                    if background:
+                        background_counts[hop.edge] += 1
+        graph = ApiCallGraph(api, len(api_traces))
+        graph.calls = {edge: count / len(api_traces) for edge, count in sorted(counts.items())}
+        graph.background = {edge for edge, count in background_counts.items() if count == counts[edge]}
+        graphs[api] = graph
+    return graphs
+
+
+def check_known_components(graphs: dict[str, ApiCallGraph], known: set[str], source: str) -> None:
+    """Warn about components in the call graphs that no other input knows (typo-prone DB rules)."""
+    unknown = sorted({c for g in graphs.values() for c in g.components} - known)
+    if known and unknown:
+        warn_data(source, f"components {unknown} appear in the traces but in no metric series; "
+                  f"check database_rules and the component names")

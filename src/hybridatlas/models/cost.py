@@ -1,0 +1,57 @@
+"""Cost model: monthly cloud cost of a placement = compute + storage + egress + cluster fee.
+
+Compute: the cloud side's forecast CPU and memory, plus headroom, run on a node pool of one instance
+type; for each catalogued type the pool needs ceil(max(cpu / vcpu, memory / memory_gib)) nodes and
+the cheapest type wins. Storage: the forecast disk of each moved stateful component (at least
+`min_volume_gib`). Egress: bytes leaving the cloud on every cut edge (responses of on-prem -> cloud
+calls, requests of cloud -> on-prem calls). Prices come from the configuration (defaults.json states
+their provenance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hybridatlas.config import AtlasConfig
+
+SECONDS_PER_MONTH = 730.0 * 3600.0
+COST_PARTS = ("compute", "storage", "egress", "cluster")
+
+
+@dataclass
+class CostModel:
+    """Vectorised cost of placements. Arrays are indexed by component (cloud = True)."""
+
+    cpu: np.ndarray
+    memory_gib: np.ndarray
+    volume_gib: np.ndarray
+    edge_source: np.ndarray
+    edge_destination: np.ndarray
+    edge_request_bytes_per_s: np.ndarray
+    edge_response_bytes_per_s: np.ndarray
+    config: AtlasConfig
+
+    def breakdown(self, cloud: np.ndarray) -> np.ndarray:
+        """(plans x 4) monthly cost: compute, storage, egress, cluster."""
+        cost = self.config.cost
+        hours = float(cost["hours_per_month"])
+        cloud_f = cloud.astype(np.float64)
+        need_cpu = cloud_f @ self.cpu * (1.0 + self.config.headroom)
+        need_mem = cloud_f @ self.memory_gib * (1.0 + self.config.headroom)
+        compute = np.full(cloud.shape[0], np.inf)
+        for inst in self.config.instances:
+            nodes = np.ceil(np.maximum(need_cpu / float(inst["vcpu"]), need_mem / float(inst["memory_gib"])) - 1e-9)
+            compute = np.minimum(compute, nodes * float(inst["per_hour"]) * hours)
+        any_cloud = cloud.any(axis=1)
+        compute = np.where(any_cloud, compute, 0.0)
+        storage = cloud_f @ self.volume_gib * float(cost["storage_per_gib_month"])
+        src, dst = cloud[:, self.edge_source], cloud[:, self.edge_destination]
+        leaving = (~src & dst) * self.edge_response_bytes_per_s + (src & ~dst) * self.edge_request_bytes_per_s
+        egress = leaving.sum(axis=1) * (hours * 3600.0) / 1e9 * float(cost["egress_per_gb"])
+        cluster = any_cloud * float(cost["cluster_fee_per_hour"]) * hours
+        return np.column_stack([compute, storage, egress, cluster])
+
+    def total(self, cloud: np.ndarray) -> np.ndarray:
+        return self.breakdown(cloud).sum(axis=1)

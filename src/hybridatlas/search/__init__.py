@@ -1,0 +1,1 @@
+"""Placement search: vectorised plan scoring, NSGA-II with local refinement, baselines."""
