@@ -198,5 +198,17 @@ def load_live(config: AtlasConfig, prometheus_url: str | None, jaeger_url: str |
         telemetry.api_calls = api_calls_from_traces(traces, step_s)
     metrics = {metric: prom.query_range(fill(query), start, end, step_s, component_key)
                for metric, query in live["resources"].items() if query}
-    telemetry.resource_runs = [ResourceRun(f"live {prometheus_url}", metrics)]
+    if "cpu_cores" in metrics and "memory_bytes" in metrics:
+        telemetry.resource_runs = [ResourceRun(f"live {prometheus_url}", metrics)]
+    else:
+        warn_data(prometheus_url, "live.resources lacks cpu_cores or memory_bytes queries: no live resource run")
     return telemetry
+
+
+def telemetry_until(telemetry: Telemetry, end: float) -> Telemetry:
+    """A copy whose byte and call series stop at `end` (Unix s); traces and resource runs are kept."""
+    def cut(table: SeriesTable | None) -> SeriesTable | None:
+        return table.window(None, end) if table is not None else None
+
+    return Telemetry(telemetry.traces, cut(telemetry.request_bytes), cut(telemetry.response_bytes),
+                     cut(telemetry.api_calls), telemetry.resource_runs, telemetry.component_info, telemetry.window_s)
