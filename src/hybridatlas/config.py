@@ -121,6 +121,11 @@ class AtlasConfig:
     def async_operations(self) -> list[str]:
         return list(self.raw["async_operations"])
 
+    @property
+    def background_overhang_us(self) -> float:
+        """A child ending more than this after its parent is background (timestamps are rounded to 1 us)."""
+        return float(self.raw["background_overhang_us"])
+
     def round_trip_rule(self, operation: str) -> RoundTripRule:
         """First rule whose `operation` glob matches; the defaults end with a catch-all '*'."""
         for rule in self.raw["round_trips"]:

