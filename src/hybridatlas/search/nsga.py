@@ -78,8 +78,8 @@ def local_search(evaluator: PlanEvaluator, archive: ParetoArchive, rounds: int) 
             return
 
 
-def nsga2_search(evaluator: PlanEvaluator, population: int = 120, generations: int = 120, seed: int = 0,
-                 local_rounds: int = 3, seeds: list[np.ndarray] | None = None) -> SearchResult:
+def nsga2_search(evaluator: PlanEvaluator, population: int = 200, generations: int = 200, seed: int = 0,
+                 local_rounds: int = 10, seeds: list[np.ndarray] | None = None) -> SearchResult:
     """Run NSGA-II plus local refinement; returns the archive of feasible non-dominated plans."""
     start, evaluated_before = time.perf_counter(), evaluator.evaluated
     archive = ParetoArchive(evaluator.n_bits)
