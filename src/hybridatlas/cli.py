@@ -166,7 +166,10 @@ def cmd_advise(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    console.print(plans_table(advice.plans, advice.baselines))
+    shown = advice.plans if args.all else [plan for plan in advice.plans if plan["labels"]]
+    console.print(plans_table(shown, advice.baselines))
+    if len(shown) < len(advice.plans):
+        console.print(f"{len(advice.plans) - len(shown)} more Pareto plans: --all, --json or advice.json (--out)")
     chosen = advice.labelled("balanced") or advice.plans[0]
     print_plan(console, chosen)
     console.print(f"{advice.search['evaluated']} plans scored in {advice.search['seconds']:.2f} s "
@@ -272,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     advise_p.add_argument("--out", help="write advice.json, pareto.png and report.html here")
     advise_p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     advise_p.add_argument("--no-baselines", action="store_true", help="skip the baseline plans")
+    advise_p.add_argument("--all", action="store_true", help="list every Pareto plan, not only the labelled ones")
     advise_p.set_defaults(func=cmd_advise)
     evaluate_p = sub.add_parser("evaluate", help="score one plan (what-if)")
     add_data_options(evaluate_p)

@@ -3,7 +3,6 @@
 import json
 
 from hybridatlas.cli import main
-from hybridatlas.ingest.dataset import load_directory
 
 
 def test_advise_on_synthetic_writes_all_outputs(synthetic_dir, tmp_path, capsys):
@@ -25,7 +24,8 @@ def test_advise_json_on_shared_data(data_dir, capsys):
     advice = json.loads(capsys.readouterr().out)
     cheapest = next(p for p in advice["plans"] if "cheapest" in p["labels"])
     assert cheapest["feasible"] and cheapest["cloud"]
-    assert set(cheapest["latency"]) == set(load_directory(data_dir).apis) or True
+    assert len(cheapest["latency"]) == 9
+    assert all(row["mean_ms"] >= row["before_mean_ms"] - 1e-9 for row in cheapest["latency"].values())
     assert advice["search"]["plans_per_second"] > 0
 
 

@@ -34,7 +34,7 @@ def pareto_chart(plans: list[dict[str, Any]], baselines: dict[str, dict[str, Any
     ax.set_xlabel("cloud cost ($/month)")
     ax.set_ylabel("mean API latency inflation (%)")
     ax.set_title("Atlas: cost vs latency of hybrid plans")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
     path = Path(path)
     fig.tight_layout()

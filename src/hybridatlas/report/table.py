@@ -17,7 +17,7 @@ def plans_table(plans: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
     table = Table(title="Atlas plans (Pareto set)", show_lines=False)
     for column in ("#", "labels", "$/month", "latency +%", "disrupted", "feasible", "moved to cloud"):
         table.add_column(column, overflow="fold")
-    rows = [(str(i), plan) for i, plan in enumerate(plans)]
+    rows = [(str(i), plan) for i, plan in enumerate(plans)]  # numbering of the plans shown
     rows += [(name, plan) for name, plan in (baselines or {}).items() if "objectives" in plan and "cloud" in plan]
     for key, plan in rows:
         objectives = plan["objectives"]
