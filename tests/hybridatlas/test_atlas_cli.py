@@ -75,3 +75,14 @@ def test_bad_input_exits_2_with_the_file_named(tmp_path, capsys):
     assert "traces.json: not valid JSON" in capsys.readouterr().out
     assert main(["evaluate", "--data", str(tmp_path / "missing"), "--cloud", ""]) == 2
     assert "data directory not found" in capsys.readouterr().out
+
+
+def test_partial_data_degrades_with_warnings(synthetic_dir, tmp_path, capsys):
+    import shutil
+    partial = tmp_path / "partial"
+    shutil.copytree(synthetic_dir / "traces", partial / "traces")
+    assert main(["evaluate", "--data", str(partial), "--cloud", "catalog-service", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "no per-edge byte series found" in captured.err and "no resource run found" in captured.err
+    plan = json.loads(captured.out)
+    assert plan["latency"]["/api/catalog/browse"]["mean_ms"] > plan["latency"]["/api/catalog/browse"]["before_mean_ms"]

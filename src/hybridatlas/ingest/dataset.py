@@ -142,7 +142,9 @@ def load_directory(data_dir: str | Path) -> Telemetry:
     if network_dirs:
         _load_network_run(telemetry, network_dirs[-1])
     else:
-        warn_data(root, "no per-edge byte series found: the network footprint cannot be learned")
+        warn_data(root, "no per-edge byte series found: the network footprint cannot be learned; "
+                  "API call rates are counted from the traces' root spans")
+        telemetry.api_calls = api_calls_from_traces(telemetry.traces)
     telemetry.resource_runs = [load_resource_run(d) for d in resource_dirs]
     if not telemetry.resource_runs:
         warn_data(root, "no resource run found: utilisation cannot be forecast")
