@@ -10,7 +10,7 @@ import numpy as np
 from hybridatlas.models.cost import COST_PARTS
 from hybridatlas.pipeline import AtlasModels
 from hybridatlas.search import baselines
-from hybridatlas.search.evaluator import CONSTRAINTS, PlanEvaluator
+from hybridatlas.search.evaluator import CONSTRAINTS, OBJECTIVES, PlanEvaluator
 from hybridatlas.search.nsga import SearchResult, nsga2_search
 from hybridatlas.search.pareto import label_plans
 
@@ -52,8 +52,7 @@ def describe_plan(evaluator: PlanEvaluator, bits: np.ndarray, labels: list[str] 
     return {
         "labels": labels or [],
         "cloud": cloud,
-        "objectives": {"cost_per_month": float(scores.cost[0]), "latency_inflation": float(scores.inflation[0]),
-                       "disruption": float(scores.disruption[0])},
+        "objectives": {name: float(v) for name, v in zip(OBJECTIVES, scores.objectives[0])},
         "cost": {part: float(v) for part, v in zip(COST_PARTS, scores.cost_parts[0])} | {"total": float(scores.cost[0])},
         "latency": {api: {"before_mean_ms": float(models.latency.baseline_mean_ms[a]),
                           "before_p95_ms": float(models.latency.baseline_p95_ms[a]),

@@ -7,12 +7,16 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.errors import AtlasDataWarning, AtlasInputError
+
+if TYPE_CHECKING:
+    from hybridatlas.ingest.dataset import Telemetry
+    from hybridatlas.pipeline import AtlasModels
 
 EXAMPLE_DATA_HINT = "give --data DIR, explicit files (--traces ...), or --prometheus/--jaeger URLs"
 
@@ -93,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> AtlasConfig:
     return AtlasConfig.load(args.config, overrides)
 
 
-def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig):
+def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Telemetry:
     from hybridatlas.ingest import dataset
 
     if args.prometheus or args.jaeger:
@@ -126,7 +130,7 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig):
     return telemetry
 
 
-def expected_rates(args: argparse.Namespace, telemetry) -> dict[str, float] | None:
+def expected_rates(args: argparse.Namespace, telemetry: Telemetry) -> dict[str, float] | None:
     from hybridatlas.models.traffic import rates_from_mix
 
     if args.rates:
@@ -141,7 +145,7 @@ def expected_rates(args: argparse.Namespace, telemetry) -> dict[str, float] | No
     return None
 
 
-def _models(args: argparse.Namespace):
+def _models(args: argparse.Namespace) -> AtlasModels:
     from hybridatlas.pipeline import build_models
 
     config = config_from_args(args)

@@ -16,7 +16,6 @@ import numpy as np
 
 from hybridatlas.config import AtlasConfig
 
-SECONDS_PER_MONTH = 730.0 * 3600.0
 COST_PARTS = ("compute", "storage", "egress", "cluster")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.ingest.jaeger import Span, Trace
-from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Edge, Hop, is_background, span_hops
+from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops
 from hybridatlas.models.footprint import Footprint
 
 P95 = 95.0

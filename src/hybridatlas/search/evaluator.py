@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybridatlas.errors import AtlasInputError
-from hybridatlas.models.cost import COST_PARTS
 from hybridatlas.pipeline import AtlasModels
 
 CONSTRAINTS = ("onprem_cpu_cores", "onprem_memory_gib", "onprem_disk_gib", "budget_per_month")
@@ -98,5 +97,3 @@ class PlanEvaluator:
             violations.append(scores.violations)
         return np.concatenate(objectives), np.concatenate(violations)
 
-
-__all__ = ["CONSTRAINTS", "COST_PARTS", "OBJECTIVES", "PlanEvaluator", "Scores"]

@@ -60,9 +60,6 @@ class ParetoArchive:
         self.bits, self.objectives = all_bits[keep], all_obj[keep]
 
 
-LABELS = ("cheapest", "least disruptive", "best performance", "balanced")
-
-
 def label_plans(objectives: np.ndarray) -> dict[str, int]:
     """Row index of each labelled plan in a front: cheapest (cost, then latency), least disruptive
     (disruption, then latency, then cost), best performance (latency, then cost) and balanced
