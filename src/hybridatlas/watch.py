@@ -61,14 +61,16 @@ def watch_windows(telemetry: Telemetry, config: AtlasConfig, window_minutes: flo
 
 
 def watch_live(load: Callable[[float, float], Telemetry], config: AtlasConfig, interval_s: float,
-               iterations: int, plan: list[str] | None) -> Iterator[dict[str, Any]]:
-    """Every `interval_s`, load the last forecast.history_minutes of live telemetry and check the plan."""
+               iterations: int, plan: list[str] | None,
+               clock: Callable[[], float] = time.time) -> Iterator[dict[str, Any]]:
+    """Every `interval_s`, load the last forecast.history_minutes of live telemetry up to `clock()`
+    and check the plan."""
     history_s = float(config.forecast["history_minutes"]) * 60.0
     current = plan
     for iteration in range(iterations):
         if iteration:
             time.sleep(interval_s)
-        now = time.time()
+        now = clock()
         event = check_plan(load(now - history_s, now), config, current)
         current = event["plan"] if event["status"] in ("adopted", "ok") else event["recommended"]
         yield {"window_end": now} | event

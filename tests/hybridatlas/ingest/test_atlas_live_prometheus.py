@@ -137,3 +137,22 @@ def test_unreachable_server_is_a_clear_error():
     from hybridatlas.errors import AtlasInputError
     with pytest.raises(AtlasInputError, match="cannot reach the server"):
         PrometheusClient(f"http://127.0.0.1:{_free_port()}", timeout_s=2).query_range("up", 0, 10, 5, component_key)
+
+
+def test_watch_live_polls_prometheus(prometheus_url, data_dir):
+    from hybridatlas.watch import watch_live
+
+    config = AtlasConfig.load(overrides={**LIVE_CONFIG, "onprem": {"cpu_cores": 0.6}})
+    runs = [load_resource_run(data_dir / name) for name in ("resources-run-20220617", "resources-run-20220803")]
+
+    def load(start: float, end: float):
+        telemetry = load_live(config, prometheus_url, None, start, end, 5.0, [str(data_dir / "traces")])
+        telemetry.resource_runs = runs
+        return telemetry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adopted, again = watch_live(load, config, 0.0, 2, None, clock=lambda: float(ISTIO_END))
+        (stale,) = watch_live(load, config, 0.0, 1, [], clock=lambda: float(ISTIO_END))
+    assert adopted["status"] == "adopted" and again["status"] == "ok" and again["plan"] == adopted["plan"]
+    assert stale["status"] == "stops fitting the forecast" and "onprem_cpu_cores" in stale["violations"]
