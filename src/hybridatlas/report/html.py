@@ -33,14 +33,15 @@ def call_graph_svg(advice: Advice, plan: dict[str, Any]) -> str:
     ys = [p[1] for p in position.values()]
 
     def scale(p: tuple[float, float]) -> tuple[float, float]:
-        x = 70 + (p[0] - min(xs)) / ((max(xs) - min(xs)) or 1) * (WIDTH - 200)
-        y = 30 + (p[1] - min(ys)) / ((max(ys) - min(ys)) or 1) * (HEIGHT - 60)
+        x = 40 + (p[0] - min(xs)) / ((max(xs) - min(xs)) or 1) * (WIDTH - 260)
+        y = 40 + (p[1] - min(ys)) / ((max(ys) - min(ys)) or 1) * (HEIGHT - 70)
         return x, y
 
     cloud, cut = set(plan["cloud"]), {tuple(edge) for edge in plan["cut_edges"]}
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-size="10">',
              '<defs><marker id="a" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" '
-             'orient="auto"><path d="M0,0L10,5L0,10z" fill="#888"/></marker></defs>']
+             'orient="auto"><path d="M0,0L10,5L0,10z" fill="#888"/></marker></defs>',
+             '<text x="10" y="16">blue: on-prem · orange: cloud · red: call edge cut by the plan (crosses the WAN)</text>']
     for a, b in graph.edges:
         (x1, y1), (x2, y2) = scale(position[a]), scale(position[b])
         color, width = ("#d00", 2.5) if (a, b) in cut else ("#999", 1)
