@@ -13,6 +13,8 @@ from typing import Any
 
 from hybridatlas.errors import AtlasInputError
 
+ONPREM_RESOURCES = ("cpu_cores", "memory_gib", "disk_gib")
+
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
@@ -161,8 +163,7 @@ class AtlasConfig:
     def onprem_capacity(self) -> dict[str, float | None]:
         """cpu_cores, memory_gib, disk_gib of the on-prem cluster (None = unconstrained)."""
         section = self.raw["onprem"]
-        return {key: (None if section.get(key) is None else float(section[key]))
-                for key in ("cpu_cores", "memory_gib", "disk_gib")}
+        return {key: (None if section.get(key) is None else float(section[key])) for key in ONPREM_RESOURCES}
 
     @property
     def budget_per_month(self) -> float | None:

@@ -17,7 +17,6 @@ from hybridatlas.models.latency import LatencyModel, build_latency_model
 from hybridatlas.models.resources import ResourceModel, component_traffic, learn_resources
 from hybridatlas.models.traffic import rates_from_history, scale_rates
 
-RESOURCES = ("cpu_cores", "memory_gib", "disk_gib")
 
 
 def demand_vector(forecast: dict[str, dict[str, float]], components: list[str], resource: str) -> np.ndarray:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hybridatlas.errors import AtlasInputError
+from hybridatlas.config import ONPREM_RESOURCES
 from hybridatlas.pipeline import AtlasModels
 
 CONSTRAINTS = ("onprem_cpu_cores", "onprem_memory_gib", "onprem_disk_gib", "budget_per_month")
@@ -51,9 +52,8 @@ class PlanEvaluator:
         chosen = [a for a in models.apis if latency_apis == "all" or a in critical] or models.apis
         self.latency_columns = np.array([models.apis.index(a) for a in chosen], dtype=np.int64)
         capacity = models.config.onprem_capacity()
-        self.capacity = np.array([np.inf if capacity[k] is None else capacity[k]
-                                  for k in ("cpu_cores", "memory_gib", "disk_gib")])
-        self.demand = np.column_stack([models.demand(r) for r in ("cpu_cores", "memory_gib", "disk_gib")])
+        self.capacity = np.array([np.inf if capacity[k] is None else capacity[k] for k in ONPREM_RESOURCES])
+        self.demand = np.column_stack([models.demand(r) for r in ONPREM_RESOURCES])
         budget = models.config.budget_per_month
         self.budget = np.inf if budget is None else budget
         self.evaluated = 0
