@@ -1,0 +1,6 @@
+"""The client side of the split: a transformers model whose frozen base ops are proxies."""
+
+from .model import load_model
+from .phantom import PhantomWeight
+
+__all__ = ["PhantomWeight", "load_model"]

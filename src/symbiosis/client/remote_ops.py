@@ -1,0 +1,118 @@
+"""Client-side handles of executor ops, as autograd functions.
+
+The backward of a frozen linear op needs only ``grad_x = grad_y·W``: no saved activation and no
+weight gradient, so the executor stays stateless. Ops that consume the same input (q/k/v,
+gate/up) travel as one fused request when the client really does feed them the same tensor.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..protocol import PRIORITY_TRAINING, Direction, OpInfo
+from .session import ClientSession
+
+
+class RemoteLinear:
+    """One linear op (single or fused) of the executor, callable on ``[..., in_features]`` tensors."""
+
+    def __init__(self, session: ClientSession, info: OpInfo) -> None:
+        self.session = session
+        self.info = info
+
+    def call(self, direction: Direction, x: torch.Tensor, priority: int) -> torch.Tensor:
+        """Forward ``x·Wᵀ`` or backward ``x·W`` over the last dimension of ``x``."""
+        width = self.info.out_features if direction is Direction.FORWARD else self.info.in_features
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 0:
+            return x.new_zeros(*x.shape[:-1], width)
+        y = self.session.run(self.info.name, direction, rows, priority)
+        return y.view(*x.shape[:-1], width)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        priority = self.session.request_priority(Direction.FORWARD)
+        return _LinearFunction.apply(x, self, priority)
+
+
+class _LinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: RemoteLinear, priority: int) -> torch.Tensor:
+        ctx.op = op
+        return op.call(Direction.FORWARD, x, priority)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.op.call(Direction.BACKWARD, grad, PRIORITY_TRAINING), None, None
+
+
+class _FusedLinearFunction(torch.autograd.Function):
+    """Forward returns one tensor per member; backward sends the members' gradients as one request."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, op: RemoteLinear, priority: int):
+        ctx.op = op
+        y = op.call(Direction.FORWARD, x, priority)
+        # separate tensors, so an in-place update of one member's output cannot touch another's
+        return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(op.info.member_widths, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return ctx.op.call(Direction.BACKWARD, torch.cat(grads, dim=-1), PRIORITY_TRAINING), None, None
+
+
+@dataclass
+class _Pending:
+    """Outputs computed for members not yet called, valid only for the exact input tensor."""
+
+    source: weakref.ref
+    version: int
+    outputs: dict[str, torch.Tensor]
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return self.source() is x and x._version == self.version
+
+
+class FusionGroup:
+    """Client-side state of a fused op (e.g. q/k/v): speculative fusion that checks itself.
+
+    When the leader (the member called first) runs, all members' outputs are computed in one
+    request and the others are kept for the members' own calls. A member called with a different
+    tensor (e.g. an adapter that transforms its input) or never called switches fusion off for
+    this client; results are exact either way.
+    """
+
+    def __init__(self, fused: RemoteLinear) -> None:
+        self.fused = fused
+        self.members = fused.info.members
+        self.enabled = True
+        self._local = threading.local()
+
+    def leader_call(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The leader's output with the others' kept for later, or None when fusion is off."""
+        if getattr(self._local, "pending", None) is not None:
+            self.enabled = False  # a member was never called with the leader's input
+            self._local.pending = None
+        if not self.enabled:
+            return None
+        priority = self.fused.session.request_priority(Direction.FORWARD)
+        outputs = _FusedLinearFunction.apply(x, self.fused, priority)
+        self._local.pending = _Pending(weakref.ref(x), x._version, dict(zip(self.members[1:], outputs[1:])))
+        return outputs[0]
+
+    def member_call(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The output kept for ``name`` if it was computed from this very ``x``, else None."""
+        pending: _Pending | None = getattr(self._local, "pending", None)
+        if pending is None:
+            return None
+        if not pending.matches(x) or name not in pending.outputs:
+            self.enabled = False
+            self._local.pending = None
+            return None
+        output = pending.outputs.pop(name)
+        if not pending.outputs:
+            self._local.pending = None
+        return output

@@ -1,0 +1,281 @@
+"""The base executor: one frozen copy of a causal LM's linear ops, shared by every client."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+
+from ..errors import BadRequestError
+from ..protocol import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    Direction,
+    ModelSpec,
+    OpInfo,
+    OpKind,
+    OpRequest,
+    TensorInfo,
+    dtype_name,
+    resolve_dtype,
+)
+from .discovery import find_fusion_groups, find_linear_ops, linear_weight
+from .ops import FrozenOp
+from .scheduler import BatchScheduler
+from .stats import BatchStats
+
+log = logging.getLogger(__name__)
+
+
+class BaseExecutor:
+    """Holds the single copy of a model's frozen linear ops and serves batched op requests.
+
+    Stateless with respect to clients: a request is "multiply these rows by W" (forward) or "by W
+    transposed" (backward); no activation is stored and no weight gradient is computed. The
+    executor also hands clients the model config and the small frozen tensors (norms, embeddings,
+    rotary buffers, biases) they need to run everything else locally.
+
+    Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
+    (rows per GEMM), ``max_wait_s`` (wait this long for a batch to fill; default 0: never wait),
+    ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
+    ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse NaN/Inf inputs).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        generation_config: GenerationConfig | None = None,
+        fuse: bool = True,
+        max_rows: int | None = None,
+        max_wait_s: float = 0.0,
+        aging_s: float = 0.02,
+        max_request_rows: int | None = None,
+        reject_non_finite: bool = True,
+    ) -> None:
+        model.eval().requires_grad_(False)
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.max_request_rows = max_request_rows
+        self.reject_non_finite = reject_non_finite
+        self._config = model.config.to_dict()
+        self._generation_config = (generation_config or model.generation_config or GenerationConfig()).to_dict()
+        modules = find_linear_ops(model)
+        groups = find_fusion_groups(model, modules) if fuse else []
+        self._ops: dict[str, FrozenOp] = {}
+        self._fusion_groups: dict[str, str] = {}
+        self._add_linear_ops(modules, groups)
+        self._add_embedding_op(model)
+        self._tensors = self._frozen_tensors(model, modules)
+        self.stats = BatchStats()
+        self._scheduler = BatchScheduler(
+            self._run_batch, self.stats, max_rows=max_rows, max_wait_s=max_wait_s, aging_s=aging_s
+        )
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", **options: Any
+    ) -> BaseExecutor:
+        """Load a causal LM from a local Hugging Face directory through transformers' own loading."""
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
+        torch_dtype = resolve_dtype(dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)))
+        try:
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:
+            generation_config = None
+        return cls(model, generation_config=generation_config, **options)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig,
+        *,
+        seed: int = 0,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        **options: Any,
+    ) -> BaseExecutor:
+        """Build a causal LM with random weights (seeded) from a transformers config, for tests and benchmarks."""
+        torch_dtype = resolve_dtype(dtype)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        return cls(model.to(device), **options)
+
+    def _add_linear_ops(self, modules: dict[str, nn.Module], groups: list[tuple[str, ...]]) -> None:
+        for name, module in modules.items():
+            weight = linear_weight(module)
+            self._ops[name] = FrozenOp(OpInfo(name, OpKind.LINEAR, weight.shape[1], weight.shape[0]), weight)
+        for members in groups:
+            fused = torch.cat([self._ops[m].weight for m in members])
+            widths = tuple(self._ops[m].info.out_features for m in members)
+            name = fused_op_name(members)
+            info = OpInfo(name, OpKind.LINEAR, fused.shape[1], fused.shape[0], members, widths)
+            self._ops[name] = FrozenOp(info, fused)
+            # members become row views of the fused weight, so the fused copy is the only copy
+            for member, rows in zip(members, fused.split(widths), strict=True):
+                self._ops[member].weight = rows
+            self._fusion_groups[members[0]] = name
+
+    def _add_embedding_op(self, model: PreTrainedModel) -> None:
+        embedding = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is embedding)
+        weight = embedding.weight
+        self._ops[name] = FrozenOp(OpInfo(name, OpKind.EMBEDDING, 1, weight.shape[1]), weight)
+
+    def _frozen_tensors(self, model: PreTrainedModel, ops: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer except the linear ops' weights (biases stay: clients add them)."""
+        op_weights = {f"{name}.weight" for name in ops}
+        tensors = dict(model.named_parameters(remove_duplicate=False))
+        tensors.update(model.named_buffers(remove_duplicate=False))
+        return {name: t.detach() for name, t in tensors.items() if name not in op_weights}
+
+    # ----------------------------------------------------------------------------- client setup
+    def spec(self) -> ModelSpec:
+        """The config and the op and tensor tables a client needs to build its model."""
+        return ModelSpec(
+            config=dict(self._config),
+            generation_config=dict(self._generation_config),
+            dtype=dtype_name(self.dtype),
+            device=str(self.device),
+            ops={name: op.info for name, op in self._ops.items()},
+            fusion_groups=dict(self._fusion_groups),
+            tensors={name: TensorInfo(tuple(t.shape), dtype_name(t.dtype)) for name, t in self._tensors.items()},
+        )
+
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named frozen tensors (on the executor's device and dtype; clients copy what they keep)."""
+        names = list(names)
+        unknown = [n for n in names if n not in self._tensors]
+        if unknown:
+            raise BadRequestError(f"unknown frozen tensors: {unknown[:5]}")
+        return {name: self._tensors[name] for name in names}
+
+    # ---------------------------------------------------------------------------------- serving
+    def run(self, request: OpRequest) -> torch.Tensor:
+        """Validate ``request``, batch it with concurrent requests for the same op, return its output.
+
+        Raises ``BadRequestError`` in the caller for an unknown op, a wrong shape or dtype, or
+        non-finite values; nothing else is affected.
+        """
+        self.validate(request)
+        return self._scheduler.run(request)
+
+    def validate(self, request: OpRequest) -> None:
+        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op."""
+        op = self._ops.get(request.op)
+        if op is None:
+            raise BadRequestError(f"unknown op {request.op!r}")
+        info = op.info
+        if not isinstance(request.direction, Direction):
+            raise BadRequestError(f"unknown direction {request.direction!r}")
+        x = request.x
+        if not isinstance(x, torch.Tensor):
+            raise BadRequestError(f"op {info.name}: input must be a tensor, got {type(x).__name__}")
+        if info.kind is OpKind.EMBEDDING:
+            self._validate_ids(info, request)
+        else:
+            self._validate_rows(info, request)
+        if self.max_request_rows is not None and request.rows > self.max_request_rows:
+            raise BadRequestError(f"op {info.name}: {request.rows} rows exceed the limit of {self.max_request_rows}")
+
+    def _validate_rows(self, info: OpInfo, request: OpRequest) -> None:
+        x, width = request.x, info.expected_width(request.direction)
+        if x.dim() != 2 or x.shape[1] != width:
+            raise BadRequestError(
+                f"op {info.name} ({request.direction.name.lower()}): expected rows of width {width}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.dtype not in FLOAT_DTYPES.values():
+            raise BadRequestError(f"op {info.name}: dtype {x.dtype} is not one of {', '.join(FLOAT_DTYPES)}")
+        if self.reject_non_finite and not bool(torch.isfinite(x).all()):
+            raise BadRequestError(f"op {info.name} ({request.direction.name.lower()}): input has NaN or Inf values")
+
+    def _validate_ids(self, info: OpInfo, request: OpRequest) -> None:
+        x = request.x
+        if request.direction is not Direction.FORWARD:
+            raise BadRequestError(f"op {info.name}: embeddings are frozen and have no backward")
+        if x.dim() != 1 or x.dtype not in INDEX_DTYPES:
+            raise BadRequestError(f"op {info.name}: expected a 1-D tensor of token ids, got {x.dtype} {tuple(x.shape)}")
+        vocab = self._ops[info.name].weight.shape[0]
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
+            raise BadRequestError(f"op {info.name}: token ids must lie in [0, {vocab})")
+        if request.out_dtype is not None and request.out_dtype not in FLOAT_DTYPES.values():
+            raise BadRequestError(f"op {info.name}: out_dtype {request.out_dtype} is not a float dtype")
+
+    def _run_batch(self, op_name: str, direction: Direction, requests: Sequence[OpRequest]) -> list[torch.Tensor]:
+        """One GEMM over all requests' rows; each caller gets its own rows in its dtype and device."""
+        op = self._ops[op_name]
+        xs = [r.x for r in requests]
+        x = xs[0] if len(xs) == 1 else torch.cat([t.to(self.device) for t in xs])
+        if op.info.kind is OpKind.LINEAR:
+            x = x.to(device=self.device, dtype=self.dtype)
+        y = op.apply(direction, x.to(self.device)).contiguous()
+        outputs, start = [], 0
+        for request in requests:
+            rows = request.rows
+            out = _own_rows(y, start, rows)
+            start += rows
+            out_dtype = request.out_dtype or (request.x.dtype if request.x.is_floating_point() else y.dtype)
+            outputs.append(out.to(device=request.x.device, dtype=out_dtype))
+        return outputs
+
+    # ------------------------------------------------------------------------------ management
+    def queue_depth(self) -> int:
+        """Requests waiting for the executor right now."""
+        return self._scheduler.queue_depth()
+
+    def close(self) -> None:
+        """Refuse new requests (queued ones still complete)."""
+        self._scheduler.close()
+
+    def parameter_bytes(self) -> int:
+        """Bytes of frozen weights held (each storage counted once)."""
+        seen, total = set(), 0
+        for t in [op.weight for op in self._ops.values()] + list(self._tensors.values()):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def __repr__(self) -> str:
+        linear = sum(op.info.kind is OpKind.LINEAR and not op.info.members for op in self._ops.values())
+        return (
+            f"BaseExecutor({self._config.get('model_type')}, {linear} linear ops, "
+            f"{len(self._fusion_groups)} fused groups, dtype={dtype_name(self.dtype)}, device={self.device}, "
+            f"{self.parameter_bytes() / 2**20:.1f} MiB)"
+        )
+
+
+def fused_op_name(members: Sequence[str]) -> str:
+    """``a.b.q_proj``, ``a.b.k_proj`` -> ``a.b.(q_proj+k_proj)``: the common module prefix, then the members."""
+    prefix = members[0]
+    while prefix and not all(m.startswith(prefix + ".") for m in members):
+        prefix = prefix.rpartition(".")[0]
+    start = len(prefix) + 1 if prefix else 0
+    return f"{prefix}{'.' if prefix else ''}({'+'.join(m[start:] for m in members)})"
+
+
+def _own_rows(y: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows ``[start, start+rows)`` of ``y`` as a tensor with its own autograd version counter.
+
+    A plain slice would share ``y``'s version counter with every other client's slice, so one
+    client's in-place update would break another client's backward pass. The row ranges never
+    overlap, so sharing the storage is safe.
+    """
+    if start == 0 and rows == y.shape[0]:
+        return y
+    out = torch.empty(0, dtype=y.dtype, device=y.device)
+    width = math.prod(y.shape[1:])
+    return out.set_(y.untyped_storage(), y.storage_offset() + start * width, (rows, *y.shape[1:]), y.stride())

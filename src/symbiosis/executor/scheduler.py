@@ -1,0 +1,150 @@
+"""Opportunistic per-op batching by flat combining.
+
+Every caller enqueues its request. Whoever finds the executor idle becomes the *combiner*: it takes
+the most urgent (op, direction) queue, runs all of its waiting requests as one GEMM, hands every
+result back and repeats until its own request is done; then another waiter takes over. A lone
+client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
+waits for a batch to fill unless ``max_wait_s`` asks for it.
+
+Urgency is earliest-deadline-first with ``deadline = arrival + priority * aging_s``: inference
+(priority 0) goes ahead of fine-tuning (priority 1), yet a fine-tuning request that has waited
+``aging_s`` beats a newly arrived inference request, so no client starves.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..protocol import Direction, OpRequest
+from .stats import BatchStats
+
+#: Runs one batch: (op name, direction, requests) -> one output per request, in order.
+BatchRunner = Callable[[str, Direction, Sequence[OpRequest]], list[torch.Tensor]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: OpRequest
+    arrival: float
+    deadline: float
+    result: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class BatchScheduler:
+    """Batches concurrent requests for the same (op, direction); thread-safe; see module docstring."""
+
+    def __init__(
+        self,
+        run_batch: BatchRunner,
+        stats: BatchStats,
+        *,
+        max_rows: int | None = None,
+        max_wait_s: float = 0.0,
+        aging_s: float = 0.02,
+    ) -> None:
+        if max_wait_s < 0 or aging_s < 0:
+            raise ValueError("max_wait_s and aging_s must be >= 0")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError("max_rows must be >= 1")
+        self._run_batch = run_batch
+        self._stats = stats
+        self._max_rows = max_rows
+        self._max_wait_s = max_wait_s
+        self._aging_s = aging_s
+        self._cond = threading.Condition()
+        self._queues: dict[tuple[str, Direction], list[_Pending]] = {}
+        self._busy = False
+        self._closed = False
+
+    def run(self, request: OpRequest) -> torch.Tensor:
+        """Execute ``request`` (batched with whatever else is waiting) and return its output."""
+        now = time.perf_counter()
+        pending = _Pending(request, now, now + max(request.priority, 0) * self._aging_s)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the executor is closed")
+            self._queues.setdefault((request.op, request.direction), []).append(pending)
+            while not pending.done:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                try:
+                    key, batch = self._take_batch()
+                    self._cond.release()
+                    try:
+                        self._execute(key, batch)
+                    finally:
+                        self._cond.acquire()
+                finally:
+                    self._busy = False
+                    self._cond.notify_all()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def queue_depth(self) -> int:
+        """Requests waiting right now (not counting the batch being computed)."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
+    def close(self) -> None:
+        """Refuse new requests; requests already queued still complete."""
+        with self._cond:
+            self._closed = True
+
+    def _take_batch(self) -> tuple[tuple[str, Direction], list[_Pending]]:
+        """Pop the most urgent queue's requests (up to ``max_rows``). Called with the lock held."""
+        while True:
+            key = min(self._queues, key=lambda k: min(p.deadline for p in self._queues[k]))
+            queue = sorted(self._queues[key], key=lambda p: p.deadline)
+            wait_left = queue[0].arrival + self._max_wait_s - time.perf_counter()
+            rows = sum(p.request.rows for p in queue)
+            if wait_left <= 0 or (self._max_rows is not None and rows >= self._max_rows):
+                break
+            self._cond.wait(wait_left)
+        batch, rows = [], 0
+        for pending in queue:
+            if batch and self._max_rows is not None and rows + pending.request.rows > self._max_rows:
+                break
+            batch.append(pending)
+            rows += pending.request.rows
+        rest = queue[len(batch):]
+        if rest:
+            self._queues[key] = rest
+        else:
+            del self._queues[key]
+        return key, batch
+
+    def _execute(self, key: tuple[str, Direction], batch: list[_Pending]) -> None:
+        """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails."""
+        start = time.perf_counter()
+        requests = [p.request for p in batch]
+        try:
+            outputs = self._run_batch(key[0], key[1], requests)
+            for pending, output in zip(batch, outputs, strict=True):
+                pending.result = output
+        except Exception:
+            for pending in batch:
+                try:
+                    pending.result = self._run_batch(key[0], key[1], [pending.request])[0]
+                except Exception as exc:
+                    pending.error = exc
+        compute_s = time.perf_counter() - start
+        self._stats.record(
+            key[0],
+            key[1],
+            waits=[start - p.arrival for p in batch],
+            rows=sum(r.rows for r in requests),
+            clients=len({r.client_id for r in requests}),
+            compute_s=compute_s,
+        )
+        for pending in batch:
+            pending.done = True

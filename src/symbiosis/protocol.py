@@ -1,0 +1,127 @@
+"""The contract between clients and the base executor: what an op request is, what a client learns.
+
+These types are transport-neutral: the in-process transport passes them as they are; network
+transports encode them (tensors as raw bytes with explicit dtype and shape, never pickle).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: Priority of latency-sensitive requests (forward passes without autograd, e.g. ``generate()``).
+PRIORITY_INFERENCE = 0
+#: Priority of fine-tuning requests (forward passes that build a graph, and all backward passes).
+PRIORITY_TRAINING = 1
+
+#: Dtypes the executor computes in and accepts as activations.
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+#: Dtypes accepted as token ids by embedding ops.
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; anything but the three float dtypes fails."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in FLOAT_DTYPES.values():
+            return dtype
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name in FLOAT_DTYPES:
+            return FLOAT_DTYPES[name]
+    raise ValueError(f"unsupported dtype {dtype!r}: use one of {', '.join(FLOAT_DTYPES)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+class Direction(enum.IntEnum):
+    """Which product a request asks for: forward ``y = x·Wᵀ`` or backward ``grad_x = grad_y·W``."""
+
+    FORWARD = 0
+    BACKWARD = 1
+
+
+class OpKind(str, enum.Enum):
+    """``LINEAR``: x -> x·Wᵀ (nn.Linear, GPT-2's Conv1D, the LM head). ``EMBEDDING``: ids -> rows of W."""
+
+    LINEAR = "linear"
+    EMBEDDING = "embedding"
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One op the executor serves.
+
+    ``members`` is empty for a single module; for a fused op (modules that consume the same input,
+    such as q/k/v) it lists the member modules in order and ``member_widths`` their output widths;
+    the fused output is their outputs concatenated along the last dimension.
+    """
+
+    name: str
+    kind: OpKind
+    in_features: int
+    out_features: int
+    members: tuple[str, ...] = ()
+    member_widths: tuple[int, ...] = ()
+
+    def expected_width(self, direction: Direction) -> int:
+        """Width of the rows a request in ``direction`` must carry (token ids: 1 per row)."""
+        if self.kind is OpKind.EMBEDDING:
+            return 1
+        return self.in_features if direction is Direction.FORWARD else self.out_features
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of a frozen tensor the executor can hand to clients."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a client needs to build its model: the config and the executor's op and tensor tables.
+
+    ``ops`` holds every single op by module path and every fused op by its joined name;
+    ``fusion_groups`` maps a group's leader (the member called first) to the fused op's name.
+    """
+
+    config: dict[str, Any]
+    generation_config: dict[str, Any] | None
+    dtype: str
+    device: str
+    ops: dict[str, OpInfo]
+    fusion_groups: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass
+class OpRequest:
+    """One op call of one client: rows ``x`` (2-D; token ids are 1-D) for op ``op`` in ``direction``.
+
+    ``out_dtype`` is the dtype the client wants back (defaults to ``x``'s dtype for float inputs).
+    """
+
+    op: str
+    direction: Direction
+    x: torch.Tensor
+    client_id: str = "anonymous"
+    priority: int = PRIORITY_TRAINING
+    out_dtype: torch.dtype | None = None
+    tenant: str = field(default="default")
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0]) if self.x.dim() > 0 else 0

@@ -1,0 +1,106 @@
+"""The correctness contract: a split client must equal the monolithic transformers + PEFT model.
+
+Both models are loaded from the same directory; the client's adapters are initialised like the
+monolithic model's and then both are given the same randomly perturbed adapter weights (so that
+no adapter is an identity and every gradient is non-trivial).
+
+Bound: for every compared tensor, ``max|split - mono| <= REL_TOL * max|mono|`` (relative to the
+tensor's scale). Greedy generation must give identical tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from symbiosis import BaseExecutor, load_model
+
+REL_TOL = 1e-5
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_tol: float = REL_TOL) -> float:
+    """Assert ``max|actual - expected| <= rel_tol * max|expected|``; return the relative error."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.detach().abs().max().item()
+    error = (actual.detach() - expected.detach()).abs().max().item()
+    assert scale > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
+    assert error <= rel_tol * scale, f"{what}: max error {error:.3g} > {rel_tol:g} x scale {scale:.3g}"
+    return error / scale
+
+
+def perturb_adapters(model: torch.nn.Module, seed: int = 1234) -> None:
+    """Add seeded noise to every trainable parameter (identity-initialised adapters become non-trivial)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.add_(0.05 * noise.to(param.dtype))
+
+
+def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy every trainable parameter of ``source`` to the same-named one of ``target``."""
+    src = {n: p for n, p in source.named_parameters() if p.requires_grad}
+    dst = {n: p for n, p in target.named_parameters() if p.requires_grad}
+    assert src.keys() == dst.keys(), f"trainable parameters differ: {sorted(src.keys() ^ dst.keys())[:5]}"
+    with torch.no_grad():
+        for name, param in src.items():
+            dst[name].copy_(param)
+
+
+def build_pair(path: Path, peft_config: PeftConfig | None, executor: BaseExecutor | None = None, **client_options):
+    """(monolithic model, split client, executor), with identical adapters when ``peft_config`` is given."""
+    executor = executor or BaseExecutor.from_pretrained(path)
+    mono = AutoModelForCausalLM.from_pretrained(path)
+    client = load_model(executor, **client_options)
+    if peft_config is not None:
+        torch.manual_seed(0)
+        mono = get_peft_model(mono, copy.deepcopy(peft_config))
+        torch.manual_seed(0)
+        client = get_peft_model(client, copy.deepcopy(peft_config))
+        perturb_adapters(mono)
+        copy_trainable(mono, client)
+    return mono, client, executor
+
+
+def check_equivalence(
+    path: Path, peft_config: PeftConfig | None = None, *, generate: bool = True, vocab: int = 256, **client_options
+) -> dict[str, float]:
+    """Compare logits, loss, adapter gradients and greedy tokens; return the worst relative errors."""
+    mono, client, _ = build_pair(path, peft_config, **client_options)
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, vocab, (2, 9), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding on the second row exercises the attention mask
+    errors = {}
+    for model in (mono, client):
+        model.train()
+    out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
+    out_client = client(input_ids=ids, attention_mask=mask, labels=ids)
+    errors["logits"] = assert_close(out_client.logits, out_mono.logits, "logits")
+    errors["loss"] = assert_close(out_client.loss, out_mono.loss, "loss")
+    if peft_config is not None:
+        out_mono.loss.backward()
+        out_client.loss.backward()
+        grads_mono = {n: p.grad for n, p in mono.named_parameters() if p.requires_grad}
+        grads_client = {n: p.grad for n, p in client.named_parameters() if p.requires_grad}
+        worst = 0.0
+        for name, grad in grads_mono.items():
+            assert grad is not None, f"{name}: no gradient in the monolithic model"
+            assert grads_client[name] is not None, f"{name}: no gradient in the split client"
+            if grad.abs().max() > 0:
+                worst = max(worst, assert_close(grads_client[name], grad, f"grad {name}"))
+        assert any(g.abs().max() > 0 for g in grads_mono.values()), "every adapter gradient is zero"
+        errors["grads"] = worst
+    if generate:
+        for model in (mono, client):
+            model.eval()
+        prompt = ids[:, :4]
+        tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        tokens_client = client.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        assert torch.equal(tokens_client, tokens_mono), f"greedy tokens differ:\n{tokens_client}\n{tokens_mono}"
+    return errors
