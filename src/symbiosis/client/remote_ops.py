@@ -18,44 +18,53 @@ from .session import ClientSession
 
 
 class RemoteLinear:
-    """One linear op (single or fused) of the executor, callable on ``[..., in_features]`` tensors."""
+    """One linear op (single or fused) of the executor, callable on ``[..., in_features]`` tensors.
+
+    The autograd functions work on 2-D rows and return fresh tensors; reshaping happens outside
+    them, so callers (e.g. AdaLoRA's ``result += ...``) may update outputs in place.
+    """
 
     def __init__(self, session: ClientSession, info: OpInfo) -> None:
         self.session = session
         self.info = info
 
-    def call(self, direction: Direction, x: torch.Tensor, priority: int) -> torch.Tensor:
-        """Forward ``x·Wᵀ`` or backward ``x·W`` over the last dimension of ``x``."""
+    def call(self, direction: Direction, rows: torch.Tensor, priority: int) -> torch.Tensor:
+        """Forward ``rows·Wᵀ`` or backward ``rows·W`` for 2-D ``rows``."""
         width = self.info.out_features if direction is Direction.FORWARD else self.info.in_features
-        rows = x.reshape(-1, x.shape[-1])
         if rows.shape[0] == 0:
-            return x.new_zeros(*x.shape[:-1], width)
-        y = self.session.run(self.info.name, direction, rows, priority)
-        return y.view(*x.shape[:-1], width)
+            return rows.new_zeros(0, width)
+        return self.session.run(self.info.name, direction, rows, priority)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         priority = self.session.request_priority(Direction.FORWARD)
-        return _LinearFunction.apply(x, self, priority)
+        y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), self, priority)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def fused_call(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of every member of a fused op, each shaped ``[..., member_width]``."""
+        priority = self.session.request_priority(Direction.FORWARD)
+        outputs = _FusedLinearFunction.apply(x.reshape(-1, x.shape[-1]), self, priority)
+        return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
 
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, op: RemoteLinear, priority: int) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int) -> torch.Tensor:
         ctx.op = op
-        return op.call(Direction.FORWARD, x, priority)
+        return op.call(Direction.FORWARD, rows, priority)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.op.call(Direction.BACKWARD, grad, PRIORITY_TRAINING), None, None
+        return ctx.op.call(Direction.BACKWARD, grad.contiguous(), PRIORITY_TRAINING), None, None
 
 
 class _FusedLinearFunction(torch.autograd.Function):
     """Forward returns one tensor per member; backward sends the members' gradients as one request."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, op: RemoteLinear, priority: int):
+    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int):
         ctx.op = op
-        y = op.call(Direction.FORWARD, x, priority)
+        y = op.call(Direction.FORWARD, rows, priority)
         # separate tensors, so an in-place update of one member's output cannot touch another's
         return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(op.info.member_widths, dim=-1))
 
@@ -98,8 +107,7 @@ class FusionGroup:
             self._local.pending = None
         if not self.enabled:
             return None
-        priority = self.fused.session.request_priority(Direction.FORWARD)
-        outputs = _FusedLinearFunction.apply(x, self.fused, priority)
+        outputs = self.fused.fused_call(x)
         self._local.pending = _Pending(weakref.ref(x), x._version, dict(zip(self.members[1:], outputs[1:])))
         return outputs[0]
 

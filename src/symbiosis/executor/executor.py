@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import BadRequestError
 from ..protocol import (
@@ -113,6 +114,7 @@ class BaseExecutor:
         return cls(model.to(device), **options)
 
     def _add_linear_ops(self, modules: dict[str, nn.Module], groups: list[tuple[str, ...]]) -> None:
+        self._conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D)}
         for name, module in modules.items():
             weight = linear_weight(module)
             self._ops[name] = FrozenOp(OpInfo(name, OpKind.LINEAR, weight.shape[1], weight.shape[0]), weight)
@@ -154,12 +156,22 @@ class BaseExecutor:
         )
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named frozen tensors (on the executor's device and dtype; clients copy what they keep)."""
-        names = list(names)
-        unknown = [n for n in names if n not in self._tensors]
-        if unknown:
-            raise BadRequestError(f"unknown frozen tensors: {unknown[:5]}")
-        return {name: self._tensors[name] for name in names}
+        """The named frozen tensors (on the executor's device and dtype; clients copy what they keep).
+
+        Besides the spec's tensor table, ``<op>.weight`` of a single linear op can be fetched, in its
+        module's own layout: a client that keeps e.g. the LM head locally needs it.
+        """
+        found = {name: self._tensors.get(name) for name in names}
+        for name, tensor in found.items():
+            if tensor is None:
+                found[name] = self._module_weight(name)
+        return found
+
+    def _module_weight(self, name: str) -> torch.Tensor:
+        op = self._ops.get(name.removesuffix(".weight"))
+        if not name.endswith(".weight") or op is None or op.info.members or op.info.kind is not OpKind.LINEAR:
+            raise BadRequestError(f"unknown frozen tensor {name!r}")
+        return op.weight.t() if op.info.name in self._conv1d else op.weight
 
     # ---------------------------------------------------------------------------------- serving
     def run(self, request: OpRequest) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""The batching scheduler: requests for the same op meet in one GEMM, urgency and fairness hold."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from symbiosis.executor.scheduler import BatchScheduler
+from symbiosis.executor.stats import BatchStats
+from symbiosis.protocol import PRIORITY_INFERENCE, PRIORITY_TRAINING, Direction, OpRequest
+
+
+class Recorder:
+    """A batch runner that records every batch (op, direction, client ids); the first batch can be held."""
+
+    def __init__(self, hold_first: bool = True) -> None:
+        self.batches: list[tuple[str, Direction, list[str]]] = []
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        if not hold_first:
+            self.release.set()
+
+    def __call__(self, op, direction, requests):
+        if not self.batches:
+            self.holding.set()
+            self.release.wait(10)
+        self.batches.append((op, direction, [r.client_id for r in requests]))
+        if any(r.client_id.startswith("poison") for r in requests):
+            raise RuntimeError("poisoned batch")
+        return [r.x * 2 for r in requests]
+
+
+def submit(scheduler, results, op, client, priority=PRIORITY_TRAINING, rows=1, direction=Direction.FORWARD):
+    def run():
+        try:
+            results[client] = scheduler.run(OpRequest(op, direction, torch.ones(rows, 2), client_id=client, priority=priority))
+        except Exception as exc:
+            results[client] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def wait_queued(scheduler, n):
+    deadline = time.monotonic() + 10
+    while scheduler.queue_depth() < n:
+        assert time.monotonic() < deadline, "requests never queued"
+        time.sleep(0.001)
+
+
+def hold_then(scheduler, recorder, results, queue):
+    """Block the executor with one request, queue ``queue`` (list of submit kwargs) in order, release."""
+    threads = [submit(scheduler, results, "blocker", "blocker")]
+    assert recorder.holding.wait(10)
+    for i, kwargs in enumerate(queue):
+        threads.append(submit(scheduler, results, **kwargs))
+        wait_queued(scheduler, i + 1)
+    recorder.release.set()
+    for thread in threads:
+        thread.join(10)
+    return recorder.batches[1:]
+
+
+def test_requests_waiting_for_the_same_op_share_one_batch():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats())
+    batches = hold_then(scheduler, recorder, results, [dict(op="q", client=f"c{i}") for i in range(4)])
+    assert batches == [("q", Direction.FORWARD, ["c0", "c1", "c2", "c3"])]
+    assert all(torch.equal(results[f"c{i}"], torch.full((1, 2), 2.0)) for i in range(4))
+
+
+def test_directions_and_ops_never_mix():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats())
+    batches = hold_then(
+        scheduler,
+        recorder,
+        results,
+        [dict(op="q", client="a"), dict(op="k", client="b"), dict(op="q", client="c", direction=Direction.BACKWARD)],
+    )
+    assert sorted((op, d, tuple(c)) for op, d, c in batches) == [
+        ("k", Direction.FORWARD, ("b",)),
+        ("q", Direction.FORWARD, ("a",)),
+        ("q", Direction.BACKWARD, ("c",)),
+    ]
+
+
+def test_inference_goes_ahead_of_earlier_finetuning():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), aging_s=10.0)
+    batches = hold_then(
+        scheduler,
+        recorder,
+        results,
+        [dict(op="train_op", client="trainer", priority=PRIORITY_TRAINING), dict(op="infer_op", client="user", priority=PRIORITY_INFERENCE)],
+    )
+    assert [op for op, _, _ in batches] == ["infer_op", "train_op"]
+
+
+def test_finetuning_that_waited_longer_than_aging_goes_first():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), aging_s=0.05)
+    threads = [submit(scheduler, results, "blocker", "blocker")]
+    assert recorder.holding.wait(10)
+    threads.append(submit(scheduler, results, "train_op", "trainer", priority=PRIORITY_TRAINING))
+    wait_queued(scheduler, 1)
+    time.sleep(0.1)  # the training request now waited longer than aging_s
+    threads.append(submit(scheduler, results, "infer_op", "user", priority=PRIORITY_INFERENCE))
+    wait_queued(scheduler, 2)
+    recorder.release.set()
+    for thread in threads:
+        thread.join(10)
+    assert [op for op, _, _ in recorder.batches[1:]] == ["train_op", "infer_op"]
+
+
+def test_max_rows_splits_a_queue_by_urgency():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_rows=4, aging_s=10.0)
+    batches = hold_then(
+        scheduler,
+        recorder,
+        results,
+        [
+            dict(op="q", client="t1", rows=3, priority=PRIORITY_TRAINING),
+            dict(op="q", client="i1", rows=2, priority=PRIORITY_INFERENCE),
+            dict(op="q", client="i2", rows=2, priority=PRIORITY_INFERENCE),
+        ],
+    )
+    assert [clients for _, _, clients in batches] == [["i1", "i2"], ["t1"]]
+
+
+def test_max_wait_lets_a_batch_fill():
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=0.5)
+    threads = [submit(scheduler, results, "q", "a")]
+    time.sleep(0.05)
+    threads.append(submit(scheduler, results, "q", "b"))
+    for thread in threads:
+        thread.join(10)
+    assert [clients for _, _, clients in recorder.batches] == [["a", "b"]]
+
+
+def test_without_max_wait_nothing_waits_for_a_batch():
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats())
+    submit(scheduler, results, "q", "a").join(10)
+    submit(scheduler, results, "q", "b").join(10)
+    assert [clients for _, _, clients in recorder.batches] == [["a"], ["b"]]
+
+
+def test_a_failing_request_fails_alone():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats())
+    hold_then(scheduler, recorder, results, [dict(op="q", client="good1"), dict(op="q", client="poison"), dict(op="q", client="good2")])
+    assert isinstance(results["poison"], RuntimeError)
+    assert torch.equal(results["good1"], torch.full((1, 2), 2.0))
+    assert torch.equal(results["good2"], torch.full((1, 2), 2.0))
+
+
+def test_statistics_count_requests_rows_and_clients():
+    recorder, results, stats = Recorder(), {}, BatchStats()
+    scheduler = BatchScheduler(recorder, stats)
+    hold_then(scheduler, recorder, results, [dict(op="q", client="a", rows=2), dict(op="q", client="b", rows=3), dict(op="q", client="b", rows=1)])
+    summary = {op: s for (op, _), s in stats.by_family().items()}["q"]
+    assert summary["gemms"] == 1
+    assert summary["requests"] == 3
+    assert summary["rows"] == 6
+    assert summary["clients_per_gemm"] == 2
+    assert summary["shared_gemm_fraction"] == 1.0
+    assert summary["wait_ms_max"] > 0
+
+
+def test_closed_scheduler_refuses_new_requests():
+    scheduler = BatchScheduler(Recorder(hold_first=False), BatchStats())
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.run(OpRequest("q", Direction.FORWARD, torch.ones(1, 2)))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError):
+        BatchScheduler(Recorder(), BatchStats(), max_rows=0)
+    with pytest.raises(ValueError):
+        BatchScheduler(Recorder(), BatchStats(), aging_s=-1)

@@ -1,0 +1,102 @@
+"""Bad requests fail in the requesting client alone; the executor keeps serving everyone else."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from symbiosis import BadRequestError, BaseExecutor, load_model
+from symbiosis.protocol import Direction, OpRequest
+from symbiosis.tiny import tiny_config
+
+OP = "model.layers.0.self_attn.o_proj"
+
+
+@pytest.fixture(scope="module")
+def executor():
+    return BaseExecutor.from_config(tiny_config("llama"), seed=0)
+
+
+def request(x, op=OP, direction=Direction.FORWARD, **kwargs) -> OpRequest:
+    return OpRequest(op, direction, x, client_id="bad", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (request(torch.randn(3, 64), op="model.layers.9.nope"), "unknown op"),
+        (request(torch.randn(3, 63)), "expected rows of width 64"),
+        (request(torch.randn(3, 64, 1)), "expected rows of width 64"),
+        (request(torch.randn(64)), "expected rows of width 64"),
+        (request(torch.randn(3, 64).to(torch.float64)), "dtype torch.float64"),
+        (request(torch.ones(3, 64, dtype=torch.int64)), "dtype torch.int64"),
+        (request(torch.full((3, 64), float("nan"))), "NaN or Inf"),
+        (request(torch.tensor([[float("inf")] * 64])), "NaN or Inf"),
+        (request(torch.randn(3, 64), direction=Direction.BACKWARD, op="lm_head"), "expected rows of width 256"),
+        (request(torch.tensor([1, 300]), op="model.embed_tokens"), "token ids must lie in"),
+        (request(torch.tensor([-1]), op="model.embed_tokens"), "token ids must lie in"),
+        (request(torch.tensor([[1, 2]]), op="model.embed_tokens"), "1-D tensor of token ids"),
+        (request(torch.tensor([1]), op="model.embed_tokens", direction=Direction.BACKWARD), "no backward"),
+        (request("not a tensor"), "must be a tensor"),
+    ],
+)
+def test_bad_request_raises_clear_error(executor, bad, message):
+    with pytest.raises(BadRequestError, match=message):
+        executor.run(bad)
+
+
+def test_request_row_limit():
+    executor = BaseExecutor.from_config(tiny_config("llama"), max_request_rows=4)
+    executor.run(request(torch.randn(4, 64)))
+    with pytest.raises(BadRequestError, match="5 rows exceed the limit of 4"):
+        executor.run(request(torch.randn(5, 64)))
+
+
+def test_non_finite_inputs_can_be_allowed():
+    executor = BaseExecutor.from_config(tiny_config("llama"), reject_non_finite=False)
+    out = executor.run(request(torch.full((2, 64), float("nan"))))
+    assert out.isnan().all()
+
+
+def test_bad_clients_do_not_disturb_good_ones(executor):
+    """Good clients generating while a bad client floods the executor get exactly their solo results."""
+    good = [load_model(executor, client_id=f"good{i}") for i in range(3)]
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    expected = [m.generate(input_ids=prompt, max_new_tokens=10, do_sample=False) for m in good]
+    errors, results, stop = [], {}, threading.Event()
+
+    def flood() -> None:
+        bad_inputs = [torch.randn(2, 63), torch.full((2, 64), float("nan")), torch.randn(2, 64).double()]
+        while not stop.is_set():
+            for x in bad_inputs:
+                try:
+                    executor.run(request(x))
+                except BadRequestError as exc:
+                    errors.append(exc)
+
+    def generate(index: int) -> None:
+        results[index] = good[index].generate(input_ids=prompt, max_new_tokens=10, do_sample=False)
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    workers = [threading.Thread(target=generate, args=(i,)) for i in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    flooder.join()
+    assert errors, "the flood never reached the executor"
+    for index in range(3):
+        assert torch.equal(results[index], expected[index])
+
+
+def test_client_sees_bad_input_error_from_its_own_forward(executor):
+    model = load_model(executor)
+    hidden = torch.full((1, 2, 64), float("nan"))
+    with pytest.raises(BadRequestError, match="NaN or Inf"):
+        model.model.layers[0].self_attn.o_proj(hidden)
+    # the same client keeps working afterwards
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
