@@ -1,0 +1,1 @@
+"""The ``symbiosis`` command line."""
