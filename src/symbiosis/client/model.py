@@ -11,6 +11,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig,
 from ..errors import UnsupportedFeatureError
 from ..protocol import ModelSpec, OpKind, resolve_dtype
 from ..transport import Transport
+from .phantom import PhantomWeight
 from .proxies import EmbeddingProxy, connect_embedding, connect_linear, make_proxy
 from .remote_ops import FusionGroup, RemoteLinear
 from .session import ClientSession
@@ -117,7 +118,7 @@ def _install_proxies(model: nn.Module, spec: ModelSpec, session: ClientSession, 
 
 
 def _load_frozen_tensors(model: nn.Module, transport: Transport, dtype: torch.dtype, device: torch.device) -> None:
-    """Fill every parameter and buffer of the client with the executor's values.
+    """Fill every parameter and buffer of the client (proxies' phantom weights aside) with the executor's values.
 
     All of them, not only those left on the meta device: a model may create tensors at init that
     escape the meta context (e.g. ``torch.normal`` with float arguments) and would otherwise keep
@@ -130,7 +131,7 @@ def _load_frozen_tensors(model: nn.Module, transport: Transport, dtype: torch.dt
     for module_name, module in model.named_modules():
         for is_param, table in ((True, module._parameters), (False, module._buffers)):
             for key, tensor in table.items():
-                if tensor is not None:
+                if tensor is not None and not isinstance(tensor, PhantomWeight):
                     slots.setdefault(id(tensor), []).append((module, key, is_param))
                     names.setdefault(id(tensor), f"{module_name}.{key}" if module_name else key)
     fetched = transport.tensors(names.values())

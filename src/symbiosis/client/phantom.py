@@ -32,6 +32,23 @@ class PhantomWeight(torch.Tensor):
     def __repr__(self) -> str:
         return f"PhantomWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, on the executor: {self.owner})"
 
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:
+        self.requires_grad_(requires_grad)
+
+    def requires_grad_(self, requires_grad: bool = True) -> PhantomWeight:
+        """Frozen for good: asking for gradients fails instead of training nothing silently."""
+        if requires_grad:
+            raise BaseWeightAccessError(
+                f"the base weight {self.owner} is frozen on the executor and cannot be trained; "
+                "train adapters (PEFT) or keep the module on the client instead"
+            )
+        return self
+
     def __reduce_ex__(self, protocol: int):
         raise BaseWeightAccessError(
             f"cannot copy or serialise the weight of {self.owner}: it lives on the executor. "

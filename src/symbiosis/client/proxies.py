@@ -25,14 +25,37 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 class _ProxyMixin:
-    """Behaviour shared by every proxy: phantom weight kept through dtype/device moves, no copies."""
+    """Behaviour shared by every proxy.
+
+    The phantom weight is a registered (frozen) parameter, as in the module it replaces, so
+    ``num_parameters()``, ``model.dtype`` and PEFT's lookups see the real model; it follows
+    dtype/device moves, stays out of state dicts (there is nothing to save), and the module
+    refuses to be copied.
+    """
 
     weight: PhantomWeight
 
     def _apply(self, fn: Callable, recurse: bool = True):
-        super()._apply(fn, recurse)
-        self.weight = fn(self.weight)
+        params = self._parameters
+        weight = params.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+            weight = nn.Parameter(fn(weight), requires_grad=False)
+        finally:
+            self._parameters = {"weight": weight, **params}
         return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        weight = self._parameters.pop("weight")
+        try:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+        finally:
+            self._parameters = {"weight": weight, **self._parameters}
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")
 
     def __deepcopy__(self, memo: dict) -> None:
         raise BaseWeightAccessError(
@@ -114,6 +137,8 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
         if key not in _MODULE_INTERNALS:
             proxy.__dict__[key] = value
     proxy.training = original.training
+    weight = original.weight
+    proxy.weight = nn.Parameter(PhantomWeight(tuple(weight.shape), weight.dtype, device, name), requires_grad=False)
     for key, param in original._parameters.items():
         if key != "weight":
             proxy.register_parameter(key, param)
@@ -121,8 +146,6 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
         proxy.register_buffer(key, buffer, persistent=key not in original._non_persistent_buffers_set)
     for key, child in original._modules.items():
         proxy.add_module(key, child)
-    weight = original.weight
-    proxy.weight = PhantomWeight(tuple(weight.shape), weight.dtype, device, name)
     return proxy
 
 
