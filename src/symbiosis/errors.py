@@ -22,3 +22,15 @@ class BaseWeightAccessError(SymbiosisError):
 
 class UnsupportedFeatureError(SymbiosisError):
     """A model or PEFT feature that split execution cannot serve, with the reason why."""
+
+
+class AuthenticationError(SymbiosisError):
+    """The executor service refused the client's token (missing, unknown or revoked)."""
+
+
+class LimitExceededError(SymbiosisError):
+    """A request beyond one of its tenant's limits (concurrency, rows, payload bytes, rate, sessions)."""
+
+
+class ExecutorUnavailableError(SymbiosisError):
+    """The executor service could not be reached, even after retrying with backoff."""

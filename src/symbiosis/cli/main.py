@@ -8,7 +8,7 @@ import logging
 import sys
 
 #: Modules of ``symbiosis.cli`` that each add one subcommand.
-SUBCOMMANDS = ["demo"]
+SUBCOMMANDS = ["demo", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

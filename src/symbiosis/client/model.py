@@ -10,7 +10,7 @@ from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig,
 
 from ..errors import UnsupportedFeatureError
 from ..protocol import ModelSpec, OpKind, resolve_dtype
-from ..transport import Transport
+from ..transport import Transport, connect
 from .phantom import PhantomWeight
 from .proxies import EmbeddingProxy, connect_embedding, connect_linear, make_proxy
 from .remote_ops import FusionGroup, RemoteLinear
@@ -38,10 +38,15 @@ def load_model(
     lm_head: Placement = "executor",
     attn_implementation: str | None = None,
     client_id: str | None = None,
+    token: str | None = None,
+    connect_options: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A causal LM whose frozen linear ops are proxies to ``executor``; everything else is local.
 
-    ``executor``: a ``BaseExecutor`` in this process (itself a ``Transport``), or another ``Transport``.
+    ``executor``: a ``BaseExecutor`` in this process (itself a ``Transport``), another ``Transport``,
+    an executor server's address (``"symbiosis://host:port"``, ``"symbiosis+tls://host:port"``) or a
+    list of addresses of a sharded base; ``token`` authenticates with the server and
+    ``connect_options`` go to ``symbiosis.transport.connect`` (e.g. ``tls_ca``, ``shared_memory``).
     ``device`` / ``dtype``: where and in which dtype this client keeps its frozen tensors and runs
     attention, norms and its KV cache (dtype defaults to the executor's).
     ``priority``: ``"auto"`` (default: generation and evaluation are inference, training is
@@ -55,9 +60,7 @@ def load_model(
     """
     if embeddings not in ("client", "executor") or lm_head not in ("client", "executor"):
         raise ValueError("embeddings and lm_head must each be 'client' or 'executor'")
-    if not isinstance(executor, Transport):
-        raise TypeError(f"load_model needs a BaseExecutor or another Transport, got {type(executor).__name__}")
-    transport = executor
+    transport = connect(executor, token=token, **(connect_options or {}))
     spec = transport.spec()
     config = config_from_spec(spec)
     torch_dtype = resolve_dtype(dtype or spec.dtype)

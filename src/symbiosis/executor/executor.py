@@ -29,6 +29,7 @@ from ..protocol import (
 from .discovery import find_fusion_groups, find_linear_ops, linear_weight
 from .ops import FrozenOp
 from .scheduler import BatchScheduler
+from .sharding import owned_ops
 from .stats import BatchStats
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class BaseExecutor:
     Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
     (rows per GEMM), ``max_wait_s`` (wait this long for a batch to fill; default 0: never wait),
     ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
-    ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse NaN/Inf inputs).
+    ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse NaN/Inf inputs),
+    ``layers`` (``(start, end)``: keep only the ops of layers [start, end), one shard of a sharded
+    base; ownership rule in ``executor.sharding``; frozen tensors are all kept).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class BaseExecutor:
         aging_s: float = 0.02,
         max_request_rows: int | None = None,
         reject_non_finite: bool = True,
+        layers: tuple[int, int] | None = None,
     ) -> None:
         model.eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
@@ -69,10 +73,13 @@ class BaseExecutor:
         self._generation_config = (generation_config or model.generation_config or GenerationConfig()).to_dict()
         modules = find_linear_ops(model)
         groups = find_fusion_groups(model, modules) if fuse else []
+        self.layer_range = layers
+        owned = owned_ops(list(modules), layers) if layers is not None else set(modules)
         self._ops: dict[str, FrozenOp] = {}
         self._fusion_groups: dict[str, str] = {}
-        self._add_linear_ops(modules, groups)
-        self._add_embedding_op(model)
+        self._add_linear_ops({n: m for n, m in modules.items() if n in owned}, [g for g in groups if owned.issuperset(g)])
+        if layers is None or layers[0] == 0:
+            self._add_embedding_op(model)
         self._tensors = self._frozen_tensors(model, modules)
         self.stats = BatchStats()
         self._scheduler = BatchScheduler(
@@ -153,6 +160,7 @@ class BaseExecutor:
             ops={name: op.info for name, op in self._ops.items()},
             fusion_groups=dict(self._fusion_groups),
             tensors={name: TensorInfo(tuple(t.shape), dtype_name(t.dtype)) for name, t in self._tensors.items()},
+            layer_range=self.layer_range,
         )
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:

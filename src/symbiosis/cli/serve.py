@@ -1,0 +1,74 @@
+"""``symbiosis serve MODEL_DIR``: run a base executor as a gRPC service until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from pathlib import Path
+
+from ..executor import BaseExecutor
+from ..executor.sharding import parse_layer_range
+from ..server import ExecutorServer, TenantRegistry
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="serve a base executor to client processes over gRPC", description=__doc__)
+    parser.add_argument("model_dir", type=Path, help="local Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
+    parser.add_argument("--device", default="cpu", help="device of the executor's weights and GEMMs")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--layers", type=parse_layer_range, metavar="A:B", help="serve only layers [A, B) (one shard of a sharded base)")
+    parser.add_argument("--tenants", type=Path, metavar="FILE", help="tenants file (.toml or .json); without it the service is open")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (with --tls-key: serve TLS only)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this HTTP port (0: any)")
+    parser.add_argument("--max-workers", type=int, default=64, help="server threads: concurrent client sessions (default 64)")
+    parser.add_argument("--max-message-mb", type=int, default=256, help="largest request message in MiB (default 256)")
+    parser.add_argument("--no-shared-memory", action="store_true", help="do not offer same-host shared-memory channels")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="wait this long for a batch to fill (default 0)")
+    parser.add_argument("--max-rows", type=int, help="rows per GEMM at most")
+    parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
+    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port} as JSON here once serving")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    registry = TenantRegistry.from_file(args.tenants) if args.tenants else None
+    tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
+    executor = BaseExecutor.from_pretrained(
+        args.model_dir,
+        dtype=args.dtype,
+        device=args.device,
+        layers=args.layers,
+        max_wait_s=args.max_wait_ms / 1e3,
+        max_rows=args.max_rows,
+    )
+    server = ExecutorServer(
+        executor,
+        host=args.host,
+        port=args.port,
+        registry=registry,
+        tls=tls,
+        metrics_port=args.metrics_port,
+        max_workers=args.max_workers,
+        shared_memory=not args.no_shared_memory,
+        max_message_bytes=args.max_message_mb << 20,
+    ).start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"serving {executor} on {server.url}" + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
+    if args.ready_file:
+        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port}
+        tmp = args.ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(ready))
+        tmp.replace(args.ready_file)
+    stop.wait()
+    print("draining", flush=True)
+    server.stop(args.drain_s)
+    return 0

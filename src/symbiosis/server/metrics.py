@@ -1,0 +1,91 @@
+"""Prometheus metrics of one executor server, in a registry of its own, served over HTTP.
+
+Per request (labels: tenant, op family, direction, outcome): ``symbiosis_requests_total`` and the
+``symbiosis_request_seconds`` latency histogram (server side: decode to reply). Per GEMM, read from
+the executor's batch statistics at scrape time: ``symbiosis_gemms_total``,
+``symbiosis_gemm_rows_total``, ``symbiosis_gemm_requests_total`` and ``symbiosis_rows_per_gemm``
+(rows per GEMM is ``rate(gemm_rows_total) / rate(gemms_total)`` over any window). Gauges: queue
+depth and open sessions per tenant. Op families fold layer indices (``model.layers.*.mlp.up_proj``)
+so that label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..executor import BaseExecutor
+from ..executor.stats import op_family
+from ..protocol import Direction
+from .tenancy import TenantState
+
+#: Latency buckets (seconds): 50 us to 10 s.
+LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class _BatchCollector(Collector):
+    """Exports the executor's GEMM counters per op family and direction at scrape time."""
+
+    def __init__(self, executor: BaseExecutor) -> None:
+        self._executor = executor
+
+    def collect(self) -> Iterable:
+        labels = ["op", "direction"]
+        gemms = CounterMetricFamily("symbiosis_gemms", "GEMMs run by the executor", labels=labels)
+        rows = CounterMetricFamily("symbiosis_gemm_rows", "Rows computed by GEMMs", labels=labels)
+        requests = CounterMetricFamily("symbiosis_gemm_requests", "Requests served by GEMMs", labels=labels)
+        shared = CounterMetricFamily("symbiosis_shared_gemms", "GEMMs that served more than one client", labels=labels)
+        per_gemm = GaugeMetricFamily("symbiosis_rows_per_gemm", "Mean rows per GEMM since start", labels=labels)
+        for (family, direction), summary in self._executor.stats.by_family().items():
+            key = [family, direction.name.lower()]
+            gemms.add_metric(key, summary["gemms"])
+            rows.add_metric(key, summary["rows"])
+            requests.add_metric(key, summary["requests"])
+            shared.add_metric(key, summary["shared_gemm_fraction"] * summary["gemms"])
+            per_gemm.add_metric(key, summary["rows_per_gemm"])
+        yield from (gemms, rows, requests, shared, per_gemm)
+
+
+class ServerMetrics:
+    """The metrics of one server; ``observe`` is called once per request."""
+
+    def __init__(self, executor: BaseExecutor, tenants: list[TenantState]) -> None:
+        self.registry = CollectorRegistry()
+        self._requests = Counter(
+            "symbiosis_requests", "Op requests by outcome", ["tenant", "op", "direction", "outcome"], registry=self.registry
+        )
+        self._latency = Histogram(
+            "symbiosis_request_seconds",
+            "Server-side latency of op requests (decode to reply)",
+            ["tenant", "op", "direction"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        Gauge("symbiosis_queue_depth", "Requests waiting for the executor", registry=self.registry).set_function(executor.queue_depth)
+        sessions = Gauge("symbiosis_sessions", "Open sessions per tenant", ["tenant"], registry=self.registry)
+        for state in tenants:
+            sessions.labels(state.name).set_function(state.open_sessions)
+        self.registry.register(_BatchCollector(executor))
+        self._http = None
+
+    def observe(self, tenant: str, op: str, direction: Direction | int, outcome: str, seconds: float) -> None:
+        """Account one request (``outcome``: ``ok`` or a status code name)."""
+        family = op_family(op)[:200]
+        name = Direction(direction).name.lower() if direction in (0, 1) else "unknown"
+        self._requests.labels(tenant, family, name, outcome).inc()
+        if outcome == "ok":
+            self._latency.labels(tenant, family, name).observe(seconds)
+
+    def serve_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: any free port); return the port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
