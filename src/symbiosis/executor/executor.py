@@ -46,7 +46,10 @@ class BaseExecutor:
     Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
     (rows per GEMM), ``max_wait_s`` (wait this long for a batch to fill; default 0: never wait),
     ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
-    ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse NaN/Inf inputs),
+    ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse forward inputs with NaN/Inf; checked once per batch,
+    and a failing batch is re-run request by request so only the culprit fails; backward inputs are
+    not checked because mixed-precision loss scaling relies on overflowing gradients reaching the
+    client, and rows never mix, so they harm no one else),
     ``layers`` (``(start, end)``: keep only the ops of layers [start, end), one shard of a sharded
     base; ownership rule in ``executor.sharding``; frozen tensors are all kept).
     """
@@ -218,8 +221,6 @@ class BaseExecutor:
             )
         if x.dtype not in FLOAT_DTYPES.values():
             raise BadRequestError(f"op {info.name}: dtype {x.dtype} is not one of {', '.join(FLOAT_DTYPES)}")
-        if self.reject_non_finite and not bool(torch.isfinite(x).all()):
-            raise BadRequestError(f"op {info.name} ({request.direction.name.lower()}): input has NaN or Inf values")
 
     def _validate_ids(self, info: OpInfo, request: OpRequest) -> None:
         x = request.x
@@ -239,6 +240,9 @@ class BaseExecutor:
         xs = [r.x for r in requests]
         x = xs[0] if len(xs) == 1 else torch.cat([t.to(self.device) for t in xs])
         if op.info.kind is OpKind.LINEAR:
+            if self.reject_non_finite and direction is Direction.FORWARD and not bool(torch.isfinite(x).all()):
+                culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
+                raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
             x = x.to(device=self.device, dtype=self.dtype)
         y = op.apply(direction, x.to(self.device)).contiguous()
         outputs, start = [], 0

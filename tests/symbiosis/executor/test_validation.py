@@ -100,3 +100,36 @@ def test_client_sees_bad_input_error_from_its_own_forward(executor):
         model.model.layers[0].self_attn.o_proj(hidden)
     # the same client keeps working afterwards
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_non_finite_gradients_reach_the_client(executor):
+    """Loss scaling (fp16 AMP) needs overflowing gradients to come back, not an error."""
+    grad = torch.full((2, 64), float("inf"))
+    out = executor.run(request(grad, direction=Direction.BACKWARD))
+    assert not out.isfinite().any()
+
+
+def test_non_finite_request_in_a_batch_fails_alone(executor):
+    """Batched with good requests, a NaN request fails and the others get exact results."""
+    good_x = torch.randn(3, 64)
+    expected = executor.run(request(good_x))
+    results, barrier = {}, threading.Barrier(8)
+
+    def run(index: int) -> None:
+        x = torch.full((3, 64), float("nan")) if index % 2 else good_x
+        barrier.wait()
+        try:
+            results[index] = executor.run(OpRequest(OP, Direction.FORWARD, x, client_id=f"c{index}"))
+        except BadRequestError as exc:
+            results[index] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, result in results.items():
+        if index % 2:
+            assert isinstance(result, BadRequestError) and f"c{index}" in str(result)
+        else:
+            assert torch.allclose(result, expected, rtol=1e-5, atol=1e-6)
