@@ -2,15 +2,19 @@
 
 Nothing is downloaded: a config is built locally, the model is initialised from a seed and saved
 with ``save_pretrained`` so that every consumer goes through transformers' real loading path.
+``save_tiny_model_with_tokenizer`` also trains a real byte-level BPE tokenizer (with a chat
+template) on a small corpus shipped with the package and saves it beside the model.
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, PretrainedConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 #: Sizes shared by every tiny config; dropout off so that split and monolithic runs are comparable.
 TINY_SIZES: dict[str, Any] = dict(
@@ -67,4 +71,78 @@ def save_random_model(config: PretrainedConfig, path: str | Path, *, seed: int =
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(path)
+    return path
+
+
+#: Special tokens of the tiny tokenizer, in id order (``<|pad|>`` is id 0).
+TINY_SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
+
+#: A ChatML-style template; every rendering of a conversation prefix is a prefix of the full rendering.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_corpus() -> str:
+    """The small English corpus shipped with the package (text written for this project)."""
+    return resources.files("symbiosis.data").joinpath("corpus.txt").read_text(encoding="utf-8")
+
+
+def train_tiny_tokenizer(*, vocab_size: int = 512, corpus: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus`` (default: ``tiny_corpus()``); deterministic.
+
+    It adds ``<|bos|>`` in front of every text like Llama's tokenizer, ends texts with ``<|eos|>``
+    and carries ``TINY_CHAT_TEMPLATE``; any byte string can be encoded (byte fallback).
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((corpus if corpus is not None else tiny_corpus()).splitlines(), trainer)
+    bos = "<|bos|>"
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=bos,
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def save_tiny_model_with_tokenizer(
+    path: str | Path, model_type: str = "llama", *, seed: int = 0, vocab_size: int = 512, **overrides: Any
+) -> Path:
+    """A tiny random ``model_type`` model saved to ``path`` with a trained tokenizer and chat template.
+
+    The model's vocabulary matches the tokenizer; its generation config stops at ``<|eos|>`` and at
+    the end-of-turn token ``<|im_end|>``. Context length defaults to 512 tokens.
+    """
+    tokenizer = train_tiny_tokenizer(vocab_size=vocab_size)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("pad", "<|pad|>"), ("bos", "<|bos|>"), ("eos", "<|eos|>"))}
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = tiny_config(
+        model_type,
+        **{
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 512,
+            "pad_token_id": ids["pad"],
+            "bos_token_id": ids["bos"],
+            "eos_token_id": ids["eos"],
+            **overrides,
+        },
+    )
+    path = save_random_model(config, path, seed=seed)
+    GenerationConfig(bos_token_id=ids["bos"], eos_token_id=[ids["eos"], end_of_turn], pad_token_id=ids["pad"]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

@@ -8,7 +8,7 @@ import logging
 import sys
 
 #: Modules of ``symbiosis.cli`` that each add one subcommand.
-SUBCOMMANDS = ["demo", "serve"]
+SUBCOMMANDS = ["demo", "finetune", "serve", "tiny_model"]
 
 
 def build_parser() -> argparse.ArgumentParser:
