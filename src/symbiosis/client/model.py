@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
 
-from ..errors import UnsupportedFeatureError
+from ..errors import BaseWeightAccessError, UnsupportedFeatureError
 from ..protocol import ModelSpec, OpKind, resolve_dtype
 from ..transport import Transport, connect
 from .phantom import PhantomWeight
@@ -78,7 +78,16 @@ def load_model(
         model.generation_config = GenerationConfig.from_dict(spec.generation_config)
     model.requires_grad_(False).eval()
     model.symbiosis = session
+    model.save_pretrained = _refuse_to_save_base
     return model
+
+
+def _refuse_to_save_base(*args: Any, **kwargs: Any) -> None:
+    """Saving a client would write a checkpoint without its base weights: refuse instead."""
+    raise BaseWeightAccessError(
+        "a Symbiosis client holds no base weights, so it cannot save a full model: save the adapter "
+        "(PeftModel.save_pretrained) — the base is the executor's model directory"
+    )
 
 
 def _remote_module_names(model: PreTrainedModel, spec: ModelSpec, *, embeddings: Placement, lm_head: Placement) -> set[str]:

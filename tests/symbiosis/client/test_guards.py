@@ -63,3 +63,12 @@ def test_modules_to_save_works_with_the_lm_head_on_the_client(model_dir):
 def test_deepcopy_of_a_client_model_fails_with_the_reason(executor):
     with pytest.raises(BaseWeightAccessError, match="lives on the executor"):
         copy.deepcopy(load_model(executor))
+
+
+def test_saving_a_whole_client_fails_but_adapters_save(executor, tmp_path):
+    client = load_model(executor)
+    with pytest.raises(BaseWeightAccessError, match="save the adapter"):
+        client.save_pretrained(tmp_path / "full")
+    model = get_peft_model(client, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
