@@ -34,6 +34,8 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 #: The most dimensions a tensor on the wire may have.
 MAX_RANK = 8
+#: The most elements a tensor on the wire may have (also per dimension, zero-size tensors included).
+MAX_ELEMENTS = 1 << 40
 #: Largest priority a request may carry (priorities scale the scheduler's aging deadline).
 MAX_PRIORITY = 1000
 
@@ -74,7 +76,7 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
     if dtype is None:
         raise BadRequestError(f"unknown tensor dtype {msg.dtype[:40]!r}: use one of {', '.join(WIRE_DTYPES)}")
     shape = tuple(msg.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise BadRequestError(f"invalid tensor shape {shape[:MAX_RANK + 1]}")
     itemsize = torch.empty(0, dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize

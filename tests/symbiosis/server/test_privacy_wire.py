@@ -1,0 +1,153 @@
+"""The privacy contract, checked on the wire.
+
+A client fine-tunes (LoRA, AdamW) and generates through a recording proxy; on the shared-memory
+path everything it writes into shared memory is recorded too. Then the exact byte patterns of its
+adapter weights (as used in every step), adapter gradients, optimizer state, KV cache and token
+ids are searched in everything it sent. Positive controls show that the search does find what
+does travel: op inputs (activations), and token ids when embeddings are placed on the executor.
+
+One exact overlap is inherent to splitting at the linear ops and documented in
+docs/architecture-service.md: at the first position of a sequence attention attends only to
+itself, so the input of ``o_proj`` there *is* that position's value vectors. The test checks that
+this is the only KV-cache content that appears, and that it does appear (so the claim is exact).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from symbiosis import load_model
+from symbiosis.transport import remote
+from symbiosis.transport.shm import ShmLayout
+
+from .capture import RecordingProxy, grpc_messages
+
+WINDOW = 4  # elements per searched pattern: 16 bytes of float32, 32 bytes of int64
+
+
+def patterns(t: torch.Tensor, count: int = 24) -> list[bytes]:
+    """Byte patterns of ``WINDOW`` consecutive elements of ``t``, spread over it (skipping zeros)."""
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    out = []
+    step = max(1, (flat.numel() - WINDOW) // count)
+    for start in range(0, flat.numel() - WINDOW + 1, step):
+        window = flat[start : start + WINDOW]
+        if bool((window != 0).all()):
+            out.append(window.numpy().tobytes())
+    return out
+
+
+def found(tensors: dict[str, torch.Tensor], haystack: bytes) -> list[str]:
+    return [name for name, t in tensors.items() if any(p in haystack for p in patterns(t))]
+
+
+@pytest.fixture
+def shm_recorder(monkeypatch):
+    """Records the request header and tensor bytes of every shared-memory call, as the server reads them."""
+    recorded: list[bytes] = []
+    original = remote._ShmLane.call
+
+    def call(self, request, call_id):
+        out = original(self, request, call_id)
+        layout: ShmLayout = self.layout
+        nbytes = request.x.numel() * request.x.element_size()
+        buf = self._shm.buf
+        recorded.append(bytes(buf[layout.request_header : layout.request_header + layout.header]))
+        recorded.append(bytes(buf[layout.request_data : layout.request_data + nbytes]))
+        return out
+
+    monkeypatch.setattr(remote._ShmLane, "call", call)
+    return recorded
+
+
+def run_client(url: str, *, shared_memory: bool, embeddings: str = "client"):
+    """Fine-tune three AdamW steps and generate; return what must stay private and what must travel."""
+    torch.manual_seed(0)
+    client = load_model(url, embeddings=embeddings, connect_options={"shared_memory": shared_memory})
+    model = get_peft_model(client, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=1e-2)
+    private: dict[str, torch.Tensor] = {}
+    travelled: dict[str, torch.Tensor] = {}
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj.base_layer
+    down = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+
+    def keep_input(name: str):
+        def hook(_module, args, _output) -> None:
+            travelled.setdefault(name, args[0].detach().clone())
+
+        return hook
+
+    hooks = [o_proj.register_forward_hook(keep_input("o_proj input")), down.register_forward_hook(keep_input("down_proj input"))]
+    generator = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ids = torch.randint(3, 250, (2, 12), generator=generator)
+        private.update({f"step{step} weight {n}": p.detach().clone() for n, p in params.items()})
+        private[f"step{step} token ids"] = ids
+        private[f"step{step} token ids int32"] = ids.int()
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        private.update({f"step{step} grad {n}": p.grad.clone() for n, p in params.items()})
+        optimizer.step()
+        optimizer.zero_grad()
+        for n, p in params.items():
+            state = optimizer.state[p]
+            private[f"step{step} exp_avg {n}"] = state["exp_avg"].clone()
+            private[f"step{step} exp_avg_sq {n}"] = state["exp_avg_sq"].clone()
+    for hook in hooks:
+        hook.remove()
+    model.eval()
+    prompt = torch.randint(3, 250, (1, 6), generator=generator)
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    private["prompt ids"] = prompt
+    private["generated ids"] = out.sequences
+    cache = out.past_key_values
+    kv_first: dict[str, torch.Tensor] = {}
+    for index, layer in enumerate(cache.layers):
+        private[f"kv keys layer {index}"] = layer.keys
+        private[f"kv values layer {index} positions 1+"] = layer.values[:, :, 1:]
+        kv_first[f"kv values layer {index} position 0"] = layer.values[:, :, :1]
+    return private, travelled, kv_first, model
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
+def test_nothing_private_leaves_the_client(served, shm_recorder, shared_memory):
+    server = served("llama")
+    proxy = RecordingProxy(("127.0.0.1", server.port))
+    try:
+        private, travelled, kv_first, model = run_client(f"symbiosis://127.0.0.1:{proxy.port}", shared_memory=shared_memory)
+        transport = model.base_model.model.symbiosis.transport
+        assert transport.uses_shared_memory is shared_memory
+    finally:
+        proxy.close()
+    streams = proxy.sent()
+    messages = [m for stream in streams for m in grpc_messages(stream)]
+    haystack = b"".join(streams) + b"".join(messages) + b"".join(shm_recorder)
+    assert not shared_memory or shm_recorder, "no shared-memory traffic was recorded"
+    # positive controls: what does travel is found, so the search has the power to find a leak
+    assert sorted(found(travelled, haystack)) == sorted(travelled)
+    assert len(found(kv_first, haystack)) == len(kv_first), "position-0 values travel as o_proj inputs (documented)"
+    leaked = found(private, haystack)
+    assert leaked == [], f"private tensors found on the wire: {leaked[:10]}"
+
+
+def test_token_ids_travel_only_with_executor_side_embeddings(served):
+    server = served("llama")
+    proxy = RecordingProxy(("127.0.0.1", server.port))
+    try:
+        private, _, _, _ = run_client(f"symbiosis://127.0.0.1:{proxy.port}", shared_memory=False, embeddings="executor")
+    finally:
+        proxy.close()
+    haystack = b"".join(m for stream in proxy.sent() for m in grpc_messages(stream))
+    ids = {name: t for name, t in private.items() if name.endswith("token ids")}
+    assert sorted(found(ids, haystack)) == sorted(ids)
+    weights = {name: t for name, t in private.items() if " weight " in name or " grad " in name}
+    assert found(weights, haystack) == []
