@@ -176,3 +176,15 @@ def test_gradient_checkpointing(model_dir):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("executor_device, client_device", [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", "cuda")])
+def test_executor_and_client_devices_are_independent(model_dir, executor_device, client_device):
+    path = model_dir("llama")
+    client = load_model(BaseExecutor.from_pretrained(path, device=executor_device), device=client_device)
+    mono = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([[5, 9, 13, 2, 7, 11]])
+    logits = client(ids.to(client_device)).logits
+    assert logits.device.type == client_device
+    assert_close(logits.cpu(), mono(ids).logits, "logits", rel_tol=1e-4)
