@@ -193,7 +193,7 @@ class RemoteTransport:
 
     def _stream_lane(self) -> _StreamLane:
         lane = getattr(self._local, "stream", None)
-        if lane is None:
+        if lane is None or lane.broken:
             lane = self._local.stream = _StreamLane(self._stub, self._metadata)
             self._lanes.add(lane)
         return lane
@@ -240,6 +240,7 @@ class _StreamLane:
     def __init__(self, stub: pb_grpc.ExecutorStub, metadata: tuple) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._responses = stub.Session(iter(self._requests.get, None), metadata=metadata)
+        self.broken = False  # the stream ended with an error: the next call needs a new one
         weakref.finalize(self, self._requests.put, None)
 
     def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
@@ -249,8 +250,10 @@ class _StreamLane:
         try:
             result = next(self._responses)
         except StopIteration:
+            self.broken = True
             raise _Transient("the server ended the session") from None
         except grpc.RpcError as exc:
+            self.broken = True
             raise _translate(exc) from None
         return _check_result(result, call_id, None)
 
