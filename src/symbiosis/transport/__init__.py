@@ -2,7 +2,8 @@
 
 from .base import Transport
 from .connect import connect, parse_address
+from .metered import MeteredTransport
 from .remote import RemoteTransport
 from .sharded import ShardedTransport
 
-__all__ = ["RemoteTransport", "ShardedTransport", "Transport", "connect", "parse_address"]
+__all__ = ["MeteredTransport", "RemoteTransport", "ShardedTransport", "Transport", "connect", "parse_address"]

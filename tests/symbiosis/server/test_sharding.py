@@ -1,0 +1,91 @@
+"""A sharded base: executors serving layer ranges; the client routes each op to its owner."""
+
+from __future__ import annotations
+
+import pytest
+from peft import LoraConfig
+
+from symbiosis import BaseExecutor
+from symbiosis.executor.sharding import layer_index, owned_ops, parse_layer_range
+from symbiosis.server import ExecutorServer
+from symbiosis.transport import ShardedTransport
+
+from ..equivalence import check_equivalence
+
+RANGES = [(0, 1), (1, 3)]
+
+
+def lora() -> LoraConfig:
+    return LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")
+
+
+@pytest.fixture(scope="module")
+def shards(model_dir):
+    path = model_dir("llama", num_hidden_layers=3)
+    return path, [BaseExecutor.from_pretrained(path, layers=r) for r in RANGES]
+
+
+def ops_seen(executor: BaseExecutor) -> set[str]:
+    return {op for op, _ in executor.stats.per_op()}
+
+
+def check_routing(executors: list[BaseExecutor]) -> None:
+    for executor, (start, end) in zip(executors, RANGES):
+        seen = ops_seen(executor)
+        assert seen, "a shard served nothing"
+        for op in seen:
+            index = layer_index(op)
+            assert (index is None and op == "lm_head" and end == 3) or start <= index < end, f"{op} ran on shard {start}:{end}"
+    assert "lm_head" in ops_seen(executors[-1])
+
+
+def test_sharded_in_process_equals_monolithic(shards):
+    path, executors = shards
+    for executor in executors:
+        executor.stats.reset()
+    check_equivalence(path, lora(), executor=ShardedTransport(executors))
+    check_routing(executors)
+
+
+@pytest.mark.parametrize("placement", [{}, {"embeddings": "executor", "lm_head": "client"}])
+def test_sharded_servers_equal_monolithic(shards, placement):
+    path, executors = shards
+    servers = [ExecutorServer(executor).start() for executor in executors]
+    try:
+        for executor in executors:
+            executor.stats.reset()
+        # the addresses in any order: the client sorts the shards by their layer ranges
+        check_equivalence(path, lora(), executor=[servers[1].url, servers[0].url], **placement)
+        if not placement:
+            check_routing(executors)
+        else:
+            assert "model.embed_tokens" in ops_seen(executors[0]) and "lm_head" not in ops_seen(executors[1])
+    finally:
+        for server in servers:
+            server.stop(1.0)
+
+
+def test_shards_must_tile_the_model(model_dir):
+    path = model_dir("llama", num_hidden_layers=3)
+    make = lambda *ranges: [BaseExecutor.from_pretrained(path, layers=r) for r in ranges]  # noqa: E731
+    with pytest.raises(ValueError, match="gap or overlap"):
+        ShardedTransport(make((0, 1), (2, 3)))
+    with pytest.raises(ValueError, match="gap or overlap"):
+        ShardedTransport(make((0, 2), (1, 3)))
+    with pytest.raises(ValueError, match="stop at layer 2; the model has 3"):
+        ShardedTransport(make((0, 1), (1, 2)))
+    with pytest.raises(ValueError, match="must serve a layer range"):
+        ShardedTransport([BaseExecutor.from_pretrained(path), *make((0, 3))])
+
+
+def test_ownership_rule():
+    ops = ["transformer.wte_proj", "transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.experts.7.w", "lm_head"]
+    assert owned_ops(ops, (0, 1)) == {"transformer.wte_proj", "transformer.h.0.attn.c_attn"}
+    assert owned_ops(ops, (1, 2)) == {"transformer.h.1.mlp.c_fc"}
+    assert owned_ops(ops, (2, 3)) == {"transformer.h.2.mlp.experts.7.w", "lm_head"}
+    with pytest.raises(ValueError, match="not within the model's 3 layers"):
+        owned_ops(ops, (2, 4))
+    assert parse_layer_range("0:12") == (0, 12)
+    for bad in ("12", "a:b", "3-4"):
+        with pytest.raises(ValueError):
+            parse_layer_range(bad)
