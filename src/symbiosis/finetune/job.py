@@ -126,12 +126,12 @@ class FineTuneJob:
                 rate = bar.step(loss=loss, tokens=tokens, lr=lr)
                 epoch, _ = plan.position(last - 1)
                 self.log.write(
-                    dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens, step_s=time.perf_counter() - started, tokens_per_s=rate)
+                    dict(step=step, epoch=epoch, loss=loss, lr=lr, tokens=tokens, step_s=time.perf_counter() - started, tokens_per_s=rate, time=time.time())
                 )
                 if evaluation and (step % eval_every == 0 or step == total):
                     eval_loss = self.evaluate(model, evaluation)
                     bar.eval_loss(eval_loss)
-                    self.log.write(dict(step=step, eval_loss=eval_loss, eval_examples=len(evaluation)))
+                    self.log.write(dict(step=step, eval_loss=eval_loss, eval_examples=len(evaluation), time=time.time()))
                 if step % cfg.save_every == 0 and step < total:
                     save_checkpoint(checkpoints, model, TrainerState.capture(step, last, optimizer, scheduler), keep=cfg.keep_checkpoints)
         finally:

@@ -1,7 +1,7 @@
 """What a running job shows and records: a progress bar and a JSONL log of every step.
 
-The log (``log.jsonl`` in the output directory) has one object per optimizer step and one per
-evaluation. A resumed job first cuts the log back to its checkpoint's step, so every step appears
+The log (``log.jsonl`` in the output directory) has one object per optimizer step (step, epoch,
+loss, lr, tokens, step_s, tokens_per_s, time) and one per evaluation (step, eval_loss, time). A resumed job first cuts the log back to its checkpoint's step, so every step appears
 exactly once however often the job was interrupted.
 """
 

@@ -1,0 +1,51 @@
+"""``symbiosis serve-openai``: an OpenAI-compatible multi-adapter server on the client side of the split."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..serving import HttpServer, ModelRegistry, create_app
+from .executor_args import add_executor_arguments, load_tokenizer, open_executor
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve-openai",
+        help="serve the base model and PEFT adapters through an OpenAI-compatible API",
+        description="Serve the base model and any number of PEFT adapters (LoRA, IA3, prefix tuning, ...) through "
+        "/v1/models, /v1/completions and /v1/chat/completions; request model = adapter name or the base model's "
+        "name. Adapters are loaded and unloaded at run time through /admin/adapters.",
+    )
+    add_executor_arguments(parser)
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve the PEFT adapter in DIR as NAME (repeatable)")
+    parser.add_argument("--base-name", help="model name of the base model (default: the --model directory's name, or 'base')")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
+    parser.add_argument("--max-rows", type=int, default=32, help="choices decoded together per model (default 32)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
+    parser.add_argument("--api-key", help="require Authorization: Bearer API_KEY on /v1")
+    parser.add_argument("--admin-token", help="require Authorization: Bearer ADMIN_TOKEN on /admin (open without it)")
+    parser.add_argument("--ready-file", type=Path, help="write {url, port} as JSON here once serving")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    adapters = []
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --adapter takes NAME=DIR, got {spec!r}")
+        adapters.append((name, Path(path)))
+    executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000}))
+    base_name = args.base_name or (args.model.resolve().name if args.model is not None and not args.executor else "base")
+    registry = ModelRegistry(executor, load_tokenizer(args), base_name=base_name, max_rows=args.max_rows, device=args.device)
+    try:
+        for name, path in adapters:
+            registry.load_adapter(name, path)
+        server = HttpServer(create_app(registry, api_key=args.api_key, admin_token=args.admin_token), host=args.host, port=args.port, log_level="info")
+        print(f"serving {', '.join(m.name for m in registry.models())} on {server.url}/v1", flush=True)
+        server.run(ready_file=args.ready_file)
+    finally:
+        registry.close()
+    return 0

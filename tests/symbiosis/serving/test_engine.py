@@ -1,0 +1,93 @@
+"""Continuous batching: requests that join and leave a running batch get exactly the tokens of a
+from-scratch greedy decode of the monolithic PEFT model, for every PEFT family."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import defaultdict
+
+import pytest
+from peft import PeftModel
+from transformers import AutoTokenizer
+
+from symbiosis import BaseExecutor, load_model
+from symbiosis.serving import Engine, Event, GenerationRequest, SamplingParams
+from symbiosis.serving.engine import EngineClosed
+
+from .adapters import ADAPTER_CONFIGS, greedy_reference, monolithic, save_adapter
+
+PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 33, 44], [1, 100, 101, 102, 103, 104, 105, 106, 107], [1, 7]]
+MAX_TOKENS = [9, 3, 12, 6]
+
+
+class Collector:
+    """Events of several requests, gathered from the engine thread."""
+
+    def __init__(self) -> None:
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.first_token = threading.Event()
+        self.texts: dict[int, str] = defaultdict(str)
+
+    def emit(self, event: Event) -> None:
+        self.events.put(event)
+        self.first_token.set()
+
+    def finished(self, count: int) -> dict[int, Event]:
+        """The last event of each of ``count`` choices (their texts accumulate in ``texts``)."""
+        done: dict[int, Event] = {}
+        while len(done) < count:
+            event = self.events.get(timeout=60)
+            assert event.error is None, event.error
+            self.texts[event.choice] += event.text
+            if event.finish_reason:
+                done[event.choice] = event
+        return done
+
+
+@pytest.mark.parametrize("method", [None, *ADAPTER_CONFIGS])
+def test_requests_joining_a_running_batch_get_the_reference_tokens(chat_model_dir, tmp_path, method):
+    adapter = save_adapter(chat_model_dir, ADAPTER_CONFIGS[method], tmp_path / method, seed=3) if method else None
+    client = load_model(BaseExecutor.from_pretrained(chat_model_dir))
+    model = PeftModel.from_pretrained(client, adapter) if adapter else client
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    engine = Engine("m", model, tokenizer, eos_ids=[], max_rows=8)
+    collector = Collector()
+    for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), collector.emit, first_choice=choice))
+        collector.first_token.wait(timeout=60)  # the next request joins a batch that is already decoding
+        collector.first_token.clear()
+    done = collector.finished(len(PROMPTS))
+    engine.close()
+    assert engine.join(timeout=30)
+
+    reference = monolithic(chat_model_dir, adapter)
+    for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        expected = greedy_reference(reference, prompt, max_tokens, eos_ids=set())
+        assert done[choice].tokens == max_tokens and done[choice].finish_reason == "length"
+        assert collector.texts[choice] == tokenizer.decode(expected, skip_special_tokens=True), f"choice {choice}"
+    assert engine.stats.requests == len(PROMPTS)
+    assert engine.stats.joined_running_batch >= 1
+    assert engine.stats.max_rows >= 2
+
+
+def test_cancelled_rows_leave_the_batch_and_closing_drains_what_was_queued(chat_model_dir):
+    model = load_model(BaseExecutor.from_pretrained(chat_model_dir))
+    engine = Engine("base", model, AutoTokenizer.from_pretrained(chat_model_dir), eos_ids=[], max_rows=4)
+    collector = Collector()
+    endless = GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0), collector.emit, first_choice=0)
+    engine.submit(endless)
+    collector.first_token.wait(timeout=60)
+    short = GenerationRequest(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, n=2), collector.emit, first_choice=1)
+    engine.submit(short)
+    endless.cancel()
+    queued = GenerationRequest(PROMPTS[2], SamplingParams(max_tokens=4, temperature=0), collector.emit, first_choice=3)
+    engine.submit(queued)
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.submit(GenerationRequest(PROMPTS[3], SamplingParams(max_tokens=1), collector.emit))
+    done = collector.finished(3)
+    assert sorted(done) == [1, 2, 3] and all(e.finish_reason == "length" for e in done.values())
+    assert engine.join(timeout=30) and engine.load() == 0
+    assert collector.events.empty()  # the cancelled request never finished
+    assert engine.stats.tokens < 400

@@ -1,0 +1,205 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client against uvicorn on loopback.
+
+Answers are checked against the monolithic transformers + PEFT model (greedy decoding recomputed
+from scratch), so they prove the whole path: HTTP, chat template, continuous batching, split
+execution and every PEFT family.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from symbiosis import BaseExecutor
+from symbiosis.executor_ref import ExecutorRef
+from symbiosis.serving import HttpServer, ModelRegistry, create_app
+
+from .adapters import ADAPTER_CONFIGS, greedy_reference, monolithic, save_adapter
+
+BASE = "tiny-base"
+ADMIN = {"Authorization": "Bearer admin-secret"}
+EOS = {2, 4}  # <|eos|> and <|im_end|> (the tiny model's generation config)
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"}]
+
+
+@pytest.fixture(scope="module")
+def served(chat_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {name: save_adapter(chat_model_dir, config, root / name, seed=i) for i, (name, config) in enumerate(ADAPTER_CONFIGS.items())}
+    executor = BaseExecutor.from_pretrained(chat_model_dir, max_wait_s=0.002)
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    registry = ModelRegistry(ExecutorRef(executor), tokenizer, base_name=BASE, max_rows=16)
+    for name in ("lora", "ia3", "prefix"):  # "prompt" is loaded at run time by a test
+        registry.load_adapter(name, adapters[name])
+    server = HttpServer(create_app(registry, admin_token="admin-secret"), port=0).start()
+    yield SimpleNamespace(url=server.url, registry=registry, executor=executor, adapters=adapters, model_dir=chat_model_dir, tokenizer=tokenizer)
+    server.stop()
+    registry.close()
+
+
+@pytest.fixture
+def client(served):
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reference_chat(served, model: str, messages: list[dict], max_tokens: int) -> tuple[str, str, int]:
+    """(content, finish_reason, completion tokens) of greedy decoding on the monolithic model."""
+    tokenizer = served.tokenizer
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = greedy_reference(monolithic(served.model_dir, served.adapters.get(model)), prompt, max_tokens, EOS)
+    finish = "stop" if tokens[-1] in EOS else "length"
+    return tokenizer.decode([t for t in tokens if t not in EOS], skip_special_tokens=True), finish, len(tokens)
+
+
+def test_models_lists_the_base_and_adapters_of_mixed_methods(client):
+    assert [m.id for m in client.models.list()] == [BASE, "lora", "ia3", "prefix"]
+    card = client.models.retrieve("prefix")
+    assert card.model_extra["peft_type"] == "PREFIX_TUNING" and card.model_extra["parent"] == BASE
+
+
+@pytest.mark.parametrize("model", [BASE, "lora", "ia3", "prefix"])
+def test_chat_completion_equals_the_monolithic_peft_model(served, client, model):
+    answer = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=10, temperature=0)
+    content, finish, tokens = reference_chat(served, model, QUESTION, 10)
+    assert answer.model == model and answer.object == "chat.completion"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == content
+    assert answer.choices[0].finish_reason == finish
+    assert answer.usage.completion_tokens == tokens and answer.usage.prompt_tokens > 10
+
+
+def test_streamed_chat_equals_the_plain_answer(client):
+    plain = client.chat.completions.create(model="lora", messages=QUESTION, max_tokens=12, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="lora", messages=QUESTION, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finished == [plain.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completions_with_several_prompts_n_choices_and_seeds(client):
+    request = dict(model="ia3", prompt=["The river", "Hello there"], n=2, max_tokens=6, temperature=1.0, seed=7)
+    first = client.completions.create(**request)
+    again = client.completions.create(**request)
+    assert [c.index for c in first.choices] == [0, 1, 2, 3]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # same seed, same samples
+    assert first.choices[0].text != first.choices[1].text  # each choice draws its own tokens
+    assert all(c.finish_reason == "length" for c in first.choices)
+    assert first.usage.completion_tokens == 4 * 6
+    other_seed = client.completions.create(**{**request, "seed": 8})
+    assert [c.text for c in other_seed.choices] != [c.text for c in first.choices]
+
+
+def test_stop_sequences_end_the_text_before_them_streamed_or_not(client):
+    full = client.completions.create(model="prefix", prompt="The river town", max_tokens=16, temperature=0).choices[0].text
+    candidates = [full[i : i + 2] for i in range(2, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]]
+    stop = candidates[len(candidates) // 2]
+    expected = full[: full.find(stop)]
+    cut = client.completions.create(model="prefix", prompt="The river town", max_tokens=16, temperature=0, stop=[stop, "never-there"])
+    assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected, "stop")
+    streamed = list(client.completions.create(model="prefix", prompt="The river town", max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_an_unknown_adapter_is_a_404_never_the_base(client):
+    calls = [
+        lambda: client.chat.completions.create(model="no-such-adapter", messages=QUESTION, max_tokens=2),
+        lambda: client.chat.completions.create(model="no-such-adapter", messages=QUESTION, max_tokens=2, stream=True),
+        lambda: client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2),
+        lambda: client.models.retrieve("no-such-adapter"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.NotFoundError) as info:
+            call()
+        assert info.value.body["code"] == "model_not_found" and info.value.body["param"] == "model"
+        assert "no-such-adapter" in info.value.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(logprobs=True), "logprobs are not supported"),
+        (dict(extra_body={"best_of": 2}), "best_of"),
+        (dict(temperature=3.0), "temperature"),
+        (dict(max_tokens=10_000), "maximum context length is 512 tokens"),
+        (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages"),
+    ],
+)
+def test_requests_that_cannot_be_answered_as_asked_are_400(client, options, message):
+    request = dict(model="lora", messages=QUESTION, max_tokens=4) | options
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(**request)
+    assert message in info.value.body["message"]
+
+
+def test_adapters_are_loaded_and_unloaded_at_run_time(served, client):
+    admin = httpx.Client(base_url=served.url, timeout=120)
+    prompt_adapter = str(served.adapters["prompt"])
+    assert admin.post("/admin/adapters", json={"name": "prompt", "path": prompt_adapter}).status_code == 401
+    loaded = admin.post("/admin/adapters", json={"name": "prompt", "path": prompt_adapter}, headers=ADMIN)
+    assert loaded.status_code == 201 and loaded.json()["peft_type"] == "PROMPT_TUNING"
+    assert "prompt" in [m.id for m in client.models.list()]
+    answer = client.chat.completions.create(model="prompt", messages=QUESTION, max_tokens=8, temperature=0)
+    assert answer.choices[0].message.content == reference_chat(served, "prompt", QUESTION, 8)[0]
+
+    assert admin.post("/admin/adapters", json={"name": "prompt", "path": prompt_adapter}, headers=ADMIN).status_code == 409
+    missing = admin.post("/admin/adapters", json={"name": "other", "path": str(served.model_dir)}, headers=ADMIN)
+    assert missing.status_code == 400 and "not a PEFT adapter directory" in missing.json()["error"]["message"]
+
+    # unloading lets a running request finish, and refuses new ones at once
+    stream = client.chat.completions.create(model="prompt", messages=QUESTION, max_tokens=40, temperature=0, stream=True)
+    first = next(iter(stream))
+    assert admin.delete("/admin/adapters/prompt", headers=ADMIN).json()["deleted"] is True
+    rest = list(stream)
+    assert first.choices[0].delta.role == "assistant" and rest[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="prompt", messages=QUESTION, max_tokens=2)
+    assert admin.delete("/admin/adapters/prompt", headers=ADMIN).status_code == 404
+    assert admin.delete(f"/admin/adapters/{BASE}", headers=ADMIN).status_code == 409
+    assert [m["id"] for m in admin.get("/admin/adapters", headers=ADMIN).json()["data"]] == ["lora", "ia3", "prefix"]
+
+
+def test_concurrent_requests_for_different_adapters_meet_in_the_executors_gemms(served, client):
+    models = [BASE, "lora", "ia3", "prefix"] * 2
+    expected = {m: reference_chat(served, m, QUESTION, 16)[0] for m in set(models)}
+    served.executor.stats.reset()
+    results: dict[int, str] = {}
+    start = threading.Barrier(len(models))
+
+    def ask(i: int, model: str) -> None:
+        start.wait()
+        results[i] = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i, m)) for i, m in enumerate(models)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert {i: results.get(i) for i in range(len(models))} == {i: expected[m] for i, m in enumerate(models)}
+    total = served.executor.stats.total()
+    assert total["shared_gemm_fraction"] > 0 and total["clients_per_gemm"] > 1  # several adapters' rows in one GEMM
+    stats = httpx.get(f"{served.url}/admin/stats", headers=ADMIN).json()
+    assert stats["executor"]["shared_gemm_fraction"] > 0  # the same statistics, through the admin API
+    assert all(stats["models"][m]["requests"] >= 2 for m in set(models))
+
+
+def test_an_api_key_is_required_when_configured(served):
+    guarded = HttpServer(create_app(served.registry, api_key="sk-test"), port=0).start()
+    try:
+        wrong = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sk-wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="sk-test", max_retries=0)
+        assert BASE in [m.id for m in right.models.list()]
+    finally:
+        guarded.stop()
