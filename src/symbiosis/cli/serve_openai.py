@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
     parser.add_argument("--max-rows", type=int, default=32, help="choices decoded together per model (default 32)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
+    parser.add_argument(
+        "--embeddings",
+        choices=["client", "executor"],
+        default="client",
+        help="client (default): each served model keeps the embedding table, token ids stay here; executor: one table on the executor",
+    )
     parser.add_argument("--api-key", help="require Authorization: Bearer API_KEY on /v1")
     parser.add_argument("--admin-token", help="require Authorization: Bearer ADMIN_TOKEN on /admin (open without it)")
     parser.add_argument("--ready-file", type=Path, help="write {url, port} as JSON here once serving")
@@ -39,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         adapters.append((name, Path(path)))
     executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000}))
     base_name = args.base_name or (args.model.resolve().name if args.model is not None and not args.executor else "base")
-    registry = ModelRegistry(executor, load_tokenizer(args), base_name=base_name, max_rows=args.max_rows, device=args.device)
+    registry = ModelRegistry(
+        executor, load_tokenizer(args), base_name=base_name, max_rows=args.max_rows, device=args.device, embeddings=args.embeddings
+    )
     try:
         for name, path in adapters:
             registry.load_adapter(name, path)

@@ -53,16 +53,28 @@ class ServedModel:
 
 
 class ModelRegistry:
-    """The base model (always served, as ``base_name``) and the adapters loaded so far."""
+    """The base model (always served, as ``base_name``) and the adapters loaded so far.
+
+    ``embeddings="executor"`` keeps the token-embedding table on the executor instead of one copy
+    per served model (the executor then sees token ids); see ``load_model``.
+    """
 
     def __init__(
-        self, executor: ExecutorRef, tokenizer: PreTrainedTokenizerBase, *, base_name: str, max_rows: int = 32, device: str = "cpu"
+        self,
+        executor: ExecutorRef,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        base_name: str,
+        max_rows: int = 32,
+        device: str = "cpu",
+        embeddings: str = "client",
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.max_rows = max_rows
         self.device = device
+        self.embeddings = embeddings
         self._lock = threading.Lock()
         self._models: dict[str, ServedModel] = {}
         base = self._client(base_name)
@@ -70,7 +82,8 @@ class ModelRegistry:
         self._models[base_name] = self._serve(base_name, base, None)
 
     def _client(self, name: str) -> PreTrainedModel:
-        return self.executor.load_client(priority="inference", device=self.device, client_id=f"openai:{name}:{uuid.uuid4().hex[:6]}")
+        client_id = f"openai:{name}:{uuid.uuid4().hex[:6]}"
+        return self.executor.load_client(priority="inference", device=self.device, embeddings=self.embeddings, client_id=client_id)
 
     def _serve(self, name: str, model: PreTrainedModel, adapter: Path | None) -> ServedModel:
         eos = model.generation_config.eos_token_id
