@@ -96,6 +96,8 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.max_rows = max_rows
         self.device = next(p.device for p in model.parameters())
+        #: Longest sequence (prompt, virtual tokens and completion) a request may reach; None: the model's context.
+        self.max_sequence = kv.batch_limit(DynamicCache(config=model.config))
         self.stats = EngineStats()
         self._cond = threading.Condition()
         self._pending: list[GenerationRequest] = []
@@ -169,12 +171,13 @@ class Engine:
         try:
             ids = torch.tensor([request.prompt_ids], device=self.device)
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
-            kv.check_batchable(out.cache)
+            length, limit = kv.seq_length(out.cache), kv.batch_limit(out.cache)
+            if limit is not None and length + request.params.max_tokens > limit:
+                raise ValueError(f"{length} prompt and {request.params.max_tokens} new tokens exceed this model's {limit} (sliding window)")
         except Exception as exc:
             log.exception("prefill failed for model %s", self.name)
             request.emit(Event(request.first_choice, error=exc))
             return
-        length = kv.seq_length(out.cache)
         kv.repeat_rows(out.cache, request.params.n)
         rows = [
             _Row(request, request.first_choice + i, generator, TextStream(self.tokenizer, request.params.stop), length)

@@ -60,8 +60,13 @@ def chat_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
 
 
 def max_new_tokens(requested: int | None, prompts: Prompts, served: ServedModel, context: int | None) -> int:
-    """The completion budget: ``requested``, or what the context leaves; raises ``ContextLengthError``."""
+    """The completion budget: ``requested``, or what the context leaves; raises ``ContextLengthError``.
+
+    The context is the model's, or less where the engine batches sliding-window layers.
+    """
     longest = max(len(p) for p in prompts.ids) + served.virtual_tokens
+    limits = [n for n in (context, served.engine.max_sequence) if n is not None]
+    context = min(limits) if limits else None
     if context is None:
         if requested is None:
             raise ValueError("max_tokens is required: the model's context length is unknown")

@@ -3,26 +3,36 @@
 Every row's cache entries are right-aligned: row ``i`` holds ``lengths[i]`` real entries at the end
 of the time axis and padding before them, which its attention mask hides. Positions are passed
 explicitly, so padding never shifts a row's positions; the causal mask of transformers indexes the
-cache, not positions, so right-aligned rows attend exactly to their own entries.
+cache, not positions, so right-aligned rows attend exactly to their own entries (a sliding window
+compares distances, which the shift keeps). Sliding-window layers are batched while every row stays
+shorter than the window, so that no layer ever drops entries (``batch_limit``).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import Cache, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import UnsupportedFeatureError
 
+_BATCHABLE = (DynamicLayer, DynamicSlidingWindowLayer)
 
-def check_batchable(cache: Cache) -> None:
-    """Raise unless every layer of ``cache`` is a plain growing cache (no sliding window, no state)."""
-    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [None])}
-    if not isinstance(cache, DynamicCache) or kinds != {DynamicLayer.__name__}:
+
+def batch_limit(cache: Cache) -> int | None:
+    """The longest sequence a row of ``cache`` may reach in a running batch (None: no limit).
+
+    Raises ``UnsupportedFeatureError`` for caches other than growing key/value layers (full or
+    sliding-window attention), e.g. static or linear-attention state.
+    """
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) not in _BATCHABLE for layer in layers):
+        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers or []})) or "no layers"
         raise UnsupportedFeatureError(
-            f"continuous batching needs full-attention KV caches (DynamicCache of DynamicLayer); this model uses "
-            f"{type(cache).__name__} with {', '.join(sorted(kinds))}"
+            f"continuous batching needs key/value caches of full or sliding-window attention; this model uses {type(cache).__name__} ({kinds})"
         )
+    windows = [layer.sliding_window for layer in layers if isinstance(layer, DynamicSlidingWindowLayer)]
+    return min(windows) - 1 if windows else None
 
 
 def seq_length(cache: Cache | None) -> int:
@@ -37,6 +47,7 @@ def merge(running: DynamicCache | None, joining: DynamicCache) -> DynamicCache:
     for mine, theirs in zip(running.layers, joining.layers, strict=True):
         mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
         mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        _sync_length(mine)
     return running
 
 
@@ -46,6 +57,7 @@ def keep_rows(cache: DynamicCache, rows: list[int], width: int) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, index)[:, :, -width:]
         layer.values = layer.values.index_select(0, index)[:, :, -width:]
+        _sync_length(layer)
 
 
 def repeat_rows(cache: DynamicCache, times: int) -> None:
@@ -60,3 +72,9 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
         return tensor
     pad = tensor.new_zeros(*tensor.shape[:-2], missing, tensor.shape[-1])
     return torch.cat([pad, tensor], dim=-2)
+
+
+def _sync_length(layer: DynamicLayer) -> None:
+    """A sliding-window layer counts the tokens it has seen; below its window that is its width."""
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = layer.keys.shape[-2]

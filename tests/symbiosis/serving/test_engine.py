@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer
 from symbiosis import BaseExecutor, load_model
 from symbiosis.serving import Engine, Event, GenerationRequest, SamplingParams
 from symbiosis.serving.engine import EngineClosed
+from symbiosis.tiny import save_tiny_model_with_tokenizer
 
 from .adapters import ADAPTER_CONFIGS, greedy_reference, monolithic, save_adapter
 
@@ -45,6 +47,24 @@ class Collector:
         return done
 
 
+def decode_staggered(engine: Engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[Collector, dict[int, Event]]:
+    """Submit each prompt once the previous one has produced text, so each joins a running batch."""
+    collector = Collector()
+    for choice, (prompt, budget) in enumerate(zip(prompts, max_tokens)):
+        engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=budget, temperature=0), collector.emit, first_choice=choice))
+        collector.first_token.wait(timeout=60)
+        collector.first_token.clear()
+    return collector, collector.finished(len(prompts))
+
+
+def assert_reference_texts(collector: Collector, done: dict[int, Event], model_dir: Path, adapter: Path | None, tokenizer) -> None:
+    reference = monolithic(model_dir, adapter)
+    for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
+        expected = greedy_reference(reference, prompt, max_tokens, eos_ids=set())
+        assert done[choice].tokens == max_tokens and done[choice].finish_reason == "length"
+        assert collector.texts[choice] == tokenizer.decode(expected, skip_special_tokens=True), f"choice {choice}"
+
+
 @pytest.mark.parametrize("method", [None, *ADAPTER_CONFIGS])
 def test_requests_joining_a_running_batch_get_the_reference_tokens(chat_model_dir, tmp_path, method):
     adapter = save_adapter(chat_model_dir, ADAPTER_CONFIGS[method], tmp_path / method, seed=3) if method else None
@@ -52,23 +72,29 @@ def test_requests_joining_a_running_batch_get_the_reference_tokens(chat_model_di
     model = PeftModel.from_pretrained(client, adapter) if adapter else client
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
     engine = Engine("m", model, tokenizer, eos_ids=[], max_rows=8)
-    collector = Collector()
-    for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
-        engine.submit(GenerationRequest(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), collector.emit, first_choice=choice))
-        collector.first_token.wait(timeout=60)  # the next request joins a batch that is already decoding
-        collector.first_token.clear()
-    done = collector.finished(len(PROMPTS))
+    collector, done = decode_staggered(engine, PROMPTS, MAX_TOKENS)
     engine.close()
     assert engine.join(timeout=30)
-
-    reference = monolithic(chat_model_dir, adapter)
-    for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
-        expected = greedy_reference(reference, prompt, max_tokens, eos_ids=set())
-        assert done[choice].tokens == max_tokens and done[choice].finish_reason == "length"
-        assert collector.texts[choice] == tokenizer.decode(expected, skip_special_tokens=True), f"choice {choice}"
+    assert_reference_texts(collector, done, chat_model_dir, adapter, tokenizer)
     assert engine.stats.requests == len(PROMPTS)
     assert engine.stats.joined_running_batch >= 1
     assert engine.stats.max_rows >= 2
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [("gpt2", {}), ("qwen2", {}), ("mistral", {"sliding_window": 24}), ("gemma2", {})])
+def test_other_architectures_and_sliding_windows(tmp_path, model_type, overrides):
+    """GPT-2 (Conv1D, learned positions), Qwen2 (biases), Mistral and Gemma 2 (sliding-window layers)."""
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / model_type, model_type, **overrides)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = Engine("m", load_model(BaseExecutor.from_pretrained(model_dir)), tokenizer, eos_ids=[], max_rows=8)
+    collector, done = decode_staggered(engine, PROMPTS, MAX_TOKENS)
+    assert_reference_texts(collector, done, model_dir, None, tokenizer)
+    if overrides:
+        assert engine.max_sequence == 23
+        errors = Collector()
+        engine.submit(GenerationRequest(PROMPTS[2], SamplingParams(max_tokens=20), errors.emit))
+        assert "exceed this model's 23 (sliding window)" in str(errors.events.get(timeout=60).error)
+    engine.close()
 
 
 def test_cancelled_rows_leave_the_batch_and_closing_drains_what_was_queued(chat_model_dir):
