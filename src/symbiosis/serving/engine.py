@@ -73,7 +73,7 @@ class _Row:
 @dataclass
 class EngineStats:
     """Counters of one engine: requests admitted (and how many joined a batch already running),
-    decode steps, the rows they carried, and tokens generated."""
+    decode steps, the rows they carried, tokens generated, and rows cancelled before finishing."""
 
     requests: int = 0
     joined_running_batch: int = 0
@@ -81,6 +81,7 @@ class EngineStats:
     decode_rows: int = 0
     max_rows: int = 0
     tokens: int = 0
+    cancelled_rows: int = 0
 
 
 class Engine:
@@ -167,6 +168,7 @@ class Engine:
     def _admit(self, request: GenerationRequest, running: bool) -> None:
         """Prefill ``request``'s prompt, sample each choice's first token, and add its rows."""
         if request.cancelled.is_set():
+            self.stats.cancelled_rows += request.params.n
             return
         try:
             ids = torch.tensor([request.prompt_ids], device=self.device)
@@ -235,6 +237,7 @@ class Engine:
         keep = [i for i, row in enumerate(self._rows) if not row.done and not row.request.cancelled.is_set()]
         if len(keep) == len(self._rows):
             return
+        self.stats.cancelled_rows += sum(not row.done for row in self._rows) - len(keep)
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
             self._cache = None

@@ -8,6 +8,7 @@ execution and every PEFT family.
 from __future__ import annotations
 
 import threading
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -203,3 +204,20 @@ def test_an_api_key_is_required_when_configured(served):
         assert BASE in [m.id for m in right.models.list()]
     finally:
         guarded.stop()
+
+
+def test_a_streaming_client_that_disconnects_cancels_its_generation(served):
+    engine = served.registry.get("ia3").engine
+    admitted_before, cancelled_before = engine.stats.requests, engine.stats.cancelled_rows
+    body = {"model": "ia3", "messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=served.url, timeout=120) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        while '"content": ""' in (line := next(lines)) or not line:  # until the model has produced text
+            pass
+        assert '"content": "' in line
+    deadline = time.monotonic() + 60
+    while engine.load() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == 0
+    assert engine.stats.requests == admitted_before + 1
+    assert engine.stats.cancelled_rows == cancelled_before + 1  # its row left the running batch unfinished
