@@ -100,7 +100,8 @@ class ExecutorServer:
         self.service.sessions.drain()
         if self.shm is not None:
             self.shm.drain(grace_s)
-        stopped.wait()
+        if not stopped.wait(grace_s + 5.0):
+            log.warning("gRPC shutdown did not complete %.0f s after the grace period; exiting anyway", 5.0)
         self.metrics.close()
 
     def wait(self) -> None:
