@@ -1,0 +1,115 @@
+"""Per-op round trip of the three transport paths: in-process, same-host shared memory, TCP (gRPC).
+
+One linear op of width 64 (float32) is called with 16 rows (4 KiB) and 4096 rows (1 MiB) each way,
+in-process (``executor.run``), and over a shared-memory channel and a gRPC stream on loopback to a
+``symbiosis serve`` process (separate, so that client and server do not share a GIL), from one
+client thread. Writes ``transport.json``, ``transport.md`` and ``transport.png`` under ``--out``.
+The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50.
+
+    python bench/transport.py [--iterations 2000] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from symbiosis import BaseExecutor  # noqa: E402
+from symbiosis.protocol import Direction, OpRequest  # noqa: E402
+from symbiosis.tiny import save_random_model, tiny_config  # noqa: E402
+from symbiosis.transport import RemoteTransport  # noqa: E402
+from symbiosis.transport.metered import percentiles_us  # noqa: E402
+
+OP = "model.layers.0.self_attn.o_proj"  # 64 -> 64
+PAYLOADS = {"4 KiB": 16, "1 MiB": 4096}
+TARGETS_US = {("shm", "4 KiB"): 50.0, ("tcp", "4 KiB"): 150.0}
+TARGET_SHM_GBPS = 1.0
+
+
+def measure(run, rows: int, iterations: int) -> list[float]:
+    x = torch.randn(rows, 64)
+    request = OpRequest(OP, Direction.FORWARD, x)
+    for _ in range(max(20, iterations // 20)):
+        run(request)
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        run(request)
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=2000, help="calls per path and payload (1 MiB: a quarter)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    scratch = Path(tempfile.mkdtemp(prefix="symbiosis-bench-"))
+    model_dir = save_random_model(tiny_config("llama"), scratch / "model")
+    executor = BaseExecutor.from_pretrained(model_dir)
+    ready = scratch / "ready.json"
+    server = subprocess.Popen([sys.executable, "-m", "symbiosis.cli.main", "serve", str(model_dir), "--port", "0", "--ready-file", str(ready)])
+    while not ready.exists():
+        time.sleep(0.1)
+    port = json.loads(ready.read_text())["port"]
+    paths = {
+        "in-process": executor.run,
+        "shm": RemoteTransport(f"127.0.0.1:{port}", shared_memory=True).run,
+        "tcp": RemoteTransport(f"127.0.0.1:{port}", shared_memory=False).run,
+    }
+    rows = []
+    for payload, n in PAYLOADS.items():
+        iterations = args.iterations if n <= 16 else max(50, args.iterations // 4)
+        for path, run in paths.items():
+            stats = percentiles_us(measure(run, n, iterations))
+            nbytes = n * 64 * 4
+            rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **stats})
+    server.terminate()
+    server.wait(60)
+    base = {r["payload"]: r["p50"] for r in rows if r["path"] == "in-process"}
+    for r in rows:
+        r["overhead_p50_us"] = r["p50"] - base[r["payload"]]
+        r["gbps_each_way_p50"] = r["bytes_each_way"] / (r["p50"] * 1e-6) / 1e9
+        r["target_p50_us"] = TARGETS_US.get((r["path"], r["payload"]))
+        if r["path"] == "shm" and r["payload"] == "1 MiB":
+            r["target_gbps"] = TARGET_SHM_GBPS
+    (args.out / "transport.json").write_text(json.dumps(rows, indent=2))
+    lines = [
+        "| path | payload | p50 µs | p99 µs | overhead vs in-process (p50) µs | GB/s each way (p50) | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        target = f"p50 ≤ {r['target_p50_us']:.0f} µs" if r["target_p50_us"] else (f"≥ {r['target_gbps']} GB/s" if r.get("target_gbps") else "")
+        lines.append(
+            f"| {r['path']} | {r['payload']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['overhead_p50_us']:.0f} | {r['gbps_each_way_p50']:.2f} | {target} |"
+        )
+    (args.out / "transport.md").write_text("\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, payload in zip(axes, PAYLOADS):
+        subset = [r for r in rows if r["payload"] == payload]
+        ax.bar([r["path"] for r in subset], [r["p50"] for r in subset], label="p50")
+        ax.scatter([r["path"] for r in subset], [r["p99"] for r in subset], color="red", zorder=3, label="p99")
+        ax.set_title(f"per-op round trip, {payload} each way")
+        ax.set_ylabel("µs")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "transport.png", dpi=120)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
