@@ -189,7 +189,7 @@ class RemoteTransport:
             return 0  # the server will refuse it; any lane will do
         width = info.out_features if info.kind is OpKind.EMBEDDING or request.direction is Direction.FORWARD else info.in_features
         dtype = request.out_dtype or (request.x.dtype if request.x.is_floating_point() else torch.float32)
-        return request.rows * width * torch.empty(0, dtype=dtype).element_size()
+        return request.rows * width * dtype.itemsize
 
     def _stream_lane(self) -> _StreamLane:
         lane = getattr(self._local, "stream", None)

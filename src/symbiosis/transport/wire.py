@@ -78,7 +78,7 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
     shape = tuple(msg.shape)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise BadRequestError(f"invalid tensor shape {shape[:MAX_RANK + 1]}")
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     nbytes = math.prod(shape) * itemsize
     kind = msg.WhichOneof("payload")
     if kind == "region":
