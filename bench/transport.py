@@ -4,7 +4,9 @@ One linear op of width 64 (float32) is called with 16 rows (4 KiB) and 4096 rows
 in-process (``executor.run``), and over a shared-memory channel and a gRPC stream on loopback to a
 ``symbiosis serve`` process (separate, so that client and server do not share a GIL), from one
 client thread. Writes ``transport.json``, ``transport.md`` and ``transport.png`` under ``--out``.
-The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50.
+The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50. For reference,
+``grpc-echo`` is the bare gRPC stack on the same machine at the same moment: a stream whose server
+(another process) echoes the bytes back, with no tensors, no protobuf messages and no executor.
 
     python bench/transport.py [--iterations 2000] [--out bench/results]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,38 @@ OP = "model.layers.0.self_attn.o_proj"  # 64 -> 64
 PAYLOADS = {"4 KiB": 16, "1 MiB": 4096}
 TARGETS_US = {("shm", "4 KiB"): 50.0, ("tcp", "4 KiB"): 150.0}
 TARGET_SHM_GBPS = 1.0
+
+
+def echo_server(port_queue) -> None:
+    """A gRPC server (in its own process) whose one stream method echoes every message."""
+    import grpc
+    from concurrent import futures
+
+    def echo(requests, context):
+        yield from requests
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
+
+
+def echo_client(port: int):
+    """A call that sends ``request.x``'s bytes on a gRPC stream and waits for them to come back."""
+    import queue
+
+    import grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)])
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    replies = channel.stream_stream("/bench.Echo/Echo")(iter(outbox.get, None))
+
+    def run(request: OpRequest) -> bytes:
+        outbox.put(request.x.numpy().tobytes())
+        return next(replies)
+
+    return run
 
 
 def measure(run, rows: int, iterations: int) -> list[float]:
@@ -65,7 +100,12 @@ def main() -> int:
     while not ready.exists():
         time.sleep(0.1)
     port = json.loads(ready.read_text())["port"]
+    ctx = multiprocessing.get_context("spawn")
+    ports = ctx.Queue()
+    echo = ctx.Process(target=echo_server, args=(ports,), daemon=True)
+    echo.start()
     paths = {
+        "grpc-echo": echo_client(ports.get(timeout=60)),
         "in-process": executor.run,
         "shm": RemoteTransport(f"127.0.0.1:{port}", shared_memory=True).run,
         "tcp": RemoteTransport(f"127.0.0.1:{port}", shared_memory=False).run,
@@ -79,25 +119,29 @@ def main() -> int:
             rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **stats})
     server.terminate()
     server.wait(60)
+    echo.terminate()
     base = {r["payload"]: r["p50"] for r in rows if r["path"] == "in-process"}
     for r in rows:
-        r["overhead_p50_us"] = r["p50"] - base[r["payload"]]
+        r["overhead_p50_us"] = r["p50"] - (0.0 if r["path"] == "grpc-echo" else base[r["payload"]])  # echo runs no GEMM
         r["gbps_each_way_p50"] = r["bytes_each_way"] / (r["p50"] * 1e-6) / 1e9
+        # bytes moved both ways per second of time spent beyond the in-process call (the transfer's own cost)
+        r["transfer_gbps"] = 2 * r["bytes_each_way"] / (r["overhead_p50_us"] * 1e-6) / 1e9 if r["overhead_p50_us"] > 0 else None
         r["target_p50_us"] = TARGETS_US.get((r["path"], r["payload"]))
         if r["path"] == "shm" and r["payload"] == "1 MiB":
             r["target_gbps"] = TARGET_SHM_GBPS
     (args.out / "transport.json").write_text(json.dumps(rows, indent=2))
     lines = [
-        "| path | payload | p50 µs | p99 µs | overhead vs in-process (p50) µs | GB/s each way (p50) | target |",
-        "|---|---|---|---|---|---|---|",
+        "| path | payload | p50 µs | p99 µs | overhead vs in-process (p50) µs | GB/s each way (p50, GEMM included) | transfer GB/s (2 × payload / overhead) | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         target = f"p50 ≤ {r['target_p50_us']:.0f} µs" if r["target_p50_us"] else (f"≥ {r['target_gbps']} GB/s" if r.get("target_gbps") else "")
         lines.append(
-            f"| {r['path']} | {r['payload']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['overhead_p50_us']:.0f} | {r['gbps_each_way_p50']:.2f} | {target} |"
+            f"| {r['path']} | {r['payload']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['overhead_p50_us']:.0f} | {r['gbps_each_way_p50']:.2f} | "
+            f"{'' if r['transfer_gbps'] is None else format(r['transfer_gbps'], '.2f')} | {target} |"
         )
     (args.out / "transport.md").write_text("\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, payload in zip(axes, PAYLOADS):
         subset = [r for r in rows if r["payload"] == payload]
         ax.bar([r["path"] for r in subset], [r["p50"] for r in subset], label="p50")
