@@ -145,15 +145,15 @@ def test_graceful_drain_finishes_calls_in_flight(model_dir):
     caller.start()
     while slow.queue_depth() == 0:
         time.sleep(0.01)
-    stopper = threading.Thread(target=server.stop, args=(30.0,))
-    start = time.monotonic()
+    # a grace period far longer than the test: stop() returns early only if idle sessions are ended
+    stopper = threading.Thread(target=server.stop, args=(600.0,))
     stopper.start()
     time.sleep(0.2)
     assert health_status_or_none(server.port) in (None, health_pb2.HealthCheckResponse.NOT_SERVING)
-    caller.join(30)
-    stopper.join(30)
+    caller.join(120)
+    stopper.join(120)
     assert results and results[0].shape == (1, 64), "the call in flight was dropped"
-    assert time.monotonic() - start < 25, "idle sessions held the shutdown until the grace period ended"
+    assert not stopper.is_alive(), "idle sessions held the shutdown open until the grace period would end"
 
 
 def health_status_or_none(port: int):
