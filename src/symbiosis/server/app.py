@@ -62,6 +62,7 @@ class ExecutorServer:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
             ],
         )
         pb_grpc.add_ExecutorServicer_to_server(self.service, self._server)
