@@ -97,8 +97,8 @@ class ExecutorServer:
         """Drain: report NOT_SERVING, refuse new calls and sessions, let calls in flight finish
         (at most ``grace_s``), end idle sessions and channels, then stop."""
         self.health.enter_graceful_shutdown()
+        self.service.sessions.drain()  # before stop(): cancellations are processed while the server runs
         stopped = self._server.stop(grace_s)
-        self.service.sessions.drain()
         if self.shm is not None:
             self.shm.drain(grace_s)
         if not stopped.wait(grace_s + 5.0):

@@ -71,7 +71,10 @@ def server_process(model_dir: Path, *args: str, port: int = 0) -> Iterator[Serve
     try:
         yield server
     finally:
-        server.kill()
+        try:
+            server.terminate(timeout=60)  # graceful: the server removes its channels and socket directory
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def health_status(port: int, service: str = "") -> int:
