@@ -89,3 +89,26 @@ def test_ownership_rule():
     for bad in ("12", "a:b", "3-4"):
         with pytest.raises(ValueError):
             parse_layer_range(bad)
+
+
+def test_client_dtype_is_independent_of_the_shards(shards):
+    """float32 shards, a bfloat16 client (its norms, attention and KV cache in bfloat16): it runs and
+    stays within bfloat16 precision of the monolithic float32 model. (A GPU executor with a CPU client
+    is the same routing with other devices; no GPU was available to run it.)"""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from symbiosis import load_model
+
+    from ..equivalence import assert_close
+
+    path, executors = shards
+    client = load_model(ShardedTransport(executors), dtype="bfloat16")
+    ids = torch.tensor([[5, 9, 2, 7, 1, 3]])
+    with torch.no_grad():
+        logits = client(input_ids=ids).logits
+        reference = AutoModelForCausalLM.from_pretrained(path)(input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert_close(logits.float(), reference, "bfloat16 client logits", rel_tol=5e-2)
+    tokens = client.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert tokens.shape == (1, 9)
