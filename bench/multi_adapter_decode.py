@@ -1,0 +1,179 @@
+"""Experiment 3 — multi-adapter decoding: K clients, each with its own adapter, generating at once.
+
+Every client decodes one greedy request (``--prompt-len`` prompt, ``--new-tokens`` new tokens,
+batch 1); all start together. Systems, in the same run:
+
+* ``symbiosis``: one process holding the executor and K client threads, each a Symbiosis client
+  with its own adapter (LoRA, IA3, prefix tuning in turn; ``embeddings="executor"``, so a client
+  holds no embedding table). This is how ``symbiosis serve-openai`` serves many adapters (an
+  engine thread per adapter, one process), without HTTP. Threads, not processes: K = 64
+  processes would need 64 Python + torch runtimes (~0.4 GiB RSS each) and 2 cores give no more
+  parallelism to more processes.
+* ``peft processes``: K transformers + PEFT processes, each with its own base copy and adapter
+  (same methods), as far as the memory budget allows.
+* ``peft mixed batch``: one transformers + PEFT process, K LoRA adapters, one batch of K rows with
+  ``adapter_names`` (PEFT's mixed-adapter inference; LoRA only).
+* ``vllm``: vLLM's CPU build (own venv, see ``bench.vllm_env``) with K LoRA adapters (LoRA only).
+
+Reported: aggregate tokens/s (tokens generated / wall time from the common start to the last
+client's end), time per output token (decode steps, without the prefill) p50/p99, peak memory.
+Targets at K = 16: >= 5x the K-process baseline, >= PEFT's mixed batch, within 1.5x of vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import common, vllm_env
+from bench.procs import REPO, MemorySampler, run_workers
+from bench.workers import DECODE_METHODS, decode_job, decode_threads_job, mixed_batch_job
+
+GIB = 2**30
+TARGETS = {"vs_processes_min": 5.0, "vs_mixed_batch_min": 1.0, "vs_vllm_min": 1 / 1.5}
+
+
+def summarise(system: str, k: int, reports: list[dict], peak_rss: float) -> dict:
+    """Aggregate tokens/s over [first start, last end] and TPOT percentiles over every decode step."""
+    requests = [q for r in reports for q in r["requests"]]
+    start, end = min(r["start"] for r in reports), max(r["end"] for r in reports)
+    steps = [s for q in requests for s in q["steps_s"][1:]]
+    tokens = sum(q["tokens"] for q in requests)
+    return {"system": system, "k": k, "tokens": tokens, "wall_s": end - start, "aggregate_tokens_per_s": tokens / (end - start),
+            "tpot_ms": common.percentiles(steps, 1e3), "ttft_ms": common.percentiles([q["steps_s"][0] for q in requests], 1e3),
+            "peak_rss_sum_gib": peak_rss / GIB, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
+
+
+def save_lora_adapters(path: Path, k: int, scratch: Path) -> list[str]:
+    """K LoRA adapters (the load test's LoRA config, seeds 0..K-1) saved in PEFT format, for vLLM."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bench.load_test import peft_config
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    for i in range(k):
+        torch.manual_seed(i)
+        if i == 0:
+            model = get_peft_model(model, peft_config("lora", 1000), adapter_name="a0")
+        else:
+            model.add_adapter(f"a{i}", peft_config("lora", 1000))
+    dirs = []
+    for i in range(k):
+        model.save_pretrained(scratch / f"a{i}", selected_adapters=[f"a{i}"])
+        dirs.append(str(next((scratch / f"a{i}").rglob("adapter_config.json")).parent))
+    return dirs
+
+
+def run_vllm(python: Path, path: Path, adapters: list[str], args, scratch: Path) -> dict:
+    """vLLM in its venv, K adapters; its memory is the sampled peak of its process tree."""
+    out = scratch / f"vllm-{len(adapters)}.json"
+    command = [str(python), str(REPO / "bench" / "vllm_runner.py"), "--model-dir", str(path), "--adapters", *adapters,
+               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--out", str(out),
+               "--repeats", "1" if args.smoke else "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
+    log = scratch / f"vllm-{len(adapters)}.log"
+    with MemorySampler() as sampler:
+        proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=scratch)
+        sampler.pids.add(proc.pid)
+        proc.wait(1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vLLM exited {proc.returncode}: {log.read_text()[-2000:]}")
+    r = json.loads(out.read_text())
+    return {"system": "vllm", "k": r["k"], "tokens": r["generated_tokens"], "wall_s": r["wall_s"],
+            "aggregate_tokens_per_s": r["aggregate_tokens_per_s"], "tpot_ms": {"p50": r["tpot_ms"], "note": "(wall(N) - wall(1)) / (N - 1)"},
+            "ttft_ms": {"p50": 1e3 * r["first_token_s"]}, "peak_rss_sum_gib": sampler.peak_rss_sum / GIB, "sampled_peak_only": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("multi_adapter_decode", __doc__)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64], help="numbers of clients / adapters")
+    p.add_argument("--budget-gib", type=float, default=12.0, help="memory budget of the K-process baseline")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-vllm", action="store_true", help="skip the vLLM baseline")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.k, args.new_tokens = [2], 4
+    path = common.model_dir(args)
+    start = common.start(args)
+    vllm_python, vllm_status = (None, "skipped (--no-vllm)") if args.no_vllm else vllm_env.ensure()
+    base = {"model_dir": str(path), "device": args.device, "dtype": args.dtype, "threads": args.threads, "requests": 1,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    rows, skipped, one_process_gib = [], [], None
+    with tempfile.TemporaryDirectory(prefix="symbiosis-bench-") as tmp:
+        scratch = Path(tmp)
+        for k in args.k:
+            run = run_workers(decode_threads_job, [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)])
+            rows.append(summarise("symbiosis", k, run.reports, run.peak_rss_sum))
+            if one_process_gib is None or k * one_process_gib <= args.budget_gib:
+                specs = [dict(base, system="peft", method=DECODE_METHODS[i % len(DECODE_METHODS)]) for i in range(k)]
+                run = run_workers(decode_job, specs)
+                rows.append(summarise("peft processes", k, run.reports, run.peak_rss_sum))
+                one_process_gib = one_process_gib or rows[-1]["peak_rss_sum_gib"] / k
+            else:
+                skipped.append({"system": "peft processes", "k": k,
+                                "reason": f"needs ~{k * one_process_gib:.1f} GiB ({one_process_gib:.2f} GiB per process) > budget {args.budget_gib:g} GiB"})
+            run = run_workers(mixed_batch_job, [dict(base, clients=k)])
+            rows.append(summarise("peft mixed batch", k, run.reports, run.peak_rss_sum))
+            if vllm_python is not None:
+                try:
+                    rows.append(run_vllm(vllm_python, path, save_lora_adapters(path, k, scratch / f"k{k}"), args, scratch))
+                except RuntimeError as exc:
+                    skipped.append({"system": "vllm", "k": k, "reason": str(exc)})
+            else:
+                skipped.append({"system": "vllm", "k": k, "reason": vllm_status})
+    targets = targets_at(rows, 16 if 16 in args.k else max(args.k))
+    result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start, "vllm": vllm_status,
+              "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads")},
+              "rows": rows, "skipped": skipped, "targets": targets}
+    md = common.table(["system", "K", "aggregate tokens/s", "TPOT p50 ms", "TPOT p99 ms", "peak RSS GiB"],
+                      [[r["system"], r["k"], r["aggregate_tokens_per_s"], r["tpot_ms"].get("p50"), r["tpot_ms"].get("p99"), r["peak_rss_sum_gib"]]
+                       for r in rows])
+    md += "".join(f"\nNot run: {s['system']} at K = {s['k']}: {s['reason'][:300]}" for s in skipped)
+    md += f"\n\nTargets at K = {targets['k']}: " + "; ".join(f"{name} {v['ratio']:.2f}x (target {v['target']}x, {'met' if v['met'] else 'missed'})"
+                                                      if v["ratio"] is not None else f"{name}: baseline not run"
+                                                      for name, v in targets["comparisons"].items()) + "\n"
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+
+    def draw(metric: str, label: str, file: str):
+        def plot(out: Path) -> Path:
+            series = {s: ([r["k"] for r in rows if r["system"] == s], [metric_of(r, metric) for r in rows if r["system"] == s]) for s in systems}
+            return common.chart(out / file, label, "clients K (one adapter each)", label, series, logx=True)
+        return plot
+
+    common.write(args, "multi_adapter_decode", result, md,
+                 [draw("aggregate_tokens_per_s", "aggregate tokens/s", "multi_adapter_decode_throughput.png"),
+                  draw("tpot_p50", "time per output token p50 (ms)", "multi_adapter_decode_tpot.png")])
+    return 0
+
+
+def metric_of(row: dict, metric: str) -> float:
+    return row["tpot_ms"].get("p50", np.nan) if metric == "tpot_p50" else row[metric]
+
+
+def targets_at(rows: list[dict], k: int) -> dict:
+    """Symbiosis's aggregate tokens/s at K over each baseline's (the K-process baseline: at K, else its largest K)."""
+    def best(system: str) -> dict | None:
+        candidates = [r for r in rows if r["system"] == system and r["k"] <= k]
+        return max(candidates, key=lambda r: r["k"], default=None)
+
+    ours = next((r for r in rows if r["system"] == "symbiosis" and r["k"] == k), None)
+    comparisons = {}
+    for name, system, target in (("vs peft processes", "peft processes", TARGETS["vs_processes_min"]),
+                                 ("vs peft mixed batch", "peft mixed batch", TARGETS["vs_mixed_batch_min"]),
+                                 ("vs vllm", "vllm", round(TARGETS["vs_vllm_min"], 3))):
+        other = best(system)
+        ratio = ours["aggregate_tokens_per_s"] / other["aggregate_tokens_per_s"] if ours and other else None
+        comparisons[name] = {"target": target, "ratio": ratio, "baseline_k": other and other["k"], "met": ratio is not None and ratio >= target}
+    return {"k": k, "comparisons": comparisons}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""The processes of an experiment: a ``symbiosis serve`` server, workers started together, their memory.
+
+Peak memory is each process's own peak resident set (``VmHWM`` from ``/proc``, read while it runs),
+summed over the processes, as the experiments report it. ``MemorySampler`` also records the peak
+of the *simultaneous* sums of RSS and of PSS (shared library pages split between processes).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A worker body: (its spec, a callable to call once it is ready to start measuring) -> its report.
+WorkerFn = Callable[[dict[str, Any], Callable[[], None]], dict[str, Any]]
+
+
+def peak_rss(pid: int | None = None) -> int:
+    """Peak resident set of ``pid`` (default: this process) in bytes; current RSS where /proc has no VmHWM."""
+    pid = pid or os.getpid()
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return psutil.Process(pid).memory_info().rss
+
+
+@dataclass
+class MemorySampler:
+    """Samples the summed RSS and PSS of a set of processes every ``interval_s`` on a thread; keeps the peaks."""
+
+    interval_s: float = 0.5
+    pids: set[int] = field(default_factory=set)
+    peak_rss_sum: int = 0
+    peak_pss_sum: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            rss = pss = 0
+            for pid in list(self.pids):
+                try:
+                    info = psutil.Process(pid).memory_full_info()
+                except psutil.Error:
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            self.peak_rss_sum = max(self.peak_rss_sum, rss)
+            self.peak_pss_sum = max(self.peak_pss_sum, pss)
+
+
+@dataclass
+class Server:
+    """A ``symbiosis serve`` child process."""
+
+    process: subprocess.Popen
+    address: str
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stats(self) -> dict[str, Any]:
+        """The server's batch statistics (cumulative since it started)."""
+        from symbiosis.transport import connect
+
+        transport = connect(self.address)
+        try:
+            return transport.stats()
+        finally:
+            transport.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+
+
+def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
+                 options: Sequence[str] = (), timeout_s: float = 300.0) -> Server:
+    """Run ``symbiosis serve model_dir`` on a free port (``threads``: its torch threads) and wait until it serves."""
+    scratch = Path(tempfile.mkdtemp(prefix="symbiosis-bench-"))
+    ready, log = scratch / "ready.json", scratch / "server.log"
+    command = [sys.executable, "-m", "symbiosis.cli.main", "serve", str(model_dir), "--port", "0", "--device", device,
+               "--dtype", dtype, "--ready-file", str(ready), *options]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"symbiosis serve did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return Server(process, json.loads(ready.read_text())["address"], log)
+
+
+def _worker_main(fn: WorkerFn, spec: dict[str, Any], barrier, results) -> None:
+    """Run ``fn`` in a fresh process; report its result (or error), its pid and peak RSS."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 1))
+    report: dict[str, Any] = {"pid": os.getpid(), "index": spec.get("index", 0)}
+    try:
+        report.update(fn(spec, lambda: barrier.wait(timeout=1800)))
+    except Exception:
+        barrier.abort()
+        report["error"] = traceback.format_exc(limit=6)
+    report["peak_rss_bytes"] = peak_rss()
+    results.put(report)
+
+
+@dataclass
+class WorkerRun:
+    """What ``run_workers`` measured: each worker's report, the start time and the memory peaks."""
+
+    reports: list[dict[str, Any]]
+    started: float
+    wall_s: float
+    peak_rss_sum: int
+    sampled_peak_rss_sum: int
+    sampled_peak_pss_sum: int
+
+    @property
+    def errors(self) -> list[str]:
+        return [r["error"] for r in self.reports if "error" in r]
+
+
+def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Sequence[int] = (), timeout_s: float = 1800.0) -> WorkerRun:
+    """Start one process per spec running ``fn``; all start measuring together once every one is ready.
+
+    ``extra_pids`` (e.g. the server) count towards the memory sums. Raises if a worker fails.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(len(specs) + 1), ctx.Queue()
+    procs = [ctx.Process(target=_worker_main, args=(fn, dict(spec, index=i), barrier, results), daemon=True) for i, spec in enumerate(specs)]
+    with MemorySampler(pids=set(extra_pids)) as sampler:
+        for proc in procs:
+            proc.start()
+            sampler.pids.add(proc.pid)
+        try:
+            barrier.wait(timeout=timeout_s)
+        except threading.BrokenBarrierError:
+            pass
+        started = time.time()
+        reports = []
+        for _ in procs:
+            reports.append(results.get(timeout=timeout_s))
+        wall = time.time() - started
+        extra_peaks = [peak_rss(pid) for pid in extra_pids]
+    for proc in procs:
+        proc.join(60)
+    run = WorkerRun(sorted(reports, key=lambda r: r["index"]), started, wall,
+                    sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum)
+    if run.errors:
+        raise RuntimeError("a worker failed:\n" + "\n".join(run.errors))
+    return run

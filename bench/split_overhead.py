@@ -1,0 +1,124 @@
+"""Experiment 2 — split overhead: one Symbiosis client + executor against the monolithic model.
+
+The same LoRA adapter (r=8 on every linear layer, same seed) on three bases, all in this process
+(``--threads`` torch threads, default 1): ``monolithic`` (transformers + PEFT), ``split in-process`` (a
+``BaseExecutor`` in this process, ``load_model`` client) and ``split via server`` (a ``symbiosis
+serve`` process on this host, shared-memory transport; skip with ``--no-server``). Measured in
+interleaved rounds (every system once per round, repeated), reported as medians:
+
+* training step: AdamW step on a batch of ``--batch`` x ``--seq-len`` tokens;
+* decode: time per output token of greedy decoding (batch 1, 16-token prompt, ``--new-tokens``).
+
+Targets (in-process): training step <= 1.10x, decoded token <= 1.25x the monolithic model.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.procs import start_server
+from bench.workers import adapted, greedy_decode
+
+TARGETS = {"train_step": 1.10, "decode_token": 1.25}
+
+
+def build(kind: str, model_dir: Path, args, address: str | None):
+    """The LoRA model on base ``kind``."""
+    from transformers import AutoModelForCausalLM
+
+    from symbiosis import BaseExecutor, load_model
+
+    if kind == "monolithic":
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device_map=args.device)
+    elif kind == "split in-process":
+        base = load_model(BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device), device=args.device)
+    else:
+        base = load_model(address, device=args.device)
+    return adapted(base, "lora", seed=0)
+
+
+def train_steps(model, batch: torch.Tensor, optimizer, steps: int) -> list[float]:
+    model.train()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("split_overhead", __doc__)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=2, help="training steps per system and round")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--no-server", action="store_true", help="skip the split-via-server system")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps, args.batch, args.seq_len, args.new_tokens = 1, 1, 2, 16, 4
+    path = common.model_dir(args)
+    start = common.start(args)
+    server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.threads)
+    try:
+        kinds = ["monolithic", "split in-process"] + ([] if server is None else ["split via server"])
+        models = {k: build(k, path, args, server and server.address) for k in kinds}
+        vocab = models["monolithic"].config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
+        prompt = torch.randint(3, vocab, (1, 16), generator=gen).to(args.device)
+        optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for k, m in models.items()}
+        for k, m in models.items():  # warm-up
+            train_steps(m, batch, optimizers[k], 1)
+            greedy_decode(m.eval(), prompt, 3)
+        step_s = {k: [] for k in kinds}
+        token_s = {k: [] for k in kinds}
+        for r in range(args.rounds):
+            order = kinds if r % 2 == 0 else kinds[::-1]
+            for k in order:
+                step_s[k] += train_steps(models[k], batch, optimizers[k], args.steps)
+            for k in order:
+                token_s[k] += greedy_decode(models[k].eval(), prompt, args.new_tokens)[1:]  # step 0 is the prefill
+    finally:
+        if server is not None:
+            server.stop()
+    mono_step, mono_token = statistics.median(step_s["monolithic"]), statistics.median(token_s["monolithic"])
+    rows = []
+    for k in kinds:
+        step, token = statistics.median(step_s[k]), statistics.median(token_s[k])
+        rows.append({"system": k, "train_step_s": step, "train_ratio": step / mono_step, "decode_token_ms": 1e3 * token,
+                     "decode_ratio": token / mono_token, "train_steps_measured": len(step_s[k]), "tokens_measured": len(token_s[k])})
+    inproc = rows[1]
+    result = {
+        "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
+        "config": {"batch": args.batch, "seq_len": args.seq_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
+                   "steps_per_round": args.steps, "peft": "LoRA r=8, all linear layers", "threads": args.threads},
+        "rows": rows,
+        "samples_s": {"train_step": step_s, "decode_token": token_s},
+        "targets": {"train_step_ratio_max": TARGETS["train_step"], "decode_token_ratio_max": TARGETS["decode_token"],
+                    "train_met": inproc["train_ratio"] <= TARGETS["train_step"], "decode_met": inproc["decode_ratio"] <= TARGETS["decode_token"]},
+    }
+    md = common.table(
+        ["system", f"training step ({args.batch}x{args.seq_len}) s", "vs monolithic", "decode ms/token", "vs monolithic"],
+        [[r["system"], r["train_step_s"], f"{r['train_ratio']:.3f}x", r["decode_token_ms"], f"{r['decode_ratio']:.3f}x"] for r in rows],
+    ) + f"\nTargets (in-process): training step <= {TARGETS['train_step']}x, decoded token <= {TARGETS['decode_token']}x.\n"
+
+    def draw(out: Path) -> Path:
+        return common.chart(out / "split_overhead.png", "split overhead (ratio to the monolithic model)", "", "x monolithic",
+                            {"training step": ([r["system"] for r in rows], [r["train_ratio"] for r in rows]),
+                             "decoded token": ([r["system"] for r in rows], [r["decode_ratio"] for r in rows])}, kind="bar")
+
+    common.write(args, "split_overhead", result, md, [draw])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""Client workloads of the experiments, identical for Symbiosis and for the baselines.
+
+A worker spec (a dict, so it pickles into a spawned process) says which base the client uses —
+``"symbiosis"``: ``load_model(spec["target"])`` (a server address); ``"peft"``: its own copy,
+``AutoModelForCausalLM.from_pretrained(spec["model_dir"])`` — which PEFT ``method`` (the load test's
+configurations), and the workload: fine-tuning steps (``train_job``) or greedy decoding
+(``decode_job``). Both sides then run the very same code.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.load_test import peft_config
+
+#: Methods of fine-tuning jobs (mixed, in this order) and of decoding clients (K adapters).
+FINETUNE_METHODS = ["lora", "ia3", "loha", "prefix_tuning", "lokr", "prompt_tuning", "adalora", "oft"]
+DECODE_METHODS = ["lora", "ia3", "prefix_tuning"]
+
+
+def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
+    """The client's base model: a Symbiosis client of ``executor`` or ``spec["target"]``, or a full copy (``"peft"``)."""
+    if spec["system"] == "symbiosis":
+        from symbiosis import load_model
+
+        return load_model(executor if executor is not None else spec["target"], device=spec.get("device", "cpu"),
+                          embeddings=spec.get("embeddings", "client"), priority=spec.get("priority"), client_id=spec.get("client_id"))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec.get("dtype", "float32")),
+                                                device_map=spec.get("device", "cpu"))
+
+
+def adapted(base: nn.Module, method: str, seed: int) -> nn.Module:
+    """``base`` with a fresh PEFT adapter of ``method`` (seeded)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(base, peft_config(method, steps=1000))
+
+
+def vocab_size(model: nn.Module) -> int:
+    return model.config.vocab_size
+
+
+# ------------------------------------------------------------------------------------ fine-tuning
+def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """Fine-tune with AdamW on batches of ``batch`` x ``seq_len`` tokens; report each step's end time.
+
+    Runs at least ``spec["steps"]`` steps and keeps stepping until ``spec["duration_s"]`` (default 0)
+    have passed since the common start.
+    """
+    from symbiosis.workload import AffineTask
+
+    model = adapted(base_model(spec), spec["method"], spec["index"])
+    task = AffineTask(vocab_size(model), a=1, b=spec["index"] + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    device = params[0].device
+    model.train()
+    ready()
+    ends, losses, step = [], [], 0
+    start = time.time()
+    until = start + spec.get("duration_s", 0.0)
+    while step < spec["steps"] or time.time() < until:
+        batch = task.sequences(spec["batch"], spec["seq_len"], seed=step).to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        ends.append(time.time())
+        step += 1
+    return {"method": spec["method"], "start": start, "step_ends": ends, "tokens_per_step": spec["batch"] * spec["seq_len"],
+            "losses": losses}
+
+
+def tokens_in_window(report: dict[str, Any], t0: float, t1: float) -> float:
+    """Training tokens a job processed between ``t0`` and ``t1`` (progress interpolated within a step)."""
+    import numpy as np
+
+    times = [report["start"], *report["step_ends"]]
+    done = [i * report["tokens_per_step"] for i in range(len(times))]
+    return float(np.interp(t1, times, done) - np.interp(t0, times, done))
+
+
+def common_window(reports: Sequence[dict[str, Any]], skip_steps: int = 1) -> tuple[float, float]:
+    """The interval in which every job was running and past its first ``skip_steps`` (warm-up) steps."""
+    t0 = max(r["step_ends"][skip_steps - 1] if skip_steps else r["start"] for r in reports)
+    t1 = min(r["step_ends"][-1] for r in reports)
+    return t0, t1
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def greedy_decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, adapter_names: list[str] | None = None) -> list[float]:
+    """Greedy decoding of ``prompts`` (``[rows, length]``) with a KV cache; returns each step's seconds.
+
+    The prompt is prefilled through the (PEFT) model, so prompt-learning methods put their virtual
+    tokens or prefix into the cache; decode steps then run on the adapted base model (the cache
+    already holds the prefix), or through the PEFT model when ``adapter_names`` selects an adapter
+    per row (PEFT's mixed-adapter batch). Step 0 is the prefill (time to first token).
+    """
+    from peft import PeftModel
+
+    stepper = model.get_base_model() if isinstance(model, PeftModel) and adapter_names is None else model
+    extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    times = []
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(input_ids=prompts, attention_mask=torch.ones_like(prompts), use_cache=True, logits_to_keep=1, **extra)
+        cache = out.cache
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        times.append(time.perf_counter() - start)
+        for _ in range(new_tokens - 1):
+            start = time.perf_counter()
+            length = cache.get_seq_length()
+            mask = torch.ones(prompts.shape[0], length + 1, dtype=torch.long, device=prompts.device)
+            out = stepper(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, **extra)
+            cache = out.cache
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def decode_requests(model: nn.Module, spec: dict[str, Any], seed: int) -> list[dict[str, Any]]:
+    """``spec["requests"]`` greedy requests (``rows`` x ``prompt_len`` prompt, ``new_tokens`` each).
+
+    With ``spec["rate"]`` (requests/s), request i starts at ``spec["t0"] + i / rate`` (open loop) or
+    as soon as the previous one ends, whichever is later; ``spec["until"]`` stops issuing requests.
+    """
+    vocab = vocab_size(model)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(p.device for p in model.parameters())
+    t0, results = spec.get("t0") or time.time(), []
+    for i in range(spec["requests"]):
+        if spec.get("rate"):
+            time.sleep(max(0.0, t0 + i / spec["rate"] - time.time()))
+        if time.time() >= spec.get("until", float("inf")):
+            break
+        prompts = torch.randint(3, vocab, (spec.get("rows", 1), spec["prompt_len"]), generator=generator).to(device)
+        begin = time.time()
+        steps = greedy_decode(model, prompts, spec["new_tokens"], adapter_names=spec.get("adapter_names"))
+        results.append({"start": begin, "steps_s": steps, "tokens": prompts.shape[0] * len(steps)})
+    return results
+
+
+def decode_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """One decoding client (its own adapter) in this process; see ``decode_requests``."""
+    model = adapted(base_model(spec), spec["method"], spec["index"]).eval()
+    decode_requests(model, dict(spec, requests=1, new_tokens=2, rate=0), spec["index"])  # warm-up
+    ready()
+    start = time.time()
+    requests = decode_requests(model, dict(spec, t0=time.time() + spec.get("delay_s", 0.0)), spec["index"])
+    return {"method": spec["method"], "start": start, "end": time.time(), "requests": requests}
+
+
+def decode_threads_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """``spec["clients"]`` decoding clients as threads of this process, each a Symbiosis client with its own adapter.
+
+    The executor runs in this process (``spec["model_dir"]``) unless ``spec["target"]`` names a server.
+    """
+    executor = None
+    if "target" not in spec:
+        from symbiosis import BaseExecutor
+
+        executor = BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
+    methods = spec["methods"]
+    models = [adapted(base_model(spec, executor), methods[i % len(methods)], i).eval() for i in range(spec["clients"])]
+    for model in models:
+        decode_requests(model, dict(spec, requests=1, new_tokens=2, rate=0), 0)  # warm-up
+    if executor is not None:
+        executor.stats.reset()
+    ready()
+    start = time.time()
+    with ThreadPoolExecutor(len(models)) as pool:
+        outputs = list(pool.map(lambda i: decode_requests(models[i], spec, i), range(len(models))))
+    report = {"methods": [methods[i % len(methods)] for i in range(len(models))], "start": start, "end": time.time(),
+              "requests": [r for rs in outputs for r in rs]}
+    if executor is not None:
+        report["executor"] = executor.stats.total()
+    return report
+
+
+def mixed_batch_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """PEFT's own multi-adapter inference: one base copy, ``clients`` LoRA adapters, one batch with a row per adapter."""
+    from peft import get_peft_model
+
+    base = base_model(dict(spec, system="peft"))
+    model = None
+    for i in range(spec["clients"]):
+        torch.manual_seed(i)
+        if model is None:
+            model = get_peft_model(base, peft_config("lora", 1000), adapter_name="a0")
+        else:
+            model.add_adapter(f"a{i}", peft_config("lora", 1000))
+    model.eval()
+    names = [f"a{i}" for i in range(spec["clients"])]
+    run = dict(spec, rows=len(names), adapter_names=names)
+    decode_requests(model, dict(run, requests=1, new_tokens=2, rate=0), 0)  # warm-up
+    ready()
+    start = time.time()
+    requests = decode_requests(model, run, 0)
+    return {"method": "lora (mixed batch)", "start": start, "end": time.time(), "requests": requests}
