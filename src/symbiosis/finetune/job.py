@@ -104,6 +104,8 @@ class FineTuneJob:
         step, latest = 0, (list_checkpoints(checkpoints) if resume else [])
         if latest:
             state = load_checkpoint(latest[-1], model)
+            if state.micro_batch != min(state.step * cfg.grad_accum, total_micro):
+                raise ResumeError(f"{latest[-1]}: its data position (micro-batch {state.micro_batch}) does not match step {state.step}")
             state.restore(optimizer, scheduler)
             step = state.step
         self.log.rewind(step)

@@ -148,13 +148,17 @@ class Engine:
                     return
                 joining = self._take_pending()
             running = bool(self._rows)
-            with torch.no_grad():
-                for request in joining:
-                    self._admit(request, running)
-                self._retire()
-                if self._rows:
-                    self._step()
+            try:
+                with torch.no_grad():
+                    for request in joining:
+                        self._admit(request, running)
                     self._retire()
+                    if self._rows:
+                        self._step()
+                        self._retire()
+            except Exception as exc:  # whatever failed, fail the requests in the batch and keep serving
+                log.exception("engine of model %s failed", self.name)
+                self._fail(exc)
 
     def _take_pending(self) -> list[GenerationRequest]:
         """Queued requests that fit next to the running rows (called with the lock held)."""
@@ -200,14 +204,7 @@ class Engine:
             mask[i, width - row.length :] = 1
         positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
         tokens = torch.tensor([[row.last] for row in self._rows], device=self.device)
-        try:
-            out = self._decoder(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True)
-        except Exception as exc:
-            log.exception("decode step failed for model %s", self.name)
-            for row in self._rows:
-                row.done = True
-                row.request.emit(Event(row.choice, error=exc))
-            return
+        out = self._decoder(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True)
         self._cache = out.cache
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(self._rows)
@@ -231,6 +228,13 @@ class Engine:
         row.done = reason is not None
         if text or row.done:
             row.request.emit(Event(row.choice, text, finish_reason=reason, tokens=row.generated if row.done else 0))
+
+    def _fail(self, error: Exception) -> None:
+        """End every row of the running batch with ``error`` (its requests fail; queued ones stay)."""
+        for row in self._rows:
+            if not row.done:
+                row.request.emit(Event(row.choice, error=error))
+        self._rows, self._cache = [], None
 
     def _retire(self) -> None:
         """Drop finished and cancelled rows from the batch and its cache."""

@@ -51,7 +51,7 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(chat_model_dir, tmp_pa
         "--eval-every", "6", "--no-progress",
     ]  # fmt: skip
     reference, victim = tmp_path / "reference", tmp_path / "victim"
-    subprocess.run(finetune_cli(*common, "--output", reference), check=True, capture_output=True)
+    subprocess.run(finetune_cli(*common, "--output", reference), check=True, capture_output=True, timeout=300)
 
     process = subprocess.Popen(finetune_cli(*common, "--output", victim), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -60,12 +60,12 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(chat_model_dir, tmp_pa
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.005)
     os.kill(process.pid, signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
+    assert process.wait(timeout=60) == -signal.SIGKILL
     assert not (victim / ADAPTER_FILE).exists()
     killed_at = max(r["step"] for r in read_log(victim))
     assert killed_at < 36
 
-    resumed = subprocess.run(finetune_cli(*common, "--output", victim, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(finetune_cli(*common, "--output", victim, "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr
     assert_same_adapter(victim, reference)

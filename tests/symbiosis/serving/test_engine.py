@@ -117,3 +117,22 @@ def test_cancelled_rows_leave_the_batch_and_closing_drains_what_was_queued(chat_
     assert engine.join(timeout=30) and engine.load() == 0
     assert collector.events.empty()  # the cancelled request never finished
     assert engine.stats.tokens < 400 and engine.stats.cancelled_rows == 1
+
+
+def test_failures_end_the_affected_requests_and_the_engine_keeps_answering(chat_model_dir):
+    executor = BaseExecutor.from_pretrained(chat_model_dir)
+    engine = Engine("base", load_model(executor), AutoTokenizer.from_pretrained(chat_model_dir), eos_ids=[], max_rows=4)
+    bad_prompt = Collector()
+    engine.submit(GenerationRequest([1, 10_000], SamplingParams(max_tokens=3), bad_prompt.emit))  # id beyond the vocabulary
+    assert bad_prompt.events.get(timeout=60).error is not None
+    running = Collector()
+    engine.submit(GenerationRequest(PROMPTS[0], SamplingParams(max_tokens=400, temperature=0), running.emit))
+    running.first_token.wait(timeout=60)
+    executor.close()  # every later op request fails
+    while (event := running.events.get(timeout=60)).error is None:
+        assert event.finish_reason is None
+    late = Collector()
+    engine.submit(GenerationRequest(PROMPTS[1], SamplingParams(max_tokens=3), late.emit))
+    assert "closed" in str(late.events.get(timeout=60).error)
+    engine.close()
+    assert engine.join(timeout=30)
