@@ -24,7 +24,7 @@ import numpy as np
 
 from bench import common
 from bench.procs import run_workers, start_server
-from bench.workers import FINETUNE_METHODS, common_window, tokens_in_window, train_job
+from bench.workers import FINETUNE_METHODS, common_window, idle_job, tokens_in_window, train_job
 
 GIB = 2**30
 TARGET_ADAPTER_RATIO = 8.0
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     args = p.parse_args(argv)
     if args.smoke:
-        args.n, args.duration, args.min_steps, args.batch, args.seq_len = [1, 2], 0.0, 2, 2, 16
+        args.n, args.duration, args.min_steps, args.batch, args.seq_len = [2], 0.0, 2, 2, 16
     path = common.model_dir(args)
     start = common.start(args)
     symbiosis, baseline = [], []
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         one_job = baseline[0]["peak_rss_sum_gib"] if baseline else 0.0
         if n * one_job <= args.budget_gib:  # interleaved with the Symbiosis runs, as far as the budget allows
             baseline.append(run_side("peft", n, path, args))
-    cap = {"symbiosis": capacity(symbiosis, args.budget_gib), "peft": capacity(baseline, args.budget_gib)}
+    cap = {"symbiosis": capacity(symbiosis, args.budget_gib), "peft": capacity(baseline, args.budget_gib),
+           "runtime_gib": run_workers(idle_job, [{}]).peak_rss_sum / GIB}
     ratio = cap["symbiosis"]["largest_n_in_budget"] / max(cap["peft"]["largest_n_in_budget"], 1)
     by_n = {r["n"]: r for r in baseline}
     throughput_ok = all(r["aggregate_tokens_per_s"] >= by_n[r["n"]]["aggregate_tokens_per_s"] for r in symbiosis if r["n"] in by_n)
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
            f"({cap['symbiosis']['fixed_gib']:.2f} GiB + {cap['symbiosis']['per_job_gib']:.2f} GiB per job), PEFT N = "
            f"{cap['peft']['largest_n_in_budget']} ({cap['peft']['fixed_gib']:.2f} GiB + {cap['peft']['per_job_gib']:.2f} GiB per job): "
            f"{ratio:.2f}x more adapters (target >= {TARGET_ADAPTER_RATIO:g}x). Aggregate tokens/s >= PEFT at every N it ran: "
-           f"{'yes' if throughput_ok else 'no'}.\n")
+           f"{'yes' if throughput_ok else 'no'}. A process that only imports torch, transformers, PEFT and Symbiosis peaks at "
+           f"{cap['runtime_gib']:.2f} GiB RSS.\n")
 
     def draw_memory(out: Path) -> Path:
         return common.chart(out / "finetune_capacity_memory.png", "peak memory (sum of processes' peak RSS)", "concurrent jobs N", "GiB",

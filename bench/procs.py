@@ -128,7 +128,8 @@ def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32"
 
 
 def _worker_main(fn: WorkerFn, spec: dict[str, Any], barrier, results) -> None:
-    """Run ``fn`` in a fresh process; report its result (or error), its pid and peak RSS."""
+    """Run ``fn`` in a fresh process (``spec["threads"]`` torch threads, ``spec["nice"]``); report its result
+    (or error), its pid and peak RSS."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -136,6 +137,7 @@ def _worker_main(fn: WorkerFn, spec: dict[str, Any], barrier, results) -> None:
     import torch
 
     torch.set_num_threads(spec.get("threads", 1))
+    os.nice(spec.get("nice", 0))
     report: dict[str, Any] = {"pid": os.getpid(), "index": spec.get("index", 0)}
     try:
         report.update(fn(spec, lambda: barrier.wait(timeout=1800)))

@@ -49,6 +49,17 @@ def vocab_size(model: nn.Module) -> int:
     return model.config.vocab_size
 
 
+def idle_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """Import what every client imports and do nothing: its peak RSS is the Python + torch runtime's cost."""
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import symbiosis  # noqa: F401
+
+    ready()
+    return {}
+
+
 # ------------------------------------------------------------------------------------ fine-tuning
 def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
     """Fine-tune with AdamW on batches of ``batch`` x ``seq_len`` tokens; report each step's end time.
@@ -151,12 +162,16 @@ def decode_requests(model: nn.Module, spec: dict[str, Any], seed: int) -> list[d
 
 
 def decode_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
-    """One decoding client (its own adapter) in this process; see ``decode_requests``."""
+    """One decoding client (its own adapter) in this process; see ``decode_requests``.
+
+    ``spec["duration_s"]``, if given, stops issuing requests that long after the common start.
+    """
     model = adapted(base_model(spec), spec["method"], spec["index"]).eval()
     decode_requests(model, dict(spec, requests=1, new_tokens=2, rate=0), spec["index"])  # warm-up
     ready()
     start = time.time()
-    requests = decode_requests(model, dict(spec, t0=time.time() + spec.get("delay_s", 0.0)), spec["index"])
+    run = dict(spec, t0=start, until=start + spec.get("duration_s", float("inf")))
+    requests = decode_requests(model, run, spec["index"])
     return {"method": spec["method"], "start": start, "end": time.time(), "requests": requests}
 
 

@@ -1,0 +1,134 @@
+"""Experiment 5 — executor efficiency: GFLOP/s of the executor's batched GEMMs against bare ``torch.matmul``.
+
+One ``symbiosis serve`` process (``--threads`` torch threads) and N decoding client processes
+(each its own adapter: LoRA, IA3, prefix tuning in turn; greedy, batch 1) for ``--duration`` s.
+From the server's batch statistics (before/after deltas, per op family): GEMMs, rows, and the
+executor's compute time per batch (concatenating the requests' rows, the finiteness check, the
+GEMM, handing each caller its rows). Achieved GFLOP/s = 2 x rows x in x out / compute time.
+
+The reference is ``torch.matmul`` alone on the same shapes (each family's mean rows per GEMM,
+its weight shape) in this process with the same threads, timed while no client runs: the
+machine's limit for those GEMMs. Target: >= 80% of the bare matmul rate at >= 8 clients.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+from bench.procs import run_workers, start_server
+from bench.workers import DECODE_METHODS, decode_job
+
+TARGET = 0.80
+
+
+def family_shapes(address: str) -> dict[str, tuple[int, int]]:
+    """(in, out) features of every linear op family (layer indices folded) the server serves."""
+    from symbiosis.executor.stats import op_family
+    from symbiosis.protocol import OpKind
+    from symbiosis.transport import connect
+
+    transport = connect(address)
+    try:
+        ops = transport.spec().ops
+    finally:
+        transport.close()
+    return {op_family(name): (info.in_features, info.out_features) for name, info in ops.items() if info.kind is OpKind.LINEAR}
+
+
+def bare_matmul_s(rows: int, shape: tuple[int, int], direction: str, repeats: int) -> float:
+    """Median seconds of one ``torch.matmul`` of ``rows`` rows with a weight of ``shape`` = (in, out)."""
+    n_in, n_out = shape
+    weight = torch.randn(n_out, n_in)
+    x = torch.randn(rows, n_in if direction == "forward" else n_out)
+    w = weight.t() if direction == "forward" else weight
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(x, w)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (op family, direction): GEMMs, rows and compute seconds between two stats snapshots."""
+    def index(stats: dict) -> dict:
+        return {(o["op"], o["direction"]): o for o in stats["ops"]}
+
+    b, out = index(before), {}
+    for key, o in index(after).items():
+        prev = b.get(key, {"gemms": 0, "rows": 0, "compute_ms_total": 0.0})
+        gemms = o["gemms"] - prev["gemms"]
+        if gemms > 0:
+            out[key] = {"gemms": gemms, "rows": o["rows"] - prev["rows"], "compute_s": (o["compute_ms_total"] - prev["compute_ms_total"]) / 1e3}
+    return out
+
+
+def measure(n: int, server, shapes: dict, args) -> dict:
+    specs = [{"system": "symbiosis", "target": server.address, "device": args.device, "threads": args.threads, "role": "inference",
+              "method": DECODE_METHODS[i % len(DECODE_METHODS)], "requests": 10**6, "prompt_len": 16, "new_tokens": args.new_tokens,
+              "duration_s": args.duration} for i in range(n)]
+    before = server.stats()
+    run_workers(decode_job, specs)
+    per_family = delta(before, server.stats())
+    flops = bare_flops = bare_s = exec_s = gemms = rows = 0.0
+    families = []
+    for (family, direction), d in sorted(per_family.items()):
+        n_in, n_out = shapes[family]
+        mean_rows = max(1, round(d["rows"] / d["gemms"]))
+        f, bf = 2.0 * d["rows"] * n_in * n_out, 2.0 * mean_rows * n_in * n_out * d["gemms"]
+        bare = bare_matmul_s(mean_rows, shapes[family], direction, args.repeats) * d["gemms"]
+        families.append({"op": family, "direction": direction, "gemms": d["gemms"], "rows_per_gemm": d["rows"] / d["gemms"],
+                         "executor_gflops": f / d["compute_s"] / 1e9, "bare_gflops": bf / bare / 1e9})
+        flops, bare_flops, exec_s, bare_s = flops + f, bare_flops + bf, exec_s + d["compute_s"], bare_s + bare
+        gemms, rows = gemms + d["gemms"], rows + d["rows"]
+    executor_gflops, bare_gflops = flops / exec_s / 1e9, bare_flops / bare_s / 1e9
+    return {"clients": n, "gemms": gemms, "rows_per_gemm": rows / gemms, "executor_gflops": executor_gflops, "bare_gflops": bare_gflops,
+            "efficiency": executor_gflops / bare_gflops, "executor_compute_s": exec_s, "families": families}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("executor_efficiency", __doc__)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of decoding per client count")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=50, help="timings per bare matmul shape")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.clients, args.duration, args.new_tokens, args.repeats = [1, 2], 1.0, 4, 5
+    path = common.model_dir(args)
+    start = common.start(args)
+    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.threads)
+    try:
+        shapes = family_shapes(server.address)
+        rows = [measure(n, server, shapes, args) for n in args.clients]
+    finally:
+        server.stop()
+    at8 = [r for r in rows if r["clients"] >= 8]
+    met = bool(at8) and all(r["efficiency"] >= TARGET for r in at8)
+    result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
+              "config": {k: getattr(args, k) for k in ("clients", "duration", "new_tokens", "repeats", "threads")},
+              "rows": rows, "targets": {"efficiency_min_at_8_clients": TARGET, "met": met}}
+    md = common.table(["clients", "rows per GEMM", "executor GFLOP/s", "bare matmul GFLOP/s (same shapes)", "efficiency"],
+                      [[r["clients"], r["rows_per_gemm"], r["executor_gflops"], r["bare_gflops"], f"{r['efficiency']:.0%}"] for r in rows])
+    md += f"\nTarget: >= {TARGET:.0%} of the bare matmul rate at >= 8 clients: {'met' if met else 'missed'}.\n"
+    ns = [r["clients"] for r in rows]
+
+    def draw_rate(out: Path) -> Path:
+        return common.chart(out / "executor_efficiency.png", "GEMM rate: executor vs bare torch.matmul (same shapes)", "clients", "GFLOP/s",
+                            {"executor": (ns, [r["executor_gflops"] for r in rows]), "bare matmul": (ns, [r["bare_gflops"] for r in rows])},
+                            logx=True)
+
+    def draw_rows(out: Path) -> Path:
+        return common.chart(out / "executor_rows_per_gemm.png", "rows per GEMM", "clients", "rows",
+                            {"rows per GEMM": (ns, [r["rows_per_gemm"] for r in rows])}, logx=True)
+
+    common.write(args, "executor_efficiency", result, md, [draw_rate, draw_rows])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Smoke runs of every Symbiosis experiment (``python -m bench.<name> --smoke``): each runs and writes its outputs.
+
+Tiny model, tiny counts; nothing here measures anything or asserts a time. vLLM is skipped (its
+venv is a benchmark-time install, not a test dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+EXPERIMENTS = {
+    "split_overhead": [],
+    "finetune_capacity": [],
+    "multi_adapter_decode": ["--no-vllm"],
+    "coserve": [],
+    "executor_efficiency": [],
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_runs_and_writes_outputs(name: str, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", f"bench.{name}", "--smoke", "--out", str(tmp_path), *EXPERIMENTS[name]]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result["experiment"] == name and "load_average_1_5_15" in result["machine"] and "targets" in result
+    assert (tmp_path / f"{name}.md").read_text().startswith("|")
+    assert list(tmp_path.glob("*.png"))
+
+
+def test_transport_runs_as_a_module(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.transport", "--iterations", "40", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert {"transport.json", "transport.md", "transport.png"} <= {p.name for p in tmp_path.iterdir()}
