@@ -17,9 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def atlas_data_dir() -> Path:
-    """ATLAS_DATA_DIR, else <repo>/../shared/data/atlas."""
+    """ATLAS_DATA_DIR, else the first of <repo>/../shared/data/atlas and /work/shared/data/atlas that exists."""
     override = os.environ.get("ATLAS_DATA_DIR")
-    return Path(override) if override else REPO / ".." / "shared" / "data" / "atlas"
+    if override:
+        return Path(override)
+    candidates = [REPO / ".." / "shared" / "data" / "atlas", Path("/work/shared/data/atlas")]
+    return next((path for path in candidates if (path / "traces").is_dir()), candidates[0])
 
 
 @pytest.fixture(scope="session")
