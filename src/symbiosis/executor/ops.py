@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,13 @@ class FrozenOp:
 
     info: OpInfo
     weight: torch.Tensor
+    weight_t: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.weight_t = self.weight.t()  # a view, made once: the forward product's operand
 
     def apply(self, direction: Direction, x: torch.Tensor) -> torch.Tensor:
-        """Forward ``x·Wᵀ`` / backward ``grad_y·W`` on rows ``x``; embedding ops gather rows of W."""
+        """Forward ``x·Wᵀ`` / backward ``grad_y·W`` on 2-D rows ``x``; embedding ops gather rows of W."""
         if self.info.kind is OpKind.EMBEDDING:
             return F.embedding(x, self.weight)
-        if direction is Direction.FORWARD:
-            return torch.matmul(x, self.weight.t())
-        return torch.matmul(x, self.weight)
+        return torch.mm(x, self.weight_t if direction is Direction.FORWARD else self.weight)

@@ -103,16 +103,23 @@ class BatchScheduler:
     def _take_batch(self) -> tuple[tuple[str, Direction], list[_Pending]]:
         """Pop the most urgent queue's requests (up to ``max_rows``). Called with the lock held."""
         while True:
-            key = min(self._queues, key=lambda k: min(p.deadline for p in self._queues[k]))
-            queue = sorted(self._queues[key], key=lambda p: p.deadline)
+            queues = self._queues
+            key = next(iter(queues)) if len(queues) == 1 else min(queues, key=lambda k: min(p.deadline for p in queues[k]))
+            queue = queues[key]
+            if len(queue) > 1:
+                queue.sort(key=lambda p: p.deadline)
+            if self._max_wait_s <= 0:
+                break
             wait_left = queue[0].arrival + self._max_wait_s - time.perf_counter()
-            rows = sum(p.request.rows for p in queue)
-            if wait_left <= 0 or (self._max_rows is not None and rows >= self._max_rows):
+            if wait_left <= 0 or (self._max_rows is not None and sum(p.request.rows for p in queue) >= self._max_rows):
                 break
             self._cond.wait(wait_left)
+        if self._max_rows is None:
+            del self._queues[key]
+            return key, queue
         batch, rows = [], 0
         for pending in queue:
-            if batch and self._max_rows is not None and rows + pending.request.rows > self._max_rows:
+            if batch and rows + pending.request.rows > self._max_rows:
                 break
             batch.append(pending)
             rows += pending.request.rows
