@@ -60,7 +60,7 @@ def phase(name: str, server, specs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("coserve", __doc__)
     p.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
-    p.add_argument("--rate", type=float, default=0.5, help="inference requests per second")
+    p.add_argument("--rate", type=float, default=0.4, help="inference requests per second")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)

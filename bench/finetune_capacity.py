@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("finetune_capacity", __doc__)
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="numbers of concurrent jobs")
     p.add_argument("--budget-gib", type=float, default=12.0, help="memory budget (default 12 GiB: half of this 24 GiB VM)")
-    p.add_argument("--duration", type=float, default=25.0, help="seconds every job trains after the common start")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds every job trains after the common start")
     p.add_argument("--min-steps", type=int, default=3, help="steps every job runs at least (the first is warm-up)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)

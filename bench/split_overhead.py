@@ -3,7 +3,7 @@
 The same LoRA adapter (r=8 on every linear layer, same seed) on three bases, all in this process
 (``--threads`` torch threads, default 1): ``monolithic`` (transformers + PEFT), ``split in-process`` (a
 ``BaseExecutor`` in this process, ``load_model`` client) and ``split via server`` (a ``symbiosis
-serve`` process on this host, shared-memory transport; skip with ``--no-server``). Measured in
+serve`` process on this host, shared-memory transport with 128 MiB channels; skip with ``--no-server``). Measured in
 interleaved rounds (every system once per round, repeated), reported as medians:
 
 * training step: AdamW step on a batch of ``--batch`` x ``--seq-len`` tokens;
@@ -22,7 +22,7 @@ import torch
 
 from bench import common
 from bench.procs import start_server
-from bench.workers import adapted, greedy_decode
+from bench.workers import SHM_CAPACITY, adapted, greedy_decode
 
 TARGETS = {"train_step": 1.10, "decode_token": 1.25}
 
@@ -38,7 +38,7 @@ def build(kind: str, model_dir: Path, args, address: str | None):
     elif kind == "split in-process":
         base = load_model(BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device), device=args.device)
     else:
-        base = load_model(address, device=args.device)
+        base = load_model(address, device=args.device, connect_options={"shm_capacity": SHM_CAPACITY})
     return adapted(base, "lora", seed=0)
 
 

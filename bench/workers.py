@@ -22,6 +22,9 @@ from bench.load_test import peft_config
 #: Methods of fine-tuning jobs (mixed, in this order) and of decoding clients (K adapters).
 FINETUNE_METHODS = ["lora", "ia3", "loha", "prefix_tuning", "lokr", "prompt_tuning", "adalora", "oft"]
 DECODE_METHODS = ["lora", "ia3", "prefix_tuning"]
+#: Bytes each way of a client's shared-memory channel: room for the LM head's rows of a training
+#: batch (4 x 64 tokens x 32000 logits x 4 bytes = 33 MB); the default 8 MiB sends them over gRPC.
+SHM_CAPACITY = 128 << 20
 
 
 def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
@@ -30,7 +33,8 @@ def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
         from symbiosis import load_model
 
         return load_model(executor if executor is not None else spec["target"], device=spec.get("device", "cpu"),
-                          embeddings=spec.get("embeddings", "client"), priority=spec.get("priority"), client_id=spec.get("client_id"))
+                          embeddings=spec.get("embeddings", "client"), priority=spec.get("priority"),
+                          connect_options={"shm_capacity": SHM_CAPACITY})
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec.get("dtype", "float32")),
