@@ -8,6 +8,8 @@ import signal
 import threading
 from pathlib import Path
 
+import torch
+
 from ..executor import BaseExecutor
 from ..executor.sharding import parse_layer_range
 from ..server import ExecutorServer, TenantRegistry
@@ -25,6 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (with --tls-key: serve TLS only)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this HTTP port (0: any)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch intra-op threads of the GEMMs (default: torch's, one per core); 1 where clients share the host's cores")
     parser.add_argument("--max-workers", type=int, default=64, help="server threads: concurrent client sessions (default 64)")
     parser.add_argument("--max-message-mb", type=int, default=256, help="largest request message in MiB (default 256)")
     parser.add_argument("--no-shared-memory", action="store_true", help="do not offer same-host shared-memory channels")
@@ -38,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("error: --tls-cert and --tls-key go together")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
     registry = TenantRegistry.from_file(args.tenants) if args.tenants else None
     tls = (args.tls_cert.read_bytes(), args.tls_key.read_bytes()) if args.tls_cert else None
     executor = BaseExecutor.from_pretrained(

@@ -238,14 +238,14 @@ class BaseExecutor:
         """One GEMM over all requests' rows; each caller gets its own rows in its dtype and device."""
         op = self._ops[op_name]
         if len(requests) == 1:
-            x = requests[0].x.to(self.device)
+            x = _moved(requests[0].x, self.device)
         else:
-            x = torch.cat([r.x.to(self.device) for r in requests])
+            x = torch.cat([_moved(r.x, self.device) for r in requests])
         if op.info.kind is OpKind.LINEAR:
             if self.reject_non_finite and direction is Direction.FORWARD and not _all_finite(x):
                 culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
                 raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
-            x = x.to(self.dtype)
+            x = _moved(x, self.device, self.dtype)
         y = op.apply(direction, x)
         if len(requests) == 1:
             return [_deliver(y, requests[0])]
@@ -305,7 +305,17 @@ def fused_op_name(members: Sequence[str]) -> str:
 def _deliver(rows: torch.Tensor, request: OpRequest) -> torch.Tensor:
     """``rows`` in the requester's dtype (its input's, unless it asked for another) and on its device."""
     dtype = request.out_dtype or (request.x.dtype if request.x.is_floating_point() else rows.dtype)
-    return rows.to(request.x.device, dtype)
+    return _moved(rows, request.x.device, dtype)
+
+
+def _moved(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` on ``device`` in ``dtype`` (default: its own); ``t`` itself when it is already there.
+
+    Equal to ``t.to(device, dtype)``, without a dispatcher round trip for the common no-op case.
+    """
+    if t.device == device and (dtype is None or t.dtype == dtype):
+        return t
+    return t.to(device, dtype or t.dtype)
 
 
 def _own_rows(y: torch.Tensor, start: int, rows: int) -> torch.Tensor:

@@ -77,7 +77,9 @@ class BatchStats:
     def record(self, op: str, direction: Direction, waits: list[float], rows: int, clients: int, compute_s: float) -> None:
         """Account one GEMM that served ``len(waits)`` requests from ``clients`` distinct clients."""
         with self._lock:
-            stats = self._ops.setdefault((op, direction), OpStats())
+            stats = self._ops.get((op, direction))
+            if stats is None:
+                stats = self._ops[op, direction] = OpStats()
             stats.gemms += 1
             stats.requests += len(waits)
             stats.rows += rows

@@ -70,14 +70,23 @@ class ServerMetrics:
             sessions.labels(state.name).set_function(state.open_sessions)
         self.registry.register(_BatchCollector(executor))
         self._http = None
+        self._ok: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe(self, tenant: str, op: str, direction: Direction | int, outcome: str, seconds: float) -> None:
         """Account one request (``outcome``: ``ok`` or a status code name)."""
-        family = op_family(op)[:200]
-        name = Direction(direction).name.lower() if direction in (0, 1) else "unknown"
-        self._requests.labels(tenant, family, name, outcome).inc()
         if outcome == "ok":
-            self._latency.labels(tenant, family, name).observe(seconds)
+            children = self._ok.get((tenant, op, direction))
+            if children is None:  # the first success of this key: label lookups once, not per request
+                labels = self._labels(tenant, op, direction)
+                children = self._ok[tenant, op, direction] = (self._requests.labels(*labels, "ok"), self._latency.labels(*labels))
+            children[0].inc()
+            children[1].observe(seconds)
+        else:
+            self._requests.labels(*self._labels(tenant, op, direction), outcome).inc()
+
+    @staticmethod
+    def _labels(tenant: str, op: str, direction: Direction | int) -> tuple[str, str, str]:
+        return tenant, op_family(op)[:200], Direction(direction).name.lower() if direction in (0, 1) else "unknown"
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0: any free port); return the port."""
