@@ -115,8 +115,8 @@ def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32"
     scratch = Path(tempfile.mkdtemp(prefix="symbiosis-bench-"))
     ready, log = scratch / "ready.json", scratch / "server.log"
     command = [sys.executable, "-m", "symbiosis.cli.main", "serve", str(model_dir), "--port", "0", "--device", device,
-               "--dtype", dtype, "--ready-file", str(ready), *options]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+               "--dtype", dtype, "--ready-file", str(ready), *(["--threads", str(threads)] if threads else []), *options]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=env)
     deadline = time.monotonic() + timeout_s
     while not ready.exists():

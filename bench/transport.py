@@ -3,12 +3,13 @@
 One linear op of width 64 (float32) is called with 16 rows (4 KiB) and 4096 rows (1 MiB) each way,
 in-process (``executor.run``), and over a shared-memory channel and a gRPC stream on loopback to a
 ``symbiosis serve`` process (separate, so that client and server do not share a GIL), from one
-client thread. Writes ``transport.json``, ``transport.md`` and ``transport.png`` under ``--out``.
+client thread. Every process computes with ``--threads`` torch threads (default 1: with two
+threads on a 2-core host, each small GEMM waits for an OpenMP thread whose core the client holds). Writes ``transport.json``, ``transport.md`` and ``transport.png`` under ``--out``.
 The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50. For reference,
 ``grpc-echo`` is the bare gRPC stack on the same machine at the same moment: a stream whose server
 (another process) echoes the bytes back, with no tensors, no protobuf messages and no executor.
 
-    python bench/transport.py [--iterations 2000] [--out bench/results]
+    python -m bench.transport [--iterations 2000] [--threads 1] [--out bench/results/transport]
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from bench.procs import start_server  # noqa: E402
 from symbiosis import BaseExecutor  # noqa: E402
 from symbiosis.protocol import Direction, OpRequest  # noqa: E402
 from symbiosis.tiny import save_random_model, tiny_config  # noqa: E402
@@ -88,18 +88,16 @@ def measure(run, rows: int, iterations: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=2000, help="calls per path and payload (1 MiB: a quarter)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the client and the server (default 1)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transport")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     scratch = Path(tempfile.mkdtemp(prefix="symbiosis-bench-"))
     model_dir = save_random_model(tiny_config("llama"), scratch / "model")
     executor = BaseExecutor.from_pretrained(model_dir)
-    ready = scratch / "ready.json"
-    server = subprocess.Popen([sys.executable, "-m", "symbiosis.cli.main", "serve", str(model_dir), "--port", "0", "--ready-file", str(ready)])
-    while not ready.exists():
-        time.sleep(0.1)
-    port = json.loads(ready.read_text())["port"]
+    server = start_server(model_dir, threads=args.threads)
+    address = server.address.removeprefix("symbiosis://")
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     echo = ctx.Process(target=echo_server, args=(ports,), daemon=True)
@@ -107,8 +105,8 @@ def main() -> int:
     paths = {
         "grpc-echo": echo_client(ports.get(timeout=60)),
         "in-process": executor.run,
-        "shm": RemoteTransport(f"127.0.0.1:{port}", shared_memory=True).run,
-        "tcp": RemoteTransport(f"127.0.0.1:{port}", shared_memory=False).run,
+        "shm": RemoteTransport(address, shared_memory=True).run,
+        "tcp": RemoteTransport(address, shared_memory=False).run,
     }
     rows = []
     for payload, n in PAYLOADS.items():
@@ -117,8 +115,7 @@ def main() -> int:
             stats = percentiles_us(measure(run, n, iterations))
             nbytes = n * 64 * 4
             rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **stats})
-    server.terminate()
-    server.wait(60)
+    server.stop()
     echo.terminate()
     base = {r["payload"]: r["p50"] for r in rows if r["path"] == "in-process"}
     for r in rows:
