@@ -77,6 +77,20 @@ def run_baselines(evaluator: PlanEvaluator, search_budget: int, seed: int) -> di
     return out
 
 
+def staying_note(models: AtlasModels, plans: list[dict[str, Any]]) -> str | None:
+    """Why every Pareto plan moves nothing (beyond cloud pins) and what to change; None if some plan moves."""
+    if not all(plan["feasible"] and set(plan["cloud"]) <= models.pinned_cloud for plan in plans):
+        return None
+    what = "nothing" if not models.pinned_cloud else "nothing beyond the components pinned to the cloud"
+    limits = {key: value for key, value in models.config.onprem_capacity().items() if value is not None}
+    if not limits:
+        return (f"the only Pareto plan moves {what}: no on-prem capacity limit is set (onprem.cpu_cores, "
+                "memory_gib and disk_gib are unset), so staying on-prem is feasible and cheapest; give the "
+                "capacity you have with --onprem-cpu/--onprem-memory/--onprem-disk and the expected growth with --scale")
+    return (f"the only Pareto plan moves {what}: the on-prem capacity {limits} holds the forecast load, so "
+            "staying on-prem is feasible and cheapest; raise --scale to plan for growth")
+
+
 def advise(models: AtlasModels, with_baselines: bool = True) -> Advice:
     """Search the placements and describe the labelled Pareto set."""
     settings = models.config.search
@@ -99,6 +113,6 @@ def advise(models: AtlasModels, with_baselines: bool = True) -> Advice:
     search = {"method": result.method, "evaluated": result.evaluated, "seconds": result.seconds,
               "plans_per_second": result.plans_per_second, "free_components": evaluator.free,
               "pinned_onprem": sorted(models.pinned_onprem), "pinned_cloud": sorted(models.pinned_cloud),
-              "feasible_found": bool(len(archive.bits))}
+              "feasible_found": bool(len(archive.bits)), "note": staying_note(models, plans)}
     base = run_baselines(evaluator, result.evaluated, seed) if with_baselines else {}
     return Advice(plans, base, search, models)

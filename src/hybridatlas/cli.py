@@ -55,6 +55,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--start", type=float, help="start, Unix seconds (live)")
     live.add_argument("--end", type=float, help="end, Unix seconds (live)")
     live.add_argument("--step", type=float, default=5.0, help="query step in seconds (live)")
+    live.add_argument("--jaeger-limit", type=int, help="most traces fetched per Jaeger service (live.jaeger_limit)")
     knobs = parser.add_argument_group("configuration")
     knobs.add_argument("--config", help="TOML or JSON file merged over the packaged defaults")
     knobs.add_argument("--scale", type=float, help="multiply the forecast traffic (forecast.scale)")
@@ -85,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> AtlasConfig:
     put("onprem", "disk_gib", args.onprem_disk)
     put("wan", "rtt_ms", args.rtt_ms)
     put("wan", "bandwidth_gbps", args.bandwidth_gbps)
+    put("live", "jaeger_limit", args.jaeger_limit)
     if args.budget is not None:
         overrides["budget_per_month"] = args.budget
     base = AtlasConfig.load(args.config)
@@ -123,7 +125,9 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Teleme
     if args.api_calls:
         telemetry.api_calls = dataset.load_api_calls_csv(args.api_calls)
     elif telemetry.request_bytes is not None:
-        telemetry.api_calls = dataset.api_calls_from_traces(telemetry.traces)
+        telemetry.api_calls = dataset.calls_for_byte_series(
+            telemetry.traces, telemetry.request_bytes, "--api-calls",
+            "--api-calls (a CSV of per-API call counts) for the byte series' period, or --traces recorded during it")
     telemetry.resource_runs = [dataset.load_resource_run(path) for path in args.resources or []]
     if args.components:
         telemetry.component_info = dataset.load_component_info(args.components)
@@ -174,6 +178,8 @@ def cmd_advise(args: argparse.Namespace, console: Console) -> int:
     console.print(plans_table(shown, advice.baselines))
     if len(shown) < len(advice.plans):
         console.print(f"{len(advice.plans) - len(shown)} more Pareto plans: --all, --json or advice.json (--out)")
+    if advice.search["note"]:
+        console.print(f"[cyan]note:[/cyan] {advice.search['note']}")
     chosen = advice.labelled("balanced") or advice.plans[0]
     print_plan(console, chosen)
     console.print(f"{advice.search['evaluated']} plans scored in {advice.search['seconds']:.2f} s "
@@ -195,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
-        console.print(f"moving {', '.join(cloud) or 'nothing'}: ${plan['cost']['total']:.2f}/month, "
+        console.print(f"moving {', '.join(plan['cloud']) or 'nothing'}: ${plan['cost']['total']:.2f}/month, "
                       f"latency +{100 * plan['objectives']['latency_inflation']:.1f}%")
         print_plan(console, plan)
     return 0
@@ -236,30 +242,33 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         forecast.add_row(name, c["kind"], "yes" if c["stateful"] else "", c["pinned"] or "",
                          f"{f.get('cpu_cores', 0):.3f}", f"{f.get('memory_gib', 0):.3f}", f"{f.get('disk_gib', 0):.2f}")
     console.print(forecast)
+    console.print("call graphs, resource fits, forecast rates and measured latency: --json")
     return 0
 
 
 def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     from hybridatlas.ingest.dataset import load_live
-    from hybridatlas.watch import watch_live, watch_windows
+    from hybridatlas.watch import OK, watch_live, watch_windows
 
     config = config_from_args(args)
-    plan = _csv_list(args.plan) or None
+    plan = _csv_list(args.plan)
     if args.prometheus:
         events = watch_live(lambda start, end: load_live(config, args.prometheus, args.jaeger, start, end,
                                                          args.step, args.traces),
-                            config, args.interval, args.iterations, plan)
+                            config, args.interval, args.iterations, plan, args.follow)
     else:
-        events = watch_windows(telemetry_from_args(args, config), config, args.window_minutes, plan)
+        events = watch_windows(telemetry_from_args(args, config), config, args.window_minutes, plan, args.follow)
     for event in events:
         if args.json:
             print(json.dumps(event), flush=True)
-        else:
-            colour = {"ok": "green", "adopted": "cyan"}.get(event["status"], "yellow")
-            console.print(f"[{colour}]{event['window_end']:.0f}: {event['status']}[/{colour}] "
-                          f"plan={','.join(event.get('plan') or []) or '-'}"
-                          + (f" -> recommend {','.join(event['recommended'])}" if event["status"] not in ("ok", "adopted")
-                             and "recommended" in event else ""))
+            continue
+        colour = "green" if event["status"] == OK else "yellow"
+        line = f"[{colour}]{event['window_end']:.0f}: {event['status']}[/{colour}] plan={','.join(event['plan']) or '-'}"
+        if "recommended" in event:
+            line += f" recommended={','.join(event['recommended']) or '-'}"
+            if args.follow and event["status"] != OK:
+                line += " (followed from the next window)"
+        console.print(line)
     return 0
 
 
@@ -292,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_p.set_defaults(func=cmd_inspect)
     watch_p = sub.add_parser("watch", help="re-run the advice on each new telemetry window")
     add_data_options(watch_p)
-    watch_p.add_argument("--plan", help="current plan: components in the cloud (default: adopt the first advice)")
+    watch_p.add_argument("--plan", default="", help="current plan: components in the cloud (default: nothing moved)")
+    watch_p.add_argument("--follow", action="store_true",
+                         help="switch the current plan to the recommended one whenever it stops fitting or is "
+                              "dominated (default: the plan never changes)")
     watch_p.add_argument("--window-minutes", type=float, default=30.0, help="window length for recorded files")
     watch_p.add_argument("--interval", type=float, default=300.0, help="seconds between live checks")
     watch_p.add_argument("--iterations", type=int, default=12, help="number of live checks")

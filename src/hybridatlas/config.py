@@ -87,12 +87,17 @@ class AtlasConfig:
             for key in ("name", "vcpu", "memory_gib", "per_hour"):
                 if key not in inst:
                     raise AtlasInputError(source, f"cost.instances entry {inst} lacks '{key}'")
+            if not 0 < float(inst.get("baseline_cpu_share", 1.0)) <= 1:
+                raise AtlasInputError(source, f"cost.instances entry {inst['name']}: baseline_cpu_share must be in (0, 1]")
         for rule in self.raw["database_rules"]:
             for key in ("caller", "operation_prefix", "component"):
                 if key not in rule:
                     raise AtlasInputError(source, f"database_rules entry {rule} lacks '{key}'")
         if self.headroom < 0:
             raise AtlasInputError(source, "cost.headroom must be >= 0")
+        limit = self.raw["live"]["jaeger_limit"]
+        if not isinstance(limit, int) or limit < 1:
+            raise AtlasInputError(source, f"live.jaeger_limit must be a whole number >= 1, got {limit!r}")
 
     # --- WAN -------------------------------------------------------------------------------
     @property
@@ -186,6 +191,11 @@ class AtlasConfig:
     @property
     def instances(self) -> list[dict[str, Any]]:
         return list(self.raw["cost"]["instances"])
+
+    @staticmethod
+    def sustained_vcpu(instance: dict[str, Any]) -> float:
+        """vCPUs an instance sustains: vcpu x baseline_cpu_share (1 unless burstable)."""
+        return float(instance["vcpu"]) * float(instance.get("baseline_cpu_share", 1.0))
 
     @property
     def search(self) -> dict[str, Any]:

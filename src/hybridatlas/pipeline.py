@@ -18,7 +18,6 @@ from hybridatlas.models.resources import ResourceModel, component_traffic, learn
 from hybridatlas.models.traffic import rates_from_history, scale_rates
 
 
-
 def demand_vector(forecast: dict[str, dict[str, float]], components: list[str], resource: str) -> np.ndarray:
     """Forecast demand of one resource per component, in `components` order (0 when unknown)."""
     return np.array([forecast.get(c, {}).get(resource, 0.0) for c in components])
@@ -32,7 +31,7 @@ class AtlasModels:
     components: list[str]
     kinds: dict[str, str]
     stateful: set[str]
-    pinned_onprem: set[str]
+    onprem_pins: dict[str, str]
     pinned_cloud: set[str]
     graphs: dict[str, ApiCallGraph]
     footprint: Footprint | None
@@ -46,6 +45,10 @@ class AtlasModels:
     @property
     def apis(self) -> list[str]:
         return self.latency.apis
+
+    @property
+    def pinned_onprem(self) -> set[str]:
+        return set(self.onprem_pins)
 
     @property
     def free_components(self) -> list[str]:
@@ -73,17 +76,37 @@ def _kinds_and_stateful(components: list[str], telemetry: Telemetry, config: Atl
     return kinds, stateful
 
 
-def _pins(components: list[str], kinds: dict[str, str], config: AtlasConfig) -> tuple[set[str], set[str]]:
+def _pins(components: list[str], kinds: dict[str, str], config: AtlasConfig) -> tuple[dict[str, str], set[str]]:
+    """On-prem pins, each with the rule that pinned it, and cloud pins; raises on unknown names or clashes."""
     for label, names in (("placement.pinned_onprem", config.pinned_onprem), ("placement.pinned_cloud", config.pinned_cloud)):
         unknown = sorted(set(names) - set(components))
         if unknown:
             raise AtlasInputError(label, f"unknown component(s) {unknown}; known components: {components}")
-    onprem = set(config.pinned_onprem) | {config.gateway} | {c for c in components if kinds[c] in config.pinned_onprem_kinds}
+    onprem: dict[str, str] = {}
+    for c in components:
+        if c in config.pinned_onprem:
+            onprem[c] = "placement.pinned_onprem"
+        elif c == config.gateway:
+            onprem[c] = "gateway (always on-prem)"
+        elif kinds[c] in config.pinned_onprem_kinds:
+            onprem[c] = f"placement.pinned_onprem_kinds (kind '{kinds[c]}')"
     cloud = set(config.pinned_cloud)
-    clash = sorted(onprem & cloud)
+    clash = sorted(set(onprem) & cloud)
     if clash:
-        raise AtlasInputError("placement", f"component(s) {clash} are pinned both on-prem and to the cloud")
-    return onprem & set(components), cloud
+        raise AtlasInputError("placement", "component(s) pinned both on-prem and to the cloud: "
+                              + ", ".join(f"{c} (on-prem by {onprem[c]})" for c in clash))
+    return onprem, cloud
+
+
+def check_forecast(components: list[str], forecast: dict[str, dict[str, float]], gateway: str) -> None:
+    """Warn about components without a resource forecast: they count as zero load everywhere."""
+    missing = [c for c in components if c not in forecast and c != gateway]
+    if not missing:
+        return
+    scope = "NO component has" if not forecast else f"components {missing} have"
+    warn_data("resource forecast", f"{scope} a resource forecast (no usable CPU, memory and network series): "
+              "a component without one counts as zero CPU, memory and disk, so the on-prem capacity constraints "
+              "ignore its load and moving it costs no compute; feasibility and savings are overstated")
 
 
 def forecast_rates(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, float] | None) -> dict[str, float]:
@@ -111,23 +134,26 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
     if footprint is not None:
         names |= {c for edge in footprint.edges for c in edge}
     if resources is not None:
-        check_known_components(graphs, set(resources.components) | {config.gateway}, "traces")
+        in_series = {c for run in telemetry.resource_runs for table in run.metrics.values() for c in table.names}
+        check_known_components(graphs, in_series | {config.gateway}, "traces")
         names |= set(resources.components)
     names.add(config.gateway)
     components = sorted(names)
     kinds, stateful = _kinds_and_stateful(components, telemetry, config)
-    pinned_onprem, pinned_cloud = _pins(components, kinds, config)
+    onprem_pins, pinned_cloud = _pins(components, kinds, config)
     rates = forecast_rates(telemetry, config, rates)
     traffic = component_traffic(footprint, rates) if footprint is not None else {}
     forecast = resources.forecast(traffic, float(config.forecast["horizon_days"])) if resources is not None else {}
     if resources is None:
         warn_data("telemetry", "no resource series: utilisation, capacity constraints and compute cost are zero")
+    else:
+        check_forecast(components, forecast, config.gateway)
     latency = build_latency_model(telemetry.traces, components, config, footprint, graphs)
     unknown_critical = sorted(set(config.critical_apis) - set(graphs))
     if unknown_critical:
         raise AtlasInputError("availability.critical_apis", f"unknown API(s) {unknown_critical}; known: {sorted(graphs)}")
     return AtlasModels(
-        config, components, kinds, stateful, pinned_onprem, pinned_cloud, graphs, footprint, resources, rates,
+        config, components, kinds, stateful, onprem_pins, pinned_cloud, graphs, footprint, resources, rates,
         forecast, latency,
         cost=build_cost_model(components, stateful, forecast, footprint, rates, config),
         availability=build_availability(graphs, components, stateful, set(config.critical_apis), config.critical_weight))

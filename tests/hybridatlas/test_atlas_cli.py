@@ -51,21 +51,14 @@ def test_inspect_json(synthetic_dir, capsys):
     assert main(["inspect", "--data", str(synthetic_dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["footprint_fit"] and info["components"]["web-frontend"]["pinned"] == "on-prem"
+    assert info["call_graphs"] and info["resource_fit"]
 
 
-def test_watch_replays_windows(synthetic_dir, capsys):
-    assert main(["watch", "--data", str(synthetic_dir), "--window-minutes", "15", "--onprem-cpu", "0.2",
-                 "--scale", "3", "--json"]) == 0
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(events) >= 2 and events[0]["status"] == "adopted"
-    assert all(e["status"] in {"ok", "adopted", "dominated", "stops fitting the forecast"} for e in events)
-
-
-def test_watch_flags_a_plan_that_stops_fitting(synthetic_dir, capsys):
-    assert main(["watch", "--data", str(synthetic_dir), "--window-minutes", "20", "--onprem-cpu", "0.05",
-                 "--plan", "cart-service", "--json"]) == 0
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert events[0]["status"] == "stops fitting the forecast" and "onprem_cpu_cores" in events[0]["violations"]
+def test_inspect_tables_say_what_only_json_holds(synthetic_dir, capsys):
+    assert main(["inspect", "--data", str(synthetic_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Network footprint fit per edge" in out and "Forecast utilisation" in out
+    assert "call graphs, resource fits, forecast rates and measured latency: --json" in out
 
 
 def test_bad_input_exits_2_with_the_file_named(tmp_path, capsys):
@@ -86,3 +79,26 @@ def test_partial_data_degrades_with_warnings(synthetic_dir, tmp_path, capsys):
     assert "no per-edge byte series found" in captured.err and "no resource run found" in captured.err
     plan = json.loads(captured.out)
     assert plan["latency"]["/api/catalog/browse"]["mean_ms"] > plan["latency"]["/api/catalog/browse"]["before_mean_ms"]
+
+
+def test_evaluate_names_components_moved_by_pins(synthetic_dir, capsys):
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "", "--pin-cloud", "cart-service"]) == 0
+    out = capsys.readouterr().out
+    assert "moving cart-service:" in out and "moving nothing" not in out
+
+
+def test_pinned_component_error_names_the_rule(synthetic_dir, capsys):
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "web-frontend"]) == 2
+    assert "web-frontend by placement.pinned_onprem_kinds (kind 'frontend')" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "cart-redis", "--pin-onprem", "cart-redis"]) == 2
+    assert "cart-redis by placement.pinned_onprem" in capsys.readouterr().out
+
+
+def test_advise_without_capacity_limits_says_why_nothing_moves(synthetic_dir, capsys):
+    assert main(["advise", "--data", str(synthetic_dir), "--no-baselines"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the only Pareto plan moves nothing: no on-prem capacity limit is set" in out
+    assert "--onprem-cpu" in out and "--scale" in out
+    assert main(["advise", "--data", str(synthetic_dir), "--no-baselines", "--onprem-cpu", "0.2", "--scale", "3",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["search"]["note"] is None

@@ -33,3 +33,9 @@ def test_bad_configuration_is_named(tmp_path):
         AtlasConfig.load(negative)
     with pytest.raises(AtlasInputError, match="configuration file not found"):
         AtlasConfig.load(tmp_path / "absent.toml")
+
+
+def test_jaeger_limit_must_be_a_positive_whole_number():
+    assert AtlasConfig.load(overrides={"live": {"jaeger_limit": 50}}).live["jaeger_limit"] == 50
+    with pytest.raises(AtlasInputError, match="live.jaeger_limit must be a whole number >= 1, got 0"):
+        AtlasConfig.load(overrides={"live": {"jaeger_limit": 0}})

@@ -57,17 +57,42 @@ class Telemetry:
         return sorted({trace.api for trace in self.traces})
 
 
-def api_calls_from_traces(traces: list[Trace], step_s: float = 5.0, window_s: float = WINDOW_S) -> SeriesTable:
-    """Per-API counts of root spans starting in trailing windows (t - window_s, t] on a step_s grid."""
+def api_calls_from_traces(traces: list[Trace], step_s: float = 5.0, window_s: float = WINDOW_S,
+                          grid: np.ndarray | None = None) -> SeriesTable:
+    """Per-API counts of root spans starting in trailing windows (t - window_s, t].
+
+    The times t are a step_s grid over the traced period, or the points of `grid` (e.g. a byte series'
+    timestamps) that fall in it: from the first root start to the last one plus window_s.
+    """
     starts = np.array([trace.root.start_us / 1e6 for trace in traces])
     apis = sorted({trace.api for trace in traces})
-    first = np.ceil(starts.min() / step_s) * step_s
-    grid = np.arange(first, starts.max() + window_s + step_s, step_s)
+    if grid is None:
+        first = np.ceil(starts.min() / step_s) * step_s
+        grid = np.arange(first, starts.max() + window_s + step_s, step_s)
+    else:
+        grid = grid[(grid >= starts.min()) & (grid <= starts.max() + window_s)]
     values = np.zeros((len(grid), len(apis)))
     for k, api in enumerate(apis):
         api_starts = np.sort(starts[[trace.api == api for trace in traces]])
         values[:, k] = np.searchsorted(api_starts, grid, side="right") - np.searchsorted(api_starts, grid - window_s, side="right")
-    return SeriesTable(grid.astype(np.int64), list(apis), values, "API calls counted from trace roots")
+    return SeriesTable(np.asarray(grid).astype(np.int64), list(apis), values, "API calls counted from trace roots")
+
+
+def calls_for_byte_series(traces: list[Trace], byte_series: SeriesTable, source: str | Path, provide: str) -> SeriesTable:
+    """Per-API calls counted from the traces' root spans on the byte series' timestamps, with a warning.
+
+    Raises, saying what to `provide`, when the traces and the byte series cover different periods.
+    """
+    calls = api_calls_from_traces(traces, grid=byte_series.timestamps)
+    if not len(calls.timestamps):
+        starts = [trace.root.start_us / 1e6 for trace in traces]
+        raise AtlasInputError(source, f"no per-API call counts, and the traces ([{min(starts):.0f}, {max(starts):.0f}]) "
+                              f"are from another period than the byte series ([{byte_series.timestamps[0]}, "
+                              f"{byte_series.timestamps[-1]}], Unix s), so calls cannot be counted from them; "
+                              f"provide {provide}")
+    warn_data(source, "no per-API call counts: counting calls from the traces' root spans (if tracing samples "
+              "requests, call volumes are understated and bytes per call overstated)")
+    return calls
 
 
 def _find_file(directory: Path, *names: str) -> Path | None:
@@ -165,8 +190,10 @@ def _load_network_run(telemetry: Telemetry, run_dir: Path) -> None:
     if calls.is_file():
         telemetry.api_calls = load_api_calls_csv(calls)
     else:
-        warn_data(run_dir, "no api_calls.csv: counting calls from the traces' root spans")
-        telemetry.api_calls = api_calls_from_traces(telemetry.traces)
+        telemetry.api_calls = calls_for_byte_series(
+            telemetry.traces, telemetry.request_bytes, f"{run_dir} (no api_calls.csv)",
+            f"{calls} (timestamp + one column per API, calls per trailing {WINDOW_S:.0f}-s window) for the byte "
+            "series' period, or traces recorded during it")
 
 
 def load_live(config: AtlasConfig, prometheus_url: str | None, jaeger_url: str | None,
@@ -184,7 +211,9 @@ def load_live(config: AtlasConfig, prometheus_url: str | None, jaeger_url: str |
         raise AtlasInputError("live telemetry", "needs traces: give a Jaeger URL or trace files")
     telemetry = Telemetry(traces=traces)
     if not prometheus_url:
-        warn_data("live telemetry", "no Prometheus URL: footprint and resource forecast are unavailable")
+        warn_data("live telemetry", "no Prometheus URL: footprint and resource forecast are unavailable; "
+                  "API call rates are counted from the traces' root spans")
+        telemetry.api_calls = api_calls_from_traces(traces, step_s)
         return telemetry
 
     def fill(template: str) -> str:
@@ -196,8 +225,10 @@ def load_live(config: AtlasConfig, prometheus_url: str | None, jaeger_url: str |
     if live.get("api_calls"):
         telemetry.api_calls = prom.query_range(fill(live["api_calls"]), start, end, step_s, label_key(live["api_label"]))
     else:
-        warn_data(prometheus_url, "live.api_calls is not set: counting calls from the Jaeger traces' root spans")
-        telemetry.api_calls = api_calls_from_traces(traces, step_s)
+        telemetry.api_calls = calls_for_byte_series(
+            traces, telemetry.request_bytes, f"{prometheus_url} (live.api_calls is not set)",
+            "live.api_calls (a PromQL query of per-API call counts, keyed by live.api_label) or traces of the "
+            "queried period")
     metrics = {metric: prom.query_range(fill(query), start, end, step_s, component_key)
                for metric, query in live["resources"].items() if query}
     if "cpu_cores" in metrics and "memory_bytes" in metrics:

@@ -148,10 +148,13 @@ def trace_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def load_traces(paths: Iterable[str | Path]) -> list[Trace]:
-    """All traces from Jaeger JSON files or directories of them."""
+    """All traces from Jaeger JSON files or directories of them; a file holding no trace is warned about."""
     traces: list[Trace] = []
     for path in trace_files(paths):
-        traces.extend(parse_traces(str(path), read_json(path)))
+        parsed = parse_traces(str(path), read_json(path))
+        if not parsed:
+            warn_data(path, "holds no traces: the APIs it should cover get no call graph and no latency prediction")
+        traces.extend(parsed)
     if not traces:
         raise AtlasInputError(", ".join(str(p) for p in paths), "no traces found")
     return traces

@@ -6,7 +6,7 @@ from typing import Any
 
 import requests
 
-from hybridatlas.errors import AtlasInputError
+from hybridatlas.errors import AtlasInputError, warn_data
 from hybridatlas.ingest.jaeger import Trace, parse_traces
 from hybridatlas.ingest.prometheus import KeyFn, parse_query_range
 from hybridatlas.ingest.series import SeriesTable, merge_tables
@@ -35,10 +35,13 @@ class PrometheusClient:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
 
-    def query_range(self, query: str, start: float, end: float, step_s: float, key: KeyFn) -> SeriesTable:
-        """Evaluate `query` over [start, end]; long ranges are split to respect the points limit."""
+    def source(self, query: str) -> str:
+        """How messages name one query."""
+        return f"{self.base_url}/api/v1/query_range?query={query}"
+
+    def _chunks(self, query: str, start: float, end: float, step_s: float, key: KeyFn) -> list[SeriesTable]:
+        """The non-empty results of `query` over [start, end], split to respect the points limit."""
         url = f"{self.base_url}/api/v1/query_range"
-        source = f"{url}?query={query}"
         chunks: list[SeriesTable] = []
         chunk_start = start
         while chunk_start <= end:
@@ -46,16 +49,27 @@ class PrometheusClient:
             params = {"query": query, "start": chunk_start, "end": chunk_end, "step": step_s}
             document = _get_json(url, params, self.timeout_s)
             if document.get("data", {}).get("result"):
-                chunks.append(parse_query_range(source, document, key))
+                chunks.append(parse_query_range(self.source(query), document, key))
             chunk_start = chunk_end + step_s
+        return chunks
+
+    def query_range(self, query: str, start: float, end: float, step_s: float, key: KeyFn) -> SeriesTable:
+        """Evaluate `query` over [start, end]; raises if it returns no series."""
+        chunks = self._chunks(query, start, end, step_s, key)
         if not chunks:
-            raise AtlasInputError(source, f"no series between {start} and {end}")
-        return merge_tables(source, chunks)
+            raise AtlasInputError(self.source(query), f"no series between {start} and {end}")
+        return merge_tables(self.source(query), chunks)
 
     def query_sum(self, queries: list[str], start: float, end: float, step_s: float, key: KeyFn) -> SeriesTable:
-        """Several queries added up per series key (e.g. TCP and HTTP byte counters)."""
-        tables = [self.query_range(query, start, end, step_s, key) for query in queries]
-        return merge_tables(" + ".join(table.source for table in tables), tables)
+        """Several queries added up per series key (e.g. TCP and HTTP byte counters). A query that returns
+        nothing is dropped with a warning; raises only if none returns anything."""
+        results = {query: self._chunks(query, start, end, step_s, key) for query in queries}
+        kept = [query for query, chunks in results.items() if chunks]
+        if not kept:
+            raise AtlasInputError(" + ".join(self.source(q) for q in queries), f"no series between {start} and {end}")
+        for query in (q for q in results if q not in kept):
+            warn_data(self.source(query), f"no series between {start} and {end}; left out of the sum")
+        return merge_tables(" + ".join(self.source(q) for q in kept), [c for q in kept for c in results[q]])
 
 
 class JaegerClient:
@@ -92,11 +106,19 @@ class JaegerClient:
         return parse_traces(f"{url}?service={service}", document)
 
     def all_traces(self, start_us: int | None = None, end_us: int | None = None, limit: int = 1000) -> list[Trace]:
-        """Traces of every service, deduplicated by trace id."""
+        """Traces of every service, deduplicated by trace id; warns naming the services that hit `limit`."""
         seen: dict[str, Trace] = {}
+        capped = []
         for service in self.services():
-            for trace in self.traces(service, start_us, end_us, limit):
+            traces = self.traces(service, start_us, end_us, limit)
+            if len(traces) >= limit:
+                capped.append(service)
+            for trace in traces:
                 seen.setdefault(trace.trace_id, trace)
         if not seen:
             raise AtlasInputError(self.base_url, "Jaeger returned no traces for any service")
+        if capped:
+            warn_data(self.base_url, f"services {capped} returned the limit of {limit} traces: more may exist in "
+                      "the range and were not fetched, so calls counted from traces are understated; raise "
+                      "live.jaeger_limit (--jaeger-limit) or set live.api_calls")
         return list(seen.values())

@@ -118,8 +118,9 @@ def build_call_graphs(traces: list[Trace], config: AtlasConfig) -> dict[str, Api
 
 
 def check_known_components(graphs: dict[str, ApiCallGraph], known: set[str], source: str) -> None:
-    """Warn about components in the call graphs that no other input knows (typo-prone DB rules)."""
+    """Warn about call-graph components that appear in none of the `known` resource series
+    (typo-prone DB rules, or pods outside the scraped namespace)."""
     unknown = sorted({c for g in graphs.values() for c in g.components} - known)
     if known and unknown:
-        warn_data(source, f"components {unknown} appear in the traces but in no metric series; "
+        warn_data(source, f"components {unknown} appear in the traces but in no resource metric series; "
                   f"check database_rules and the component names")

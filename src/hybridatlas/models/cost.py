@@ -1,8 +1,9 @@
 """Cost model: monthly cloud cost of a placement = compute + storage + egress + cluster fee.
 
 Compute: the cloud side's forecast CPU and memory, plus headroom, run on a node pool of one instance
-type; for each catalogued type the pool needs ceil(max(cpu / vcpu, memory / memory_gib)) nodes and
-the cheapest type wins. Storage: the forecast disk of each moved stateful component (at least
+type; for each catalogued type the pool needs ceil(max(cpu / sustained vcpu, memory / memory_gib))
+nodes and the cheapest type wins (sustained vcpu = vcpu x baseline_cpu_share: burstable types are
+sized on their baseline). Storage: the forecast disk of each moved stateful component (at least
 `min_volume_gib`). Egress: bytes leaving the cloud on every cut edge (responses of on-prem -> cloud
 calls, requests of cloud -> on-prem calls). Prices come from the configuration (defaults.json states
 their provenance).
@@ -41,7 +42,8 @@ class CostModel:
         need_mem = cloud_f @ self.memory_gib * (1.0 + self.config.headroom)
         compute = np.full(cloud.shape[0], np.inf)
         for inst in self.config.instances:
-            nodes = np.ceil(np.maximum(need_cpu / float(inst["vcpu"]), need_mem / float(inst["memory_gib"])) - 1e-9)
+            cpu_per_node = self.config.sustained_vcpu(inst)
+            nodes = np.ceil(np.maximum(need_cpu / cpu_per_node, need_mem / float(inst["memory_gib"])) - 1e-9)
             compute = np.minimum(compute, nodes * float(inst["per_hour"]) * hours)
         any_cloud = cloud.any(axis=1)
         compute = np.where(any_cloud, compute, 0.0)

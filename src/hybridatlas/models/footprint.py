@@ -98,6 +98,23 @@ def fit_edge(y: np.ndarray, calls: np.ndarray, apis: list[str], active: np.ndarr
                    r2, relative_error, int(use.sum()), int(absent.sum()))
 
 
+def check_coverage(graphs: dict[str, ApiCallGraph], apis: list[str], edges: list[Edge],
+                   calls_source: str, bytes_source: str) -> None:
+    """Warn where traces, call counts and byte series do not cover each other (never silently zero)."""
+    untraced = sorted(set(graphs) - set(apis))
+    if untraced:
+        warn_data(calls_source, f"APIs {untraced} have traces but no call-count series; their footprint is zero")
+    traceless = sorted(set(apis) - set(graphs))
+    if traceless:
+        warn_data(calls_source, f"APIs {traceless} have call counts but no traces: they get no call graph and no "
+                  "latency prediction, and the edges they use are regressed on all APIs")
+    unmeasured = sorted({edge for graph in graphs.values() for edge in graph.calls} - set(edges))
+    if unmeasured:
+        warn_data(bytes_source, "call-graph edges " + ", ".join(f"{a} -> {b}" for a, b in unmeasured)
+                  + " have no byte series: their bytes per call are taken as zero, so egress and WAN transfer "
+                  "time over them are understated")
+
+
 def learn_footprint(request: SeriesTable, response: SeriesTable, api_calls: SeriesTable,
                     graphs: dict[str, ApiCallGraph], window_s: float) -> Footprint:
     """Fit every edge of the byte tables; APIs are the call-count columns."""
@@ -107,10 +124,8 @@ def learn_footprint(request: SeriesTable, response: SeriesTable, api_calls: Seri
     request, calls_r = align(request, api_calls)
     response, calls_s = align(response, api_calls)
     apis = [str(a) for a in api_calls.names]
-    unknown = sorted(set(graphs) - set(apis))
-    if unknown:
-        warn_data(api_calls.source, f"APIs {unknown} have traces but no call-count series; their footprint is zero")
     edges = sorted({tuple(e) for e in request.names} | {tuple(e) for e in response.names})  # type: ignore[misc]
+    check_coverage(graphs, apis, edges, api_calls.source, request.source)
     footprint = Footprint(apis, edges)  # type: ignore[arg-type]
     for edge in edges:
         candidates = [a for a in candidate_apis(edge, graphs) if a in apis] or apis

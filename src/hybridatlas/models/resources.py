@@ -25,6 +25,7 @@ from hybridatlas.models.footprint import Footprint
 
 GIB = float(2**30)
 FITTED = ("cpu_cores", "memory_bytes")
+NETWORK = {"net_rx_bytes_per_s": "network receive bytes/s", "net_tx_bytes_per_s": "network transmit bytes/s"}
 
 
 @dataclass
@@ -95,23 +96,38 @@ def _fit_line(x: np.ndarray, y: np.ndarray) -> LinearFit:
 
 
 def _network(run: ResourceRun, component: str) -> np.ndarray | None:
-    rx, tx = run.metrics.get("net_rx_bytes_per_s"), run.metrics.get("net_tx_bytes_per_s")
-    if rx is None or tx is None or component not in rx.names or component not in tx.names:
+    rx, tx = (run.metrics[metric] for metric in NETWORK)
+    if component not in rx.names or component not in tx.names:
         return None
     return np.nan_to_num(rx.column(component)) + np.nan_to_num(tx.column(component))
 
 
+def usable_runs(runs: list[ResourceRun]) -> list[ResourceRun]:
+    """Runs holding both network series (the traffic proxy); the others are warned about and left out."""
+    usable = []
+    for run in runs:
+        missing = [f"{metric} ({what})" for metric, what in NETWORK.items() if metric not in run.metrics]
+        if missing:
+            warn_data(run.name, f"no {' or '.join(missing)} series: its CPU and memory cannot be related to "
+                      "traffic, so this run is not used for the resource model")
+        else:
+            usable.append(run)
+    return usable
+
+
 def learn_resources(runs: list[ResourceRun]) -> ResourceModel:
-    """Fit the resource model on all runs; components lacking network or CPU series are warned about."""
+    """Fit the resource model on all runs; runs and components lacking network or CPU series are warned about."""
     model = ResourceModel()
+    runs = usable_runs(runs)
     components = sorted({c for run in runs for c in run.metrics["cpu_cores"].names})
+    skipped: dict[str, list[str]] = {}
     for component in components:
         loads: list[np.ndarray] = []
         values: dict[str, list[np.ndarray]] = {metric: [] for metric in FITTED}
         for run in runs:
             load = _network(run, component)
             if load is None or component not in run.metrics["cpu_cores"].names:
-                warn_data(run.name, f"{component}: no network or CPU series in this run; run skipped for it")
+                skipped.setdefault(run.name, []).append(component)
                 continue
             loads.append(load)
             for metric in FITTED:
@@ -127,6 +143,8 @@ def learn_resources(runs: list[ResourceRun]) -> ResourceModel:
         x = np.concatenate(loads)
         model.fits[component] = {metric: _fit_line(x, np.concatenate(values[metric])) for metric in FITTED}
         model.observed_max_bytes_per_s[component] = float(np.nanmax(x))
+    for run_name, names in skipped.items():
+        warn_data(run_name, f"components {names} have no network or CPU series in this run; run skipped for them")
     return model
 
 

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _short(api: str) -> str:
+def short_api(api: str) -> str:
+    """The last two path segments of an API name ('/wrk2-api/user/login' -> 'user/login')."""
     return api.rsplit("/", 2)[-2] + "/" + api.rsplit("/", 1)[-1] if api.count("/") > 1 else api
 
 
@@ -33,7 +34,7 @@ def latency_table(plan: dict[str, Any]) -> Table:
     for column in ("API", "mean before ms", "mean after ms", "p95 before ms", "p95 after ms", "disrupted"):
         table.add_column(column)
     for api, row in plan["latency"].items():
-        table.add_row(_short(api), f"{row['before_mean_ms']:.2f}", f"{row['mean_ms']:.2f}",
+        table.add_row(short_api(api), f"{row['before_mean_ms']:.2f}", f"{row['mean_ms']:.2f}",
                       f"{row['before_p95_ms']:.2f}", f"{row['p95_ms']:.2f}",
                       "yes" if api in plan["disrupted_apis"] else "")
     return table

@@ -71,9 +71,11 @@ class PlanEvaluator:
     def bits_for(self, cloud_components: list[str]) -> np.ndarray:
         """Bit vector (1 x free) moving exactly these free components."""
         self.models.check_components(cloud_components, "--cloud")
-        pinned = sorted(set(cloud_components) & self.models.pinned_onprem)
+        pins = self.models.onprem_pins
+        pinned = sorted(set(cloud_components) & set(pins))
         if pinned:
-            raise AtlasInputError("--cloud", f"component(s) {pinned} are pinned on-prem (placement.pinned_onprem)")
+            raise AtlasInputError("--cloud", "component(s) pinned on-prem: "
+                                  + ", ".join(f"{c} by {pins[c]}" for c in pinned))
         return np.array([[c in cloud_components for c in self.free]], dtype=bool)
 
     def evaluate(self, bits: np.ndarray) -> Scores:

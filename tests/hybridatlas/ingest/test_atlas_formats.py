@@ -88,3 +88,11 @@ def test_gzip_and_plain_json_read_the_same(tmp_path, data_dir):
     from hybridatlas.ingest.prometheus import component_key
     np.testing.assert_array_equal(load_query_range(plain, component_key).values,
                                   load_query_range(source, component_key).values)
+
+
+def test_calls_from_traces_follow_a_given_grid(telemetry):
+    starts = [trace.root.start_us / 1e6 for trace in telemetry.traces]
+    grid = np.arange(int(min(starts)) - 58, int(max(starts)) + 120, 5)  # offset from the default 5-s grid
+    calls = api_calls_from_traces(telemetry.traces, grid=grid)
+    assert np.isin(calls.timestamps, grid).all()
+    assert calls.values.sum(axis=0).tolist() == [12 * 100] * 9  # every root in exactly 60 s / 5 s windows

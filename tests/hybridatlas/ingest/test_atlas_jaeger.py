@@ -70,3 +70,13 @@ def test_missing_container_tag_falls_back_to_service_name_with_warning():
     with pytest.warns(AtlasDataWarning, match="using serviceName 'frontend'"):
         (parsed,) = parse_traces("f.json", {"data": [trace]})
     assert parsed.root.component == "frontend"
+
+
+def test_empty_trace_file_is_warned(tmp_path: Path):
+    empty = tmp_path / "api-cart-add.json"
+    empty.write_text(json.dumps({"data": []}))
+    full = tmp_path / "other.json"
+    full.write_text(json.dumps({"data": [_trace([_span("1")])]}))
+    with pytest.warns(AtlasDataWarning, match=r"api-cart-add\.json: holds no traces"):
+        traces = load_traces([empty, full])
+    assert len(traces) == 1

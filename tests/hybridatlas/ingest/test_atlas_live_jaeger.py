@@ -6,6 +6,7 @@ serviceNames). There is no Jaeger Debian package to run the real query service i
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -13,7 +14,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from hybridatlas.errors import AtlasInputError
+from hybridatlas.cli import main
+from hybridatlas.errors import AtlasDataWarning, AtlasInputError
 from hybridatlas.ingest.files import read_json
 from hybridatlas.ingest.live import JaegerClient
 
@@ -89,3 +91,16 @@ def test_time_window_filters(jaeger_url):
 def test_http_errors_are_clear(jaeger_url):
     with pytest.raises(AtlasInputError, match="HTTP 404"):
         JaegerClient(jaeger_url + "/nope").services()
+
+
+def test_hitting_the_trace_limit_is_warned(jaeger_url):
+    with pytest.warns(AtlasDataWarning, match=r"services \[.*'sn-nginx'.*\] returned the limit of 5 traces"):
+        JaegerClient(jaeger_url).all_traces(limit=5)
+
+
+def test_cli_trace_limit_is_configurable(jaeger_url, telemetry, capsys):
+    starts = [trace.root.start_us / 1e6 for trace in telemetry.traces]
+    assert main(["evaluate", "--jaeger", jaeger_url, "--start", str(math.floor(min(starts))),
+                 "--end", str(math.ceil(max(starts))), "--jaeger-limit", "3", "--cloud", "", "--json"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "returned the limit of 3 traces" in err and "raise live.jaeger_limit (--jaeger-limit)" in err

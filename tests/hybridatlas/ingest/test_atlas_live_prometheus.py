@@ -1,19 +1,15 @@
-"""The live path against a REAL Prometheus server (Debian package `prometheus`), started here on a
-loopback port with the shared data backfilled by `promtool tsdb create-blocks-from openmetrics`."""
+"""The live path against a REAL Prometheus server (Debian package `prometheus`, see conftest.py) loaded
+with the shared data as precomputed gauges: file values must come back exactly. The default PromQL
+queries are tested in test_atlas_live_default_queries.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import subprocess
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from hybridatlas.cli import main
 from hybridatlas.config import AtlasConfig
@@ -55,45 +51,11 @@ def write_openmetrics(data_dir: Path, path: Path) -> None:
         out.write("# EOF\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def prometheus_url(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    if not prometheus or not promtool:
-        pytest.fail("Debian package 'prometheus' is not installed (.ci/run installs it)")
-    work = tmp_path_factory.mktemp("prometheus")
-    source = work / "data.om"
+def prometheus_url(data_dir: Path, tmp_path_factory: pytest.TempPathFactory, start_prometheus) -> str:
+    source = tmp_path_factory.mktemp("openmetrics") / "data.om"
     write_openmetrics(data_dir, source)
-    tsdb = work / "tsdb"
-    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", str(source), str(tsdb)],
-                   check=True, capture_output=True, timeout=300)
-    (work / "prometheus.yml").write_text("global:\n  scrape_interval: 15s\nscrape_configs: []\n")
-    port = _free_port()
-    process = subprocess.Popen([prometheus, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={tsdb}",
-                                f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=100y"],
-                               stdout=subprocess.DEVNULL, stderr=(work / "prometheus.log").open("w"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if process.poll() is not None:
-                pytest.fail(f"prometheus exited: {(work / 'prometheus.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        else:
-            pytest.fail("prometheus did not become ready")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    return start_prometheus(source)
 
 
 def test_live_bytes_and_calls_equal_the_files(prometheus_url, data_dir):
@@ -133,10 +95,10 @@ def test_cli_evaluate_from_live_prometheus(prometheus_url, data_dir, tmp_path, c
     assert plan["cost"]["egress"] > 0
 
 
-def test_unreachable_server_is_a_clear_error():
+def test_unreachable_server_is_a_clear_error(closed_port):
     from hybridatlas.errors import AtlasInputError
     with pytest.raises(AtlasInputError, match="cannot reach the server"):
-        PrometheusClient(f"http://127.0.0.1:{_free_port()}", timeout_s=2).query_range("up", 0, 10, 5, component_key)
+        PrometheusClient(f"http://127.0.0.1:{closed_port}", timeout_s=2).query_range("up", 0, 10, 5, component_key)
 
 
 def test_watch_live_polls_prometheus(prometheus_url, data_dir):
@@ -152,7 +114,7 @@ def test_watch_live_polls_prometheus(prometheus_url, data_dir):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        adopted, again = watch_live(load, config, 0.0, 2, None, clock=lambda: float(ISTIO_END))
-        (stale,) = watch_live(load, config, 0.0, 1, [], clock=lambda: float(ISTIO_END))
-    assert adopted["status"] == "adopted" and again["status"] == "ok" and again["plan"] == adopted["plan"]
-    assert stale["status"] == "stops fitting the forecast" and "onprem_cpu_cores" in stale["violations"]
+        first, second = watch_live(load, config, 0.0, 2, [], follow=True, clock=lambda: float(ISTIO_END))
+    assert first["plan"] == [] and first["status"] == "stops fitting the forecast"
+    assert "onprem_cpu_cores" in first["violations"] and first["recommended"]
+    assert second["plan"] == first["recommended"] and second["status"] == "ok"

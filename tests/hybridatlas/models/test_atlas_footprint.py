@@ -2,8 +2,11 @@ import json
 import warnings
 
 import numpy as np
+import pytest
 
+from hybridatlas.errors import AtlasDataWarning
 from hybridatlas.ingest.dataset import load_directory
+from hybridatlas.ingest.series import SeriesTable
 from hybridatlas.models.callgraph import build_call_graphs
 from hybridatlas.models.footprint import fit_edge, learn_footprint
 
@@ -55,3 +58,35 @@ def test_zero_samples_while_the_api_is_active_are_dropped():
     fit = fit_edge(y, calls, ["a"], calls[:, 0] > 0, 60.0)
     assert fit.dropped_zero_samples == 1
     assert abs(fit.bytes_per_call["a"] - 10.0) < 1e-6 and fit.r2 > 0.999
+
+
+def _synthetic(synthetic_dir, config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tel = load_directory(synthetic_dir)
+    return tel, build_call_graphs(tel.traces, config)
+
+
+def _without(table, name):
+    keep = [k for k, n in enumerate(table.names) if n != name]
+    return SeriesTable(table.timestamps, [table.names[k] for k in keep], table.values[:, keep], table.source)
+
+
+def test_call_graph_edge_without_byte_series_is_warned(synthetic_dir, config):
+    tel, graphs = _synthetic(synthetic_dir, config)
+    edge = ("cart-service", "cart-redis")
+    with pytest.warns(AtlasDataWarning, match="call-graph edges cart-service -> cart-redis have no byte series: "
+                                              "their bytes per call are taken as zero"):
+        footprint = learn_footprint(_without(tel.request_bytes, edge), _without(tel.response_bytes, edge),
+                                    tel.api_calls, graphs, 60)
+    assert footprint.bytes_per_request("/api/cart/add", edge) == (0.0, 0.0)
+
+
+def test_api_with_call_counts_but_no_traces_is_warned(synthetic_dir, config):
+    tel, graphs = _synthetic(synthetic_dir, config)
+    del graphs["/api/cart/add"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn_footprint(tel.request_bytes, tel.response_bytes, tel.api_calls, graphs, 60)
+    messages = [str(w.message) for w in caught if issubclass(w.category, AtlasDataWarning)]
+    assert any("APIs ['/api/cart/add'] have call counts but no traces" in m for m in messages)

@@ -3,6 +3,7 @@ import pytest
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.models.availability import build_availability
+from hybridatlas.models.cost import CostModel
 from hybridatlas.models.resources import component_traffic
 from hybridatlas.models.traffic import rates_from_history, rates_from_mix
 from hybridatlas.pipeline import build_cost_model
@@ -82,3 +83,23 @@ def test_critical_apis_weigh_first(models):
     login_db = model.score(_cloud(models, "user-mongodb"))[0]          # login (critical) + register + compose
     media_db = model.score(_cloud(models, "media-mongodb"))[0]          # two ordinary APIs
     assert login_db == 12.0 and media_db == 2.0
+
+
+def test_burstable_instances_are_sized_on_their_baseline():
+    config = AtlasConfig.load(overrides={"cost": {"headroom": 0.0}})
+    t3 = {inst["name"]: inst for inst in config.instances}
+    assert config.sustained_vcpu(t3["t3.medium"]) == pytest.approx(0.4)
+    assert config.sustained_vcpu(t3["t3.large"]) == pytest.approx(0.6)
+    assert config.sustained_vcpu(t3["c6i.large"]) == 2.0
+    # 1.5 sustained cores, 1 GiB: counted at 2 full vCPUs a t3.medium ($0.0416/h) would look cheapest
+    empty = np.zeros(0)
+    cost = CostModel(cpu=np.array([1.5]), memory_gib=np.array([1.0]), volume_gib=np.zeros(1),
+                     edge_source=empty.astype(np.int64), edge_destination=empty.astype(np.int64),
+                     edge_request_bytes_per_s=empty, edge_response_bytes_per_s=empty, config=config)
+    assert cost.breakdown(np.ones((1, 1), dtype=bool))[0, 0] == pytest.approx(0.085 * 730)  # one c6i.large
+
+
+def test_bad_baseline_share_is_named():
+    with pytest.raises(AtlasInputError, match="tiny: baseline_cpu_share must be in"):
+        AtlasConfig.load(overrides={"cost": {"instances": [
+            {"name": "tiny", "vcpu": 2, "memory_gib": 1, "per_hour": 0.01, "baseline_cpu_share": 0}]}})
