@@ -167,18 +167,17 @@ class BaseExecutor:
         )
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named frozen tensors (on the executor's device and dtype; clients copy what they keep).
+        """Copies of the named frozen tensors (on the executor's device and dtype), the caller's to keep or modify.
 
         Besides the spec's tensor table, ``<op>.weight`` of a single linear op can be fetched, in its
         module's own layout: a client that keeps e.g. the LM head locally needs it.
         """
-        found = {name: self._tensors.get(name) for name in names}
-        for name, tensor in found.items():
-            if tensor is None:
-                found[name] = self._module_weight(name)
-        return found
+        return {name: self._frozen(name).clone() for name in names}
 
-    def _module_weight(self, name: str) -> torch.Tensor:
+    def _frozen(self, name: str) -> torch.Tensor:
+        """The executor's own tensor ``name`` (never handed out: ``tensors`` copies it)."""
+        if name in self._tensors:
+            return self._tensors[name]
         op = self._ops.get(name.removesuffix(".weight"))
         if not name.endswith(".weight") or op is None or op.info.members or op.info.kind is not OpKind.LINEAR:
             raise BadRequestError(f"unknown frozen tensor {name!r}")
@@ -285,12 +284,13 @@ class BaseExecutor:
 
 
 def _all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN or Inf, by one float32 reduction (NaN and Inf propagate through a sum).
+    """Whether ``x`` has no NaN or Inf.
 
-    ``torch.isfinite(x).all()`` costs ~100x more on CPU for activation-sized tensors. A sum of
-    finite float32 values only overflows for magnitudes no activation has (~1e34).
+    First by one float32 sum (NaN and Inf propagate through it), because ``torch.isfinite(x).all()``
+    costs ~100x more on CPU for activation-sized tensors; only when the sum is not finite — NaN/Inf,
+    or finite values whose sum overflows float32 — does the exact element-wise check decide.
     """
-    return math.isfinite(float(x.sum(dtype=torch.float32)))
+    return math.isfinite(float(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
 
 
 def fused_op_name(members: Sequence[str]) -> str:

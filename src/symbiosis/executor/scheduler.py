@@ -71,6 +71,8 @@ class BatchScheduler:
             if self._closed:
                 raise RuntimeError("the executor is closed")
             self._queues.setdefault((request.op, request.direction), []).append(pending)
+            if self._max_wait_s > 0:
+                self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
             while not pending.done:
                 if self._busy:
                     self._cond.wait()
@@ -131,27 +133,44 @@ class BatchScheduler:
         return key, batch
 
     def _execute(self, key: tuple[str, Direction], batch: list[_Pending]) -> None:
-        """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails."""
+        """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails.
+
+        Statistics count the GEMMs that ran: the batch's, or each successful request run alone.
+        """
         start = time.perf_counter()
-        requests = [p.request for p in batch]
         try:
-            outputs = self._run_batch(key[0], key[1], requests)
+            outputs = self._run_batch(key[0], key[1], [p.request for p in batch])
             for pending, output in zip(batch, outputs, strict=True):
                 pending.result = output
-        except Exception:
-            for pending in batch:
-                try:
-                    pending.result = self._run_batch(key[0], key[1], [pending.request])[0]
-                except Exception as exc:
-                    pending.error = exc
-        compute_s = time.perf_counter() - start
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+            else:
+                self._stats.record_split(*key)
+                for pending in batch:
+                    self._run_alone(key, pending)
+        else:
+            self._record(key, batch, start)
+        for pending in batch:
+            pending.done = True
+
+    def _run_alone(self, key: tuple[str, Direction], pending: _Pending) -> None:
+        start = time.perf_counter()
+        try:
+            pending.result = self._run_batch(key[0], key[1], [pending.request])[0]
+        except Exception as exc:
+            pending.error = exc
+        else:
+            self._record(key, [pending], start)
+
+    def _record(self, key: tuple[str, Direction], batch: list[_Pending], start: float) -> None:
+        """Account one GEMM that served ``batch`` and began at ``start``."""
+        requests = [p.request for p in batch]
         self._stats.record(
             key[0],
             key[1],
             waits=[start - p.arrival for p in batch],
             rows=sum(r.rows for r in requests),
             clients=len({r.client_id for r in requests}),
-            compute_s=compute_s,
+            compute_s=time.perf_counter() - start,
         )
-        for pending in batch:
-            pending.done = True

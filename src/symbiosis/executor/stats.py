@@ -1,4 +1,8 @@
-"""Batch statistics of the executor: how many requests and rows each GEMM served, and queue waits."""
+"""Batch statistics of the executor: how many requests and rows each GEMM served, and queue waits.
+
+Only GEMMs that ran are counted, with the requests they served; a batch that failed as a whole and
+was re-run request by request counts as a split batch, and each successful re-run as its own GEMM.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class OpStats:
     rows: int = 0
     clients: int = 0
     shared_gemms: int = 0
+    split_batches: int = 0
     wait_s_sum: float = 0.0
     wait_s_max: float = 0.0
     compute_s: float = 0.0
@@ -38,13 +43,14 @@ class OpStats:
         self.rows += other.rows
         self.clients += other.clients
         self.shared_gemms += other.shared_gemms
+        self.split_batches += other.split_batches
         self.wait_s_sum += other.wait_s_sum
         self.wait_s_max = max(self.wait_s_max, other.wait_s_max)
         self.compute_s += other.compute_s
         self.waits.extend(other.waits)
 
     def summary(self) -> dict[str, float]:
-        """Derived figures: requests and rows per GEMM, share of GEMMs with >1 client, waits in ms."""
+        """Derived figures: requests and rows per GEMM, share of GEMMs with >1 client, split batches, waits in ms."""
         waits = sorted(self.waits)
 
         def pct(q: float) -> float:
@@ -59,6 +65,7 @@ class OpStats:
             "rows_per_gemm": self.rows / gemms,
             "clients_per_gemm": self.clients / gemms,
             "shared_gemm_fraction": self.shared_gemms / gemms,
+            "split_batches": self.split_batches,
             "wait_ms_mean": 1e3 * self.wait_s_sum / max(self.requests, 1),
             "wait_ms_p50": pct(0.50),
             "wait_ms_p99": pct(0.99),
@@ -77,9 +84,7 @@ class BatchStats:
     def record(self, op: str, direction: Direction, waits: list[float], rows: int, clients: int, compute_s: float) -> None:
         """Account one GEMM that served ``len(waits)`` requests from ``clients`` distinct clients."""
         with self._lock:
-            stats = self._ops.get((op, direction))
-            if stats is None:
-                stats = self._ops[op, direction] = OpStats()
+            stats = self._op(op, direction)
             stats.gemms += 1
             stats.requests += len(waits)
             stats.rows += rows
@@ -89,6 +94,18 @@ class BatchStats:
             stats.wait_s_max = max(stats.wait_s_max, max(waits))
             stats.compute_s += compute_s
             stats.waits.extend(waits)
+
+    def record_split(self, op: str, direction: Direction) -> None:
+        """Account a batch of several requests that failed as a whole and is re-run request by request."""
+        with self._lock:
+            self._op(op, direction).split_batches += 1
+
+    def _op(self, op: str, direction: Direction) -> OpStats:
+        """The counters of (op, direction), created on first use (called with the lock held)."""
+        stats = self._ops.get((op, direction))
+        if stats is None:
+            stats = self._ops[op, direction] = OpStats()
+        return stats
 
     def reset(self) -> None:
         with self._lock:

@@ -144,6 +144,18 @@ def test_max_wait_lets_a_batch_fill():
     assert [clients for _, _, clients in recorder.batches] == [["a", "b"]]
 
 
+def test_a_batch_that_reaches_max_rows_stops_waiting():
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=60.0, max_rows=2)
+    threads = [submit(scheduler, results, "q", "a")]
+    wait_queued(scheduler, 1)
+    threads.append(submit(scheduler, results, "q", "b"))
+    for thread in threads:
+        thread.join(30)  # well before max_wait_s runs out
+    assert not any(thread.is_alive() for thread in threads), "a full batch waited for max_wait_s"
+    assert [clients for _, _, clients in recorder.batches] == [["a", "b"]]
+
+
 def test_without_max_wait_nothing_waits_for_a_batch():
     recorder, results = Recorder(hold_first=False), {}
     scheduler = BatchScheduler(recorder, BatchStats())
@@ -159,6 +171,25 @@ def test_a_failing_request_fails_alone():
     assert isinstance(results["poison"], RuntimeError)
     assert torch.equal(results["good1"], torch.full((1, 2), 2.0))
     assert torch.equal(results["good2"], torch.full((1, 2), 2.0))
+
+
+def test_statistics_count_the_gemms_that_ran_when_a_batch_is_split():
+    """A failed batch is no GEMM; its requests re-run alone count one GEMM each, if they succeed."""
+    recorder, results, stats = Recorder(), {}, BatchStats()
+    scheduler = BatchScheduler(recorder, stats)
+    batches = hold_then(scheduler, recorder, results, [dict(op="q", client="good1"), dict(op="q", client="poison"), dict(op="q", client="good2")])
+    assert [clients for _, _, clients in batches] == [["good1", "poison", "good2"], ["good1"], ["poison"], ["good2"]]
+    summary = {op: s for (op, _), s in stats.by_family().items()}["q"]
+    assert (summary["gemms"], summary["requests"], summary["rows"], summary["split_batches"]) == (2, 2, 2, 1)
+    assert summary["shared_gemm_fraction"] == 0
+
+
+def test_a_failing_lone_request_runs_once():
+    recorder, results, stats = Recorder(hold_first=False), {}, BatchStats()
+    submit(BatchScheduler(recorder, stats), results, "q", "poison").join(10)
+    assert isinstance(results["poison"], RuntimeError)
+    assert len(recorder.batches) == 1
+    assert stats.total()["gemms"] == 0 and stats.total()["split_batches"] == 0
 
 
 def test_statistics_count_requests_rows_and_clients():

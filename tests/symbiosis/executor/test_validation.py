@@ -54,6 +54,29 @@ def test_request_row_limit():
         executor.run(request(torch.randn(5, 64)))
 
 
+def test_frozen_tensors_handed_out_are_the_callers_own():
+    """An in-process caller that modifies what ``tensors()`` gave it changes nothing in the executor."""
+    executor = BaseExecutor.from_config(tiny_config("llama"), seed=0)
+    names = ["model.norm.weight", "model.embed_tokens.weight", "lm_head.weight"]
+    x = torch.randn(2, 64)
+    before = executor.tensors(names), executor.run(request(x, op="lm_head"))
+    for tensor in executor.tensors(names).values():
+        tensor.mul_(3.0)
+    after = executor.tensors(names), executor.run(request(x, op="lm_head"))
+    assert all(torch.equal(after[0][name], before[0][name]) for name in names)
+    assert torch.equal(after[1], before[1])
+
+
+def test_finite_inputs_whose_sum_overflows_are_served(executor):
+    """The batch check sums in float32; a sum that overflows on finite values must not refuse them."""
+    x = torch.zeros(4, 64)
+    x[:, 0] = 3e38  # finite, but 4 x 3e38 is beyond float32's range
+    assert not torch.isfinite(x.sum())
+    out = executor.run(request(x))
+    weight = executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    assert torch.equal(out, x @ weight.t())
+
+
 def test_non_finite_inputs_can_be_allowed():
     executor = BaseExecutor.from_config(tiny_config("llama"), reject_non_finite=False)
     out = executor.run(request(torch.full((2, 64), float("nan"))))
@@ -61,10 +84,12 @@ def test_non_finite_inputs_can_be_allowed():
 
 
 def test_bad_clients_do_not_disturb_good_ones(executor):
-    """Good clients generating while a bad client floods the executor get exactly their solo results."""
-    good = [load_model(executor, client_id=f"good{i}") for i in range(3)]
+    """Good clients generating while a bad client floods the executor get exactly their solo results,
+    also when their requests share a batch with the flood's (the executor waits a little for batches)."""
     prompt = torch.tensor([[5, 6, 7, 8]])
-    expected = [m.generate(input_ids=prompt, max_new_tokens=10, do_sample=False) for m in good]
+    expected = [load_model(executor).generate(input_ids=prompt, max_new_tokens=10, do_sample=False)] * 3
+    batching = BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=0.005)
+    good = [load_model(batching, client_id=f"good{i}") for i in range(3)]
     errors, results, stop = [], {}, threading.Event()
 
     def flood() -> None:
@@ -72,7 +97,7 @@ def test_bad_clients_do_not_disturb_good_ones(executor):
         while not stop.is_set():
             for x in bad_inputs:
                 try:
-                    executor.run(request(x))
+                    batching.run(request(x))
                 except BadRequestError as exc:
                     errors.append(exc)
 
@@ -89,6 +114,8 @@ def test_bad_clients_do_not_disturb_good_ones(executor):
     stop.set()
     flooder.join()
     assert errors, "the flood never reached the executor"
+    # one flooding thread never batches with itself: every split batch held a good client's request
+    assert batching.stats.per_op()[OP, Direction.FORWARD].split_batches > 0, "no bad request ever shared a batch"
     for index in range(3):
         assert torch.equal(results[index], expected[index])
 
@@ -113,13 +140,15 @@ def test_non_finite_request_in_a_batch_fails_alone(executor):
     """Batched with good requests, a NaN request fails and the others get exact results."""
     good_x = torch.randn(3, 64)
     expected = executor.run(request(good_x))
+    # the executor waits until all 8 requests (24 rows) are there, so they form one batch
+    batching = BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=60.0, max_rows=24)
     results, barrier = {}, threading.Barrier(8)
 
     def run(index: int) -> None:
         x = torch.full((3, 64), float("nan")) if index % 2 else good_x
         barrier.wait()
         try:
-            results[index] = executor.run(OpRequest(OP, Direction.FORWARD, x, client_id=f"c{index}"))
+            results[index] = batching.run(OpRequest(OP, Direction.FORWARD, x, client_id=f"c{index}"))
         except BadRequestError as exc:
             results[index] = exc
 
@@ -133,3 +162,6 @@ def test_non_finite_request_in_a_batch_fails_alone(executor):
             assert isinstance(result, BadRequestError) and f"c{index}" in str(result)
         else:
             assert torch.allclose(result, expected, rtol=1e-5, atol=1e-6)
+    # one batch of all eight failed; the four good requests then ran one GEMM each
+    stats = batching.stats.total()
+    assert (stats["split_batches"], stats["gemms"], stats["requests"]) == (1, 4, 4)
