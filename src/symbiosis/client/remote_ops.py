@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..protocol import PRIORITY_TRAINING, Direction, OpInfo
+from ..protocol import Direction, OpInfo
 from .session import ClientSession
 
 
@@ -50,12 +50,12 @@ class RemoteLinear:
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int) -> torch.Tensor:
-        ctx.op = op
+        _save_backward(ctx, op)
         return op.call(Direction.FORWARD, rows, priority)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.op.call(Direction.BACKWARD, grad.contiguous(), PRIORITY_TRAINING), None, None
+        return ctx.op.call(Direction.BACKWARD, grad.contiguous(), ctx.backward_priority), None, None
 
 
 class _FusedLinearFunction(torch.autograd.Function):
@@ -63,14 +63,20 @@ class _FusedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int):
-        ctx.op = op
+        _save_backward(ctx, op)
         y = op.call(Direction.FORWARD, rows, priority)
         # separate tensors, so an in-place update of one member's output cannot touch another's
         return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(op.info.member_widths, dim=-1))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        return ctx.op.call(Direction.BACKWARD, torch.cat(grads, dim=-1), PRIORITY_TRAINING), None, None
+        return ctx.op.call(Direction.BACKWARD, torch.cat(grads, dim=-1), ctx.backward_priority), None, None
+
+
+def _save_backward(ctx, op: RemoteLinear) -> None:
+    """Keep what the backward request needs: the op, and the session's priority for backward passes."""
+    ctx.op = op
+    ctx.backward_priority = op.session.request_priority(Direction.BACKWARD)
 
 
 @dataclass

@@ -38,7 +38,11 @@ class ClientSession:
         self.priority = resolve_priority(priority)
 
     def request_priority(self, direction: Direction) -> int:
-        """The priority of a request issued now (call outside autograd functions)."""
+        """The priority of a request issued now: the client's own when it chose one, else by kind.
+
+        Backward requests carry the client's priority too ("auto": training). Ask for a forward
+        request's priority outside autograd functions (grad mode is off inside them).
+        """
         if self.priority is not None:
             return self.priority
         if direction is Direction.FORWARD and not torch.is_grad_enabled():
