@@ -1,8 +1,9 @@
 """Inference and fine-tuning at once on one executor: the OpenAI server and a fine-tuning job share it.
 
 Checked: both make progress at the same time, the server's requests reach the executor at inference
-priority and the job's at training priority, and the job's result is exactly what it computes
-alone. Latencies are measured and printed, never asserted (run with ``-s`` to see them).
+priority and the job's at training priority, chat latency while the job trains stays within a
+generous multiple of the latency alone (measured in the same test, so a loaded machine slows both),
+and the job's result is exactly what it computes alone. Run with ``-s`` to see the latencies.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Iterable
 
 import openai
 import torch
@@ -20,34 +20,22 @@ from transformers import AutoTokenizer
 from symbiosis import BaseExecutor
 from symbiosis.executor_ref import ExecutorRef
 from symbiosis.finetune import FineTuneConfig, FineTuneJob, method_config
-from symbiosis.protocol import PRIORITY_INFERENCE, PRIORITY_TRAINING, ModelSpec, OpRequest
+from symbiosis.protocol import PRIORITY_INFERENCE, PRIORITY_TRAINING
 from symbiosis.serving import HttpServer, ModelRegistry, create_app
 
+from ..recording import RecordingTransport
 from ..usermodels import EXAMPLE_DATA
 from .adapters import ADAPTER_CONFIGS, save_adapter
 
 QUESTION = [{"role": "user", "content": "What is the opposite of hot?"}]
 
-
-class RecordingTransport:
-    """The executor, with a record of (client id, priority, time) of every op request it ran."""
-
-    def __init__(self, executor: BaseExecutor) -> None:
-        self.executor = executor
-        self.requests: list[tuple[str, int, float]] = []
-        self._lock = threading.Lock()
-
-    def spec(self) -> ModelSpec:
-        return self.executor.spec()
-
-    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        return self.executor.tensors(names)
-
-    def run(self, request: OpRequest) -> torch.Tensor:
-        out = self.executor.run(request)
-        with self._lock:
-            self.requests.append((request.client_id, request.priority, time.perf_counter()))
-        return out
+#: Median chat latency while fine-tuning may be at most this many times the median alone. Measured:
+#: ~1.8x on 2 CPU cores, set by the job's and the server's client-side work sharing the CPU and the
+#: GIL. With one training client at most one training request waits at a time, so swapping the
+#: priorities changes little here; the scheduler's ordering is tested in executor/test_scheduler.py.
+#: The bound catches serving stalled behind the job: an answer sends dozens of op requests, and a
+#: training step takes 25-50 ms here, so requests that waited out steps would exceed it many times.
+LATENCY_BOUND = 5.0
 
 
 def job_config(output, steps: int) -> FineTuneConfig:
@@ -83,6 +71,7 @@ def test_finetuning_and_serving_progress_together_on_one_executor(chat_model_dir
         during = latencies_ms(client, lambda n: trainer.is_alive() and n < 200)
         finished_serving = time.time()
         trainer.join(timeout=300)
+        alone += latencies_ms(client, lambda n: n < 8)  # before and after: a change in the machine's load shows in both
     finally:
         server.stop()
         registry.close()
@@ -94,10 +83,10 @@ def test_finetuning_and_serving_progress_together_on_one_executor(chat_model_dir
 
     server_ids = {f"openai:{m}" for m in ("base", "chat")}
     priorities: dict[str, set[int]] = {}
-    for client_id, priority, _ in recorder.requests:
-        priorities.setdefault("server" if client_id.rsplit(":", 1)[0] in server_ids else "job", set()).add(priority)
+    for request in recorder.requests:
+        priorities.setdefault("server" if request.client_id.rsplit(":", 1)[0] in server_ids else "job", set()).add(request.priority)
     assert priorities == {"server": {PRIORITY_INFERENCE}, "job": {PRIORITY_TRAINING}}
-    kinds = [priority for _, priority, _ in recorder.requests]
+    kinds = [request.priority for request in recorder.requests]
     switches = sum(a != b for a, b in zip(kinds, kinds[1:]))
     assert switches >= 4, "inference and training requests never interleaved at the executor"
 
@@ -111,4 +100,6 @@ def test_finetuning_and_serving_progress_together_on_one_executor(chat_model_dir
     def summary(samples: list[float]) -> str:
         return f"median {statistics.median(samples):.1f} ms, max {max(samples):.1f} ms over {len(samples)} requests"
 
-    print(f"\nchat latency (8 tokens) alone: {summary(alone)}; during fine-tuning: {summary(during)}")
+    latencies = f"chat latency (8 tokens) alone: {summary(alone)}; during fine-tuning: {summary(during)}"
+    print(f"\n{latencies}")
+    assert statistics.median(during) <= LATENCY_BOUND * statistics.median(alone), latencies
