@@ -22,14 +22,42 @@ from symbiosis import BaseExecutor, load_model
 REL_TOL = 1e-5
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_tol: float = REL_TOL) -> float:
-    """Assert ``max|actual - expected| <= rel_tol * max|expected|``; return the relative error."""
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_tol: float = REL_TOL, scale: float | None = None) -> float:
+    """Assert ``max|actual - expected| <= rel_tol * scale``; return the relative error.
+
+    ``scale`` defaults to ``max|expected|``, which must then be positive.
+    """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.detach().abs().max().item()
+    if scale is None:
+        scale = expected.detach().abs().max().item()
     error = (actual.detach() - expected.detach()).abs().max().item()
     assert scale > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
     assert error <= rel_tol * scale, f"{what}: max error {error:.3g} > {rel_tol:g} x scale {scale:.3g}"
     return error / scale
+
+
+def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """The gradient of every trainable parameter, by name."""
+    return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
+
+
+def assert_gradients_close(actual: dict[str, torch.Tensor | None], expected: dict[str, torch.Tensor | None]) -> float:
+    """Assert every gradient of ``actual`` matches ``expected`` (by name); return the worst relative error.
+
+    A tensor whose reference gradient is all zero must be zero in ``actual`` too, within ``REL_TOL``
+    times the largest reference gradient of all.
+    """
+    assert actual.keys() == expected.keys(), f"trainable parameters differ: {sorted(actual.keys() ^ expected.keys())[:5]}"
+    for name in expected:
+        assert expected[name] is not None, f"{name}: no reference gradient"
+        assert actual[name] is not None, f"{name}: no gradient"
+    overall = max(grad.abs().max().item() for grad in expected.values())
+    assert overall > 0, "every reference gradient is zero"
+    worst = 0.0
+    for name, grad in expected.items():
+        own_scale = grad.abs().max().item()
+        worst = max(worst, assert_close(actual[name], grad, f"grad {name}", scale=own_scale or overall))
+    return worst
 
 
 def perturb_adapters(model: torch.nn.Module, seed: int = 1234) -> None:
@@ -86,16 +114,7 @@ def check_equivalence(
     if peft_config is not None:
         out_mono.loss.backward()
         out_client.loss.backward()
-        grads_mono = {n: p.grad for n, p in mono.named_parameters() if p.requires_grad}
-        grads_client = {n: p.grad for n, p in client.named_parameters() if p.requires_grad}
-        worst = 0.0
-        for name, grad in grads_mono.items():
-            assert grad is not None, f"{name}: no gradient in the monolithic model"
-            assert grads_client[name] is not None, f"{name}: no gradient in the split client"
-            if grad.abs().max() > 0:
-                worst = max(worst, assert_close(grads_client[name], grad, f"grad {name}"))
-        assert any(g.abs().max() > 0 for g in grads_mono.values()), "every adapter gradient is zero"
-        errors["grads"] = worst
+        errors["grads"] = assert_gradients_close(trainable_grads(client), trainable_grads(mono))
     if generate:
         for model in (mono, client):
             model.eval()

@@ -10,10 +10,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, Trainin
 from symbiosis import BaseExecutor, load_model
 from symbiosis.client import resident_bytes
 from symbiosis.client.proxies import EmbeddingProxy, LinearProxy
+from symbiosis.protocol import Direction
 from symbiosis.tiny import save_random_model, tiny_config
 from symbiosis.workload import AffineTask, train
 
-from ..equivalence import assert_close, check_equivalence
+from ..equivalence import assert_close, assert_gradients_close, build_pair, check_equivalence, trainable_grads
 
 LORA = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear")
 
@@ -165,17 +166,24 @@ def test_plain_loop_with_any_optimizer(executor):
     assert result.losses[-1] < result.losses[0]
 
 
-def test_gradient_checkpointing(model_dir):
-    check_equivalence(model_dir("llama"), LORA, generate=False)
-    executor = BaseExecutor.from_pretrained(model_dir("llama"))
-    model = get_peft_model(load_model(executor), LORA)
-    model.gradient_checkpointing_enable()
-    model.enable_input_require_grads()
-    model.train()
-    ids = torch.tensor([[4, 5, 6, 7]])
-    loss = model(input_ids=ids, labels=ids).loss
+def test_gradient_checkpointing_gives_the_monolithic_gradients(model_dir):
+    """Recomputing the forward pass during backward changes no gradient (mono runs without checkpointing)."""
+    mono, client, executor = build_pair(model_dir("llama"), LORA)
+    client.gradient_checkpointing_enable()
+    client.enable_input_require_grads()
+    ids = torch.tensor([[4, 5, 6, 7], [9, 8, 7, 6]])
+    mono.train()
+    client.train()
+    mono(input_ids=ids, labels=ids).loss.backward()
+    loss = client(input_ids=ids, labels=ids).loss
+    forward_requests = _forward_requests(executor)
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert _forward_requests(executor) > forward_requests, "backward recomputed no forward pass"
+    assert_gradients_close(trainable_grads(client), trainable_grads(mono))
+
+
+def _forward_requests(executor: BaseExecutor) -> int:
+    return sum(s.requests for (_, direction), s in executor.stats.per_op().items() if direction is Direction.FORWARD)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
