@@ -30,8 +30,10 @@ _TEXT = ("cmpl", "text_completion", "text_completion")
 
 
 def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_token: str | None = None) -> FastAPI:
-    """The API over ``registry``. ``api_key`` guards ``/v1``; ``admin_token`` guards ``/admin``."""
+    """The API over ``registry``. ``api_key`` guards ``/v1``; ``admin_token`` guards ``/admin``
+    (without it ``/admin`` is open, and ``app.state.admin_open`` says so)."""
     app = FastAPI(title="Symbiosis OpenAI-compatible server")
+    app.state.admin_open = admin_token is None
     _install_error_handlers(app)
     v1 = Depends(_bearer(api_key, "invalid_api_key"))
     admin = Depends(_bearer(admin_token, "invalid_admin_token"))

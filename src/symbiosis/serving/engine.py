@@ -28,13 +28,19 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Event:
     """Output for choice ``choice``: new ``text``; on its last event ``finish_reason`` ("stop" or
-    "length") and ``tokens`` generated; or the ``error`` that ended the request."""
+    "length") and ``token_ids``, every token generated (a final EOS included); or the ``error``
+    that ended the request."""
 
     choice: int
     text: str = ""
     finish_reason: str | None = None
-    tokens: int = 0
+    token_ids: tuple[int, ...] = ()
     error: BaseException | None = None
+
+    @property
+    def tokens(self) -> int:
+        """How many tokens the choice generated (on its last event; 0 before)."""
+        return len(self.token_ids)
 
 
 class EngineClosed(RuntimeError):
@@ -58,15 +64,14 @@ class GenerationRequest:
 
 @dataclass(eq=False)
 class _Row:
-    """One choice in the running batch: ``length`` real cache entries; ``last`` token to feed next."""
+    """One choice in the running batch: ``length`` real cache entries; ``generated`` tokens, the last one to feed next."""
 
     request: GenerationRequest
     choice: int
     generator: torch.Generator
     stream: TextStream
     length: int
-    last: int = -1
-    generated: int = 0
+    generated: list[int] = field(default_factory=list)
     done: bool = False
 
 
@@ -203,7 +208,7 @@ class Engine:
         for i, row in enumerate(self._rows):
             mask[i, width - row.length :] = 1
         positions = torch.tensor([[row.length] for row in self._rows], device=self.device)
-        tokens = torch.tensor([[row.last] for row in self._rows], device=self.device)
+        tokens = torch.tensor([[row.generated[-1]] for row in self._rows], device=self.device)
         out = self._decoder(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True)
         self._cache = out.cache
         self.stats.decode_steps += 1
@@ -215,19 +220,18 @@ class Engine:
 
     def _accept(self, row: _Row, token: int) -> None:
         """Record ``row``'s new token and emit its text; finish the row on EOS, a stop or max_tokens."""
-        row.last = token
-        row.generated += 1
+        row.generated.append(token)
         self.stats.tokens += 1
         if token in self.eos_ids:
             text, reason = row.stream.flush(), "stop"
         else:
             text, stopped = row.stream.push(token)
-            reason = "stop" if stopped else "length" if row.generated >= row.request.params.max_tokens else None
+            reason = "stop" if stopped else "length" if len(row.generated) >= row.request.params.max_tokens else None
             if reason == "length":
                 text += row.stream.flush()
         row.done = reason is not None
         if text or row.done:
-            row.request.emit(Event(row.choice, text, finish_reason=reason, tokens=row.generated if row.done else 0))
+            row.request.emit(Event(row.choice, text, finish_reason=reason, token_ids=tuple(row.generated) if row.done else ()))
 
     def _fail(self, error: Exception) -> None:
         """End every row of the running batch with ``error`` (its requests fail; queued ones stay)."""

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,9 +16,15 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+log = logging.getLogger(__name__)
+
 
 class HttpServer:
-    """uvicorn serving ``app`` on ``host:port``; ``url`` is its base URL (``http://host:port``)."""
+    """uvicorn serving ``app`` on ``host:port``; ``url`` is its base URL (``http://host:port``).
+
+    Logs a warning when ``app``'s admin API has no token (``app.state.admin_open``, set by
+    ``create_app``) and ``host`` is not a loopback address: anyone who reaches it could load adapters.
+    """
 
     def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -24,6 +32,12 @@ class HttpServer:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host, self.port = host, self._socket.getsockname()[1]
+        if getattr(app.state, "admin_open", False) and not _is_loopback(host):
+            log.warning(
+                "/admin is open to anyone who can reach %s (it loads and unloads adapters from server-side paths): "
+                "give an admin token (--admin-token) or listen on a loopback address",
+                self.url,
+            )
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         self._thread: threading.Thread | None = None
 
@@ -73,3 +87,11 @@ class HttpServer:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         tmp.write_text(json.dumps({"url": self.url, "port": self.port}), encoding="utf-8")
         os.replace(tmp, ready_file)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

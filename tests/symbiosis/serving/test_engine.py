@@ -1,5 +1,5 @@
-"""Continuous batching: requests that join and leave a running batch get exactly the tokens of a
-from-scratch greedy decode of the monolithic PEFT model, for every PEFT family."""
+"""Continuous batching: requests that join and leave a running batch get exactly the token ids (and
+so the text) of a from-scratch greedy decode of the monolithic PEFT model, for every PEFT family."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def assert_reference_texts(collector: Collector, done: dict[int, Event], model_d
     reference = monolithic(model_dir, adapter)
     for choice, (prompt, max_tokens) in enumerate(zip(PROMPTS, MAX_TOKENS)):
         expected = greedy_reference(reference, prompt, max_tokens, eos_ids=set())
+        assert done[choice].token_ids == tuple(expected), f"choice {choice}"
         assert done[choice].tokens == max_tokens and done[choice].finish_reason == "length"
         assert collector.texts[choice] == tokenizer.decode(expected, skip_special_tokens=True), f"choice {choice}"
 

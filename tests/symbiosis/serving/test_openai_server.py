@@ -7,6 +7,7 @@ execution and every PEFT family.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -100,10 +101,46 @@ def test_completions_with_several_prompts_n_choices_and_seeds(client):
     assert [c.text for c in other_seed.choices] != [c.text for c in first.choices]
 
 
+def test_chat_with_n_choices(served, client):
+    sampled = dict(model="ia3", messages=QUESTION, n=3, max_tokens=6, temperature=1.0, seed=5)
+    first, again = client.chat.completions.create(**sampled), client.chat.completions.create(**sampled)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]  # same seed, same samples
+    assert len(set(texts)) > 1  # each choice draws its own tokens
+    greedy = client.chat.completions.create(model="ia3", messages=QUESTION, n=2, max_tokens=6, temperature=0)
+    content, finish, tokens = reference_chat(served, "ia3", QUESTION, 6)
+    assert [(c.message.content, c.finish_reason) for c in greedy.choices] == [(content, finish)] * 2
+    assert greedy.usage.completion_tokens == 2 * tokens
+
+
+def test_top_p_keeps_sampling_seeded_and_a_tiny_top_p_is_greedy(client):
+    def answer(**options) -> str:
+        return client.chat.completions.create(model="lora", messages=QUESTION, max_tokens=8, **options).choices[0].message.content
+
+    greedy = answer(temperature=0)
+    assert answer(temperature=1.5, top_p=0.9, seed=11) == answer(temperature=1.5, top_p=0.9, seed=11)
+    assert answer(temperature=1.5, top_p=1e-6, seed=11) == greedy  # only the most likely token is left
+    assert answer(temperature=1.5, seed=11) != greedy  # without top_p, the same seed samples other tokens
+
+
+def stop_in_the_middle(text: str) -> str:
+    """Two printable characters from the middle of ``text``, to use as a stop sequence."""
+    candidates = [text[i : i + 2] for i in range(2, len(text) - 2) if text[i : i + 2].strip() and "\ufffd" not in text[i : i + 2]]
+    return candidates[len(candidates) // 2]
+
+
+def test_chat_stop_sequences_end_the_content_before_them(client):
+    request = dict(model="lora", messages=QUESTION, max_tokens=16, temperature=0)
+    full = client.chat.completions.create(**request).choices[0].message.content
+    stop = stop_in_the_middle(full)
+    cut = client.chat.completions.create(**request, stop=["never-there", stop])
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == (full[: full.find(stop)], "stop")
+
+
 def test_stop_sequences_end_the_text_before_them_streamed_or_not(client):
     full = client.completions.create(model="prefix", prompt="The river town", max_tokens=16, temperature=0).choices[0].text
-    candidates = [full[i : i + 2] for i in range(2, len(full) - 2) if full[i : i + 2].strip() and "\ufffd" not in full[i : i + 2]]
-    stop = candidates[len(candidates) // 2]
+    stop = stop_in_the_middle(full)
     expected = full[: full.find(stop)]
     cut = client.completions.create(model="prefix", prompt="The river town", max_tokens=16, temperature=0, stop=[stop, "never-there"])
     assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected, "stop")
@@ -204,6 +241,16 @@ def test_an_api_key_is_required_when_configured(served):
         assert BASE in [m.id for m in right.models.list()]
     finally:
         guarded.stop()
+
+
+@pytest.mark.parametrize(
+    ("host", "admin_token", "warned"), [("0.0.0.0", None, True), ("0.0.0.0", "secret", False), ("127.0.0.1", None, False), ("localhost", None, False)]
+)
+def test_an_open_admin_api_beyond_loopback_is_warned_about(served, caplog, host, admin_token, warned):
+    with caplog.at_level(logging.WARNING, logger="symbiosis.serving.http"):
+        server = HttpServer(create_app(served.registry, admin_token=admin_token), host=host, port=0).start()
+        server.stop()
+    assert ("/admin is open to anyone" in caplog.text) == warned
 
 
 def test_a_streaming_client_that_disconnects_cancels_its_generation(served):
