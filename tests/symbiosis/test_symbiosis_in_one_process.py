@@ -1,8 +1,9 @@
 """One executor, six concurrent clients: four fine-tune with different PEFT methods, two generate.
 
 Every fine-tuning loss falls; every client's result equals what it gets alone (within the
-tolerance batching allows: the same rows in a bigger GEMM may round differently); and the batch
-statistics show GEMMs that served rows of several clients at once.
+tolerance batching allows: the same rows in a bigger GEMM may round differently); AdaLoRA's rank
+allocation runs as PEFT prescribes and ends at its target budget; and the batch statistics show
+GEMMs that served rows of several clients at once.
 """
 
 from __future__ import annotations
@@ -14,16 +15,22 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 
 from symbiosis import BaseExecutor, load_model
+from symbiosis.cli.demo import adalora_optimizer
 from symbiosis.workload import AffineTask, generate, train
 
 from .equivalence import perturb_adapters
 
 VOCAB = 256
 STEPS = 25
+ADALORA_MODULES = 4 * 3  # target modules per layer x layers
 FINETUNE = {
     "lora": (lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"), AffineTask(VOCAB, 1, 1), 1e-2),
     "ia3": (lambda: IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), AffineTask(VOCAB, 1, 2), 0.3),
-    "adalora": (lambda: AdaLoraConfig(task_type="CAUSAL_LM", init_r=8, target_r=4, total_step=STEPS, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]), AffineTask(VOCAB, 1, 3), 1e-2),
+    "adalora": (
+        lambda: AdaLoraConfig(task_type="CAUSAL_LM", init_r=8, target_r=4, total_step=STEPS, tinit=5, tfinal=5, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"]),
+        AffineTask(VOCAB, 1, 3),
+        1e-2,
+    ),
     "prefix": (lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8), AffineTask(VOCAB, 1, 4), 0.1),
 }
 GENERATE = {
@@ -48,7 +55,8 @@ def make_clients(executor: BaseExecutor) -> dict:
 def run_job(model, name: str) -> object:
     if name in FINETUNE:
         _, task, lr = FINETUNE[name]
-        return train(model, task, steps=STEPS, lr=lr, seed=1)
+        optimizer = adalora_optimizer(model) if name == "adalora" else torch.optim.AdamW
+        return train(model, task, steps=STEPS, lr=lr, seed=1, optimizer_factory=optimizer)
     _, task = GENERATE[name]
     return generate(model, task, requests=6, seed=2)
 
@@ -64,10 +72,15 @@ def solo_results(executor):
 
 
 @pytest.fixture(scope="module")
-def concurrent_results(executor, solo_results):
+def concurrent_clients(executor, solo_results):
+    return make_clients(executor)
+
+
+@pytest.fixture(scope="module")
+def concurrent_results(executor, concurrent_clients):
     executor.stats.reset()
     results, errors = {}, []
-    clients = make_clients(executor)
+    clients = concurrent_clients
     barrier = threading.Barrier(len(clients))
 
     def worker(name: str) -> None:
@@ -104,6 +117,16 @@ def test_finetuning_equals_solo_run(solo_results, concurrent_results, name):
 def test_generation_equals_solo_run(solo_results, concurrent_results, name):
     for together, solo in zip(concurrent_results[name], solo_results[name], strict=True):
         assert torch.equal(together, solo)
+
+
+def test_adalora_allocated_its_target_rank_budget(concurrent_clients, concurrent_results):
+    model = concurrent_clients["adalora"]
+    rank_pattern = model.peft_config["default"].rank_pattern
+    assert rank_pattern is not None and len(rank_pattern) == ADALORA_MODULES
+    kept = sum(sum(mask) for mask in rank_pattern.values())
+    assert kept == 4 * ADALORA_MODULES  # target_r per module on average, from init_r = 8
+    singular_values = [p for n, p in model.named_parameters() if "lora_E" in n]
+    assert sum(int(e.count_nonzero()) for e in singular_values) == kept  # the pruned ranks are masked
 
 
 def test_gemms_were_shared_across_clients(executor, concurrent_results):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import threading
 import warnings
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftModel, PeftType, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,11 +29,27 @@ def _jobs(steps: int) -> list[tuple[str, str, Callable[[], PeftConfig], float]]:
     return [
         ("lora", "fine-tune", lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules="all-linear"), 1e-2),
         ("ia3", "fine-tune", lambda: IA3Config(task_type="CAUSAL_LM", **ia3), 0.3),
-        ("adalora", "fine-tune", lambda: AdaLoraConfig(task_type="CAUSAL_LM", init_r=8, target_r=4, total_step=steps, target_modules=["q_proj", "v_proj", "up_proj"]), 1e-2),
+        ("adalora", "fine-tune", lambda: AdaLoraConfig(task_type="CAUSAL_LM", init_r=8, target_r=4, total_step=steps, tinit=steps // 5, tfinal=steps // 5, target_modules=["q_proj", "v_proj", "up_proj"]), 1e-2),
         ("prefix", "fine-tune", lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8), 0.1),
         ("chat-lora", "generate", lambda: LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj"]), 0.0),
         ("chat-prompt", "generate", lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), 0.0),
     ]
+
+
+def adalora_optimizer(model: PeftModel, factory: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW) -> Callable[..., torch.optim.Optimizer]:
+    """An ``optimizer_factory`` for ``workload.train`` that runs AdaLoRA's rank allocation.
+
+    Its optimizer calls ``update_and_allocate(step)`` after every step, where PEFT prescribes it:
+    after ``optimizer.step()``, while the gradients it scores the ranks by are still there.
+    """
+
+    def make(params, **kwargs) -> torch.optim.Optimizer:
+        optimizer = factory(params, **kwargs)
+        steps = itertools.count()
+        optimizer.register_step_post_hook(lambda *_: model.base_model.update_and_allocate(next(steps)))
+        return optimizer
+
+    return make
 
 
 def run_demo(args: argparse.Namespace, console: Console) -> dict[str, object]:
@@ -72,7 +89,9 @@ def run_demo(args: argparse.Namespace, console: Console) -> dict[str, object]:
             try:
                 if role == "fine-tune":
                     on_step = lambda step, loss: progress.update(bar, advance=1, status=f"loss {loss:.3f}")
-                    results[name] = train(model, task, steps=args.steps, lr=lr, seed=args.seed, on_step=on_step)
+                    adalora = model.peft_config["default"].peft_type == PeftType.ADALORA
+                    optimizer = adalora_optimizer(model) if adalora else torch.optim.AdamW
+                    results[name] = train(model, task, steps=args.steps, lr=lr, seed=args.seed, optimizer_factory=optimizer, on_step=on_step)
                 else:
                     on_request = lambda i, tokens: progress.update(bar, advance=1, status=f"-> {tokens[:6].tolist()}")
                     results[name] = generate(model, task, requests=args.requests, new_tokens=12, seed=args.seed, on_request=on_request)
