@@ -37,14 +37,33 @@ class RemoteLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         priority = self.session.request_priority(Direction.FORWARD)
-        y = _LinearFunction.apply(x.reshape(-1, x.shape[-1]), self, priority)
+        rows = x.reshape(-1, x.shape[-1])
+        y = _LinearFunction.apply(rows, self, priority) if _needs_graph(rows) else self.call(Direction.FORWARD, rows, priority)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def fused_call(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of every member of a fused op, each shaped ``[..., member_width]``."""
         priority = self.session.request_priority(Direction.FORWARD)
-        outputs = _FusedLinearFunction.apply(x.reshape(-1, x.shape[-1]), self, priority)
+        rows = x.reshape(-1, x.shape[-1])
+        if _needs_graph(rows):
+            outputs = _FusedLinearFunction.apply(rows, self, priority)
+        else:
+            outputs = _member_outputs(self.call(Direction.FORWARD, rows, priority), self.info.member_widths)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+
+def _needs_graph(rows: torch.Tensor) -> bool:
+    """Whether autograd must record the op: only then is the (costlier) autograd function used.
+
+    Without it (inference, or inputs that need no gradient) the result is the same tensor.
+    """
+    return torch.is_grad_enabled() and rows.requires_grad
+
+
+def _member_outputs(y: torch.Tensor, widths: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """A fused output split per member into separate tensors, so that an in-place update of one
+    member's output cannot touch another's (nor its autograd version counter)."""
+    return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(widths, dim=-1))
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -64,9 +83,7 @@ class _FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int):
         _save_backward(ctx, op)
-        y = op.call(Direction.FORWARD, rows, priority)
-        # separate tensors, so an in-place update of one member's output cannot touch another's
-        return tuple(part.clone(memory_format=torch.contiguous_format) for part in y.split(op.info.member_widths, dim=-1))
+        return _member_outputs(op.call(Direction.FORWARD, rows, priority), op.info.member_widths)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
