@@ -1,7 +1,8 @@
 """Through the server, a client is exactly the in-process client: the core equivalence tests over gRPC.
 
-Each case runs the core harness with the client attached to a server on a loopback port, over the
-plain gRPC stream (``shared_memory=False``) and over the same-host shared-memory channel.
+Each case runs the core harness with the client attached to a server on a loopback port: every
+architecture the core suite requires over the plain gRPC stream (``shared_memory=False``) and over
+the same-host shared-memory channel, and every PEFT method of the core suite.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from symbiosis import load_model
 from symbiosis.transport import RemoteTransport
 
 from ..equivalence import check_equivalence
+from ..test_equivalence_architectures import REQUIRED
 from ..test_equivalence_peft import METHODS
 
 PATHS = {"tcp": {"shared_memory": False}, "shm": {"shared_memory": True}}
@@ -23,14 +25,14 @@ def lora() -> LoraConfig:
 
 
 @pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "gemma", "opt", "gpt_neox"])
+@pytest.mark.parametrize("model_type", REQUIRED)
 def test_architectures_through_server(served, model_dir, model_type, path):
     server = served(model_type)
     errors = check_equivalence(model_dir(model_type), lora(), executor=server.url, connect_options=PATHS[path])
     assert errors["grads"] <= 1e-5
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "adalora", "loha", "lokr", "oft", "prefix_tuning", "prompt_tuning"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_peft_methods_through_server(served, model_dir, method):
     check_equivalence(model_dir("llama"), METHODS[method](), executor=served("llama").url)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import threading
 import time
@@ -10,6 +11,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from symbiosis import BaseExecutor, load_model
+from symbiosis.transport import RemoteTransport
 from symbiosis.workload import AffineTask, train
 
 from ..equivalence import assert_close
@@ -39,33 +41,52 @@ def test_requests_from_processes_share_gemms(model_dir):
     assert max(op["clients_per_gemm"] for op in stats["ops"]) > 1.0
 
 
-def _lora_run(executor_or_url, *, on_step=None):
+def _lora_run(executor_or_url, *, prepare=None):
+    """Six LoRA fine-tuning steps; ``prepare(model)`` runs before training (e.g. to add hooks)."""
     torch.manual_seed(0)
     client = load_model(executor_or_url, connect_options={"retry_timeout_s": 120} if isinstance(executor_or_url, str) else None)
     model = get_peft_model(client, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
+    if prepare is not None:
+        prepare(model)
     task = AffineTask(256, a=1, b=3)
-    result = train(model, task, steps=6, batch_size=2, seq_len=8, lr=1e-2, on_step=on_step)
+    result = train(model, task, steps=6, batch_size=2, seq_len=8, lr=1e-2)
     return model, result
 
 
 def test_training_survives_a_server_restart(model_dir):
-    """SIGKILL the server after step 2 and start it again on the same port: the adapter ends exactly
-    as in an uninterrupted run (no optimizer step lost or repeated), after retries."""
+    """SIGKILL the server while a request of step 2's backward pass is in flight and start it again
+    on the same port: the adapter ends exactly as in an uninterrupted run (no optimizer step lost or
+    repeated), after retries."""
     path = model_dir("llama")
     reference, ref_result = _lora_run(BaseExecutor.from_pretrained(path))
     port = free_port()
-    server = start_server_process(path, port=port)
+    # every request waits 100 ms in the server's queue (for a batch to fill): a window to kill it in
+    server = start_server_process(path, "--max-wait-ms", "100", port=port)
+    killed_in_flight: list[bool] = []
     restarted: list = []
 
-    def on_step(step: int, loss: float) -> None:
-        if step == 2:
-            server.kill()
-            threading.Thread(target=lambda: (time.sleep(0.5), restarted.append(start_server_process(path, port=port)))).start()
+    def kill_during_a_request() -> None:
+        probe = RemoteTransport(f"127.0.0.1:{port}", shared_memory=False)
+        while probe.stats()["queue_depth"] == 0:  # until the client's next backward request is queued
+            pass
+        server.kill()
+        killed_in_flight.append(True)
+        time.sleep(0.5)
+        restarted.append(start_server_process(path, port=port))
+
+    def prepare(model) -> None:
+        backward_passes = itertools.count()
+
+        def hook(_module, _grad_output) -> None:
+            if next(backward_passes) == 2:  # step 2, during its backward pass
+                threading.Thread(target=kill_during_a_request, daemon=True).start()
+
+        model.base_model.model.model.layers[0].mlp.down_proj.register_full_backward_pre_hook(hook)
 
     try:
-        model, result = _lora_run(server.address, on_step=on_step)
+        model, result = _lora_run(server.address, prepare=prepare)
         transport = model.base_model.model.symbiosis.transport
-        assert restarted and transport.retries > 0, "the restart did not interrupt the loop"
+        assert killed_in_flight and restarted and transport.retries > 0, "the restart did not interrupt the loop"
     finally:
         server.kill()
         for again in restarted:
