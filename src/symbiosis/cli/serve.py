@@ -13,6 +13,9 @@ import torch
 from ..executor import BaseExecutor
 from ..executor.sharding import parse_layer_range
 from ..server import ExecutorServer, TenantRegistry
+from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
+from ..server.shm_host import DEFAULT_MAX_CHANNELS
+from ..transport.keepalive import DEFAULT_KEEPALIVE_S
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,9 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this HTTP port (0: any)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch intra-op threads of the GEMMs (default: torch's, one per core); 1 where clients share the host's cores")
-    parser.add_argument("--max-workers", type=int, default=64, help="server threads: concurrent client sessions (default 64)")
+    parser.add_argument("--max-workers", type=int, default=64,
+                        help=f"server threads (default 64): gRPC client sessions get all but {UNARY_THREADS}, kept for health checks and setup calls")
     parser.add_argument("--max-message-mb", type=int, default=256, help="largest request message in MiB (default 256)")
     parser.add_argument("--no-shared-memory", action="store_true", help="do not offer same-host shared-memory channels")
+    parser.add_argument("--shm-channels", type=int, default=DEFAULT_MAX_CHANNELS,
+                        help=f"same-host shared-memory channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use gRPC)")
+    parser.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S,
+                        help=f"end client sessions idle this long; clients reopen them (default {DEFAULT_SESSION_IDLE_S:.0f})")
+    parser.add_argument("--keepalive-s", type=float, default=DEFAULT_KEEPALIVE_S,
+                        help=f"ping quiet client connections this often, drop those that do not answer (default {DEFAULT_KEEPALIVE_S:.0f})")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="wait this long for a batch to fill (default 0)")
     parser.add_argument("--max-rows", type=int, help="rows per GEMM at most")
     parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
@@ -65,7 +75,10 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         max_workers=args.max_workers,
         shared_memory=not args.no_shared_memory,
+        shm_channels=args.shm_channels,
         max_message_bytes=args.max_message_mb << 20,
+        session_idle_s=args.session_idle_s,
+        keepalive_s=args.keepalive_s,
     ).start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,10 @@
-"""An executor served over gRPC: service, health checking, metrics, TLS, graceful shutdown."""
+"""An executor served over gRPC: service, health checking, metrics, TLS, keepalive, idle
+timeouts, graceful shutdown."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -11,10 +13,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ..executor import BaseExecutor
 from ..transport import symbiosis_pb2 as pb
 from ..transport import symbiosis_pb2_grpc as pb_grpc
+from ..transport.keepalive import DEFAULT_KEEPALIVE_S, MIN_CLIENT_PING_INTERVAL_S, keepalive_options
+from ..transport.shm import SUPPORTED as SHM_SUPPORTED
 from .handler import RequestHandler
 from .metrics import ServerMetrics
 from .service import ExecutorService
-from .shm_host import ShmHost
+from .shm_host import DEFAULT_MAX_CHANNELS, ShmHost
 from .tenancy import TenantRegistry
 
 log = logging.getLogger(__name__)
@@ -23,6 +27,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Executor"].full_name
 #: Default largest message a client may send (one op request's rows).
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+#: Server threads kept from session streams for unary calls (health, spec, stats, channel setup).
+UNARY_THREADS = 4
+#: Default seconds a session (stream or channel) may stay idle before the server ends it.
+DEFAULT_SESSION_IDLE_S = 300.0
+#: Seconds after which the server closes a connection without calls (the client reconnects when it needs to).
+CONNECTION_IDLE_S = 600.0
 
 
 class ExecutorServer:
@@ -30,8 +40,11 @@ class ExecutorServer:
 
     ``registry``: tenants (default: open, no tokens). ``tls``: ``(certificate_pem, key_pem)`` to
     serve TLS only. ``metrics_port``: serve Prometheus metrics over HTTP there (0: any free port).
-    ``max_workers``: server threads, i.e. concurrent session streams and unary calls; further RPCs
-    are refused with RESOURCE_EXHAUSTED. ``shared_memory``: offer same-host channels.
+    ``max_workers``: server threads; session streams may hold all but ``UNARY_THREADS`` of them
+    (further sessions are refused with RESOURCE_EXHAUSTED), the rest serve health checks and unary
+    calls. ``shared_memory``: offer same-host channels (Linux only), at most ``shm_channels`` at
+    once. ``session_idle_s``: end sessions and channels idle longer than this (their clients open
+    new ones). ``keepalive_s``: ping quiet connections this often and drop those that do not answer.
     """
 
     def __init__(
@@ -45,16 +58,24 @@ class ExecutorServer:
         metrics_port: int | None = None,
         max_workers: int = 64,
         shared_memory: bool = True,
+        shm_channels: int = DEFAULT_MAX_CHANNELS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        session_idle_s: float = DEFAULT_SESSION_IDLE_S,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
+        if max_workers <= UNARY_THREADS:
+            raise ValueError(f"max_workers must exceed the {UNARY_THREADS} threads kept for unary calls, got {max_workers}")
+        if shared_memory and not SHM_SUPPORTED:
+            log.warning("shared-memory channels need Linux (memfd_create, abstract Unix sockets); serving over gRPC only")
         self.executor = executor
         self.host = host
         self.registry = registry or TenantRegistry.open()
         self.tls = tls is not None
+        self.session_idle_s = session_idle_s
         self.metrics = ServerMetrics(executor, self.registry.tenants())
         self.handler = RequestHandler(executor, self.metrics)
-        self.shm = ShmHost(self.handler) if shared_memory else None
-        self.service = ExecutorService(executor, self.registry, self.handler, self.shm)
+        self.shm = ShmHost(self.handler, max_channels=shm_channels) if shared_memory and SHM_SUPPORTED else None
+        self.service = ExecutorService(executor, self.registry, self.handler, self.shm, max_sessions=max_workers - UNARY_THREADS)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="symbiosis-rpc"),
@@ -63,6 +84,9 @@ class ExecutorServer:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.so_reuseport", 0),  # a second server on a busy port fails instead of sharing it
+                *keepalive_options(keepalive_s),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", int(MIN_CLIENT_PING_INTERVAL_S * 1000)),
+                ("grpc.max_connection_idle_ms", int(CONNECTION_IDLE_S * 1000)),
             ],
         )
         pb_grpc.add_ExecutorServicer_to_server(self.service, self._server)
@@ -77,6 +101,8 @@ class ExecutorServer:
             raise OSError(f"could not listen on {address}")
         self._metrics_port = metrics_port
         self.metrics_port: int | None = None
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._end_idle_sessions, name="symbiosis-idle", daemon=True)
 
     @property
     def url(self) -> str:
@@ -90,6 +116,7 @@ class ExecutorServer:
             self.metrics_port = self.metrics.serve_http(self.host, self._metrics_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._reaper.start()
         log.info("serving %r on %s", self.executor, self.url)
         return self
 
@@ -97,6 +124,7 @@ class ExecutorServer:
         """Drain: report NOT_SERVING, refuse new calls and sessions, let calls in flight finish
         (at most ``grace_s``), end idle sessions and channels, then stop."""
         self.health.enter_graceful_shutdown()
+        self._stopping.set()
         self.service.sessions.drain()  # before stop(): cancellations are processed while the server runs
         stopped = self._server.stop(grace_s)
         if self.shm is not None:
@@ -108,3 +136,10 @@ class ExecutorServer:
     def wait(self) -> None:
         """Block until the server stops."""
         self._server.wait_for_termination()
+
+    def _end_idle_sessions(self) -> None:
+        """Until the server stops, end sessions and channels idle longer than ``session_idle_s``."""
+        while not self._stopping.wait(min(self.session_idle_s / 4, 5.0)):
+            self.service.sessions.end_idle(self.session_idle_s)
+            if self.shm is not None:
+                self.shm.end_idle(self.session_idle_s)

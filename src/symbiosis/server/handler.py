@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 
@@ -23,15 +23,21 @@ from .tenancy import TenantState
 # writes into its inputs, so torch's warning about non-writable buffers does not apply here.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
+#: Distinct client ids counted per tenant (client ids are chosen by clients: memory must stay bounded).
+MAX_CLIENT_IDS = 1024
+#: The id under which a tenant's requests from further client ids are counted.
+OTHER_CLIENTS = "other"
+
 
 class RequestHandler:
-    """Runs op calls for tenants on one executor and counts completed requests per client."""
+    """Runs op calls for tenants on one executor and counts completed requests per client id (at
+    most ``MAX_CLIENT_IDS`` ids per tenant; requests of later ids count under ``OTHER_CLIENTS``)."""
 
     def __init__(self, executor: BaseExecutor, metrics: ServerMetrics) -> None:
         self.executor = executor
         self.metrics = metrics
         self._lock = threading.Lock()
-        self._completed: Counter[tuple[str, str]] = Counter()
+        self._completed: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     def handle(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None = None) -> torch.Tensor:
         """The output of ``call`` for ``tenant``; raises a ``SymbiosisError`` for a refused request.
@@ -48,7 +54,9 @@ class RequestHandler:
             with tenant.admit():
                 y = self.executor.run(request)
             with self._lock:
-                self._completed[tenant.name, request.client_id] += 1
+                counts = self._completed[tenant.name]
+                known = request.client_id in counts or len(counts) < MAX_CLIENT_IDS
+                counts[request.client_id if known else OTHER_CLIENTS] += 1
             return y
         except Exception as exc:
             outcome = status_code_of(exc).name
@@ -59,4 +67,4 @@ class RequestHandler:
     def completed_by_client(self, tenant: str) -> dict[str, int]:
         """Requests of ``tenant`` answered successfully, per client id."""
         with self._lock:
-            return {client: n for (owner, client), n in self._completed.items() if owner == tenant}
+            return dict(self._completed.get(tenant, {}))

@@ -5,8 +5,9 @@ Per request (labels: tenant, op family, direction, outcome): ``symbiosis_request
 the executor's batch statistics at scrape time: ``symbiosis_gemms_total``,
 ``symbiosis_gemm_rows_total``, ``symbiosis_gemm_requests_total`` and ``symbiosis_rows_per_gemm``
 (rows per GEMM is ``rate(gemm_rows_total) / rate(gemms_total)`` over any window). Gauges: queue
-depth and open sessions per tenant. Op families fold layer indices (``model.layers.*.mlp.up_proj``)
-so that label cardinality stays bounded.
+depth and open sessions per tenant. Label values stay bounded whatever clients send: op families
+fold layer indices (``model.layers.*.mlp.up_proj``), an op the executor does not serve is labelled
+``unknown``, tenants come from the tenants file and outcomes are status code names.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .tenancy import TenantState
 
 #: Latency buckets (seconds): 50 us to 10 s.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+#: The label of an op the executor does not serve, and of an invalid direction.
+UNKNOWN = "unknown"
 
 
 class _BatchCollector(Collector):
@@ -69,6 +72,7 @@ class ServerMetrics:
         for state in tenants:
             sessions.labels(state.name).set_function(state.open_sessions)
         self.registry.register(_BatchCollector(executor))
+        self._ops = frozenset(executor.spec().ops)
         self._http = None
         self._ok: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
@@ -82,11 +86,11 @@ class ServerMetrics:
             children[0].inc()
             children[1].observe(seconds)
         else:
-            self._requests.labels(*self._labels(tenant, op, direction), outcome).inc()
+            self._requests.labels(*self._labels(tenant, op if op in self._ops else UNKNOWN, direction), outcome).inc()
 
     @staticmethod
     def _labels(tenant: str, op: str, direction: Direction | int) -> tuple[str, str, str]:
-        return tenant, op_family(op)[:200], Direction(direction).name.lower() if direction in (0, 1) else "unknown"
+        return tenant, op_family(op), Direction(direction).name.lower() if direction in (0, 1) else UNKNOWN
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on ``host:port`` (0: any free port); return the port."""

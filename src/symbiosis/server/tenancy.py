@@ -6,6 +6,7 @@ A tenants file (JSON or TOML, by suffix) lists tenants::
     name = "alice"
     token = "a-long-random-secret"          # or token_sha256 = "<hex digest of the token>"
     priority = 0                            # added to every request's priority (0: none)
+    stats = false                           # may see the executor's batch statistics (all tenants' traffic)
     [tenants.limits]                        # every limit is optional (absent: unlimited)
     concurrent_requests = 8                 # op requests in flight at once
     rows_per_request = 8192
@@ -13,7 +14,8 @@ A tenants file (JSON or TOML, by suffix) lists tenants::
     requests_per_second = 5000              # token bucket, burst = one second's worth
     sessions = 16                           # open streams and shared-memory channels
 
-Without a tenants file the service is open: one tenant ``default``, no token, no limits.
+Without a tenants file the service is open: one tenant ``default``, no token, no limits, and it
+sees the batch statistics.
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class Tenant:
-    """A tenant: its name, the SHA-256 digest of its token, its priority offset and its limits."""
+    """A tenant: its name, the SHA-256 digest of its token, its priority offset, its limits, and
+    whether it may see the executor's batch statistics (which reflect every tenant's traffic)."""
 
     name: str
     token_sha256: str
     priority: int = 0
     limits: Limits = field(default_factory=Limits)
+    stats: bool = False
 
 
 def token_digest(token: str) -> str:
@@ -143,11 +147,11 @@ class TenantRegistry:
             raise ValueError("two tenants share a token")
         self.require_token = require_token
         self._states = {t.token_sha256: TenantState(t) for t in tenants}
-        self._open = None if require_token else TenantState(Tenant("default", ""))
+        self._open = None if require_token else TenantState(Tenant("default", "", stats=True))
 
     @classmethod
     def open(cls) -> TenantRegistry:
-        """No authentication: every caller is tenant ``default`` without limits."""
+        """No authentication: every caller is tenant ``default`` without limits, seeing the statistics."""
         return cls([], require_token=False)
 
     @classmethod
@@ -180,7 +184,7 @@ class TenantRegistry:
         return [self._open] if self._open is not None else list(self._states.values())
 
 
-_TENANT_KEYS = {"name", "token", "token_sha256", "priority", "limits"}
+_TENANT_KEYS = {"name", "token", "token_sha256", "priority", "limits", "stats"}
 
 
 def _tenant_from_dict(entry: Any, source: str) -> Tenant:
@@ -198,8 +202,11 @@ def _tenant_from_dict(entry: Any, source: str) -> Tenant:
     priority = entry.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
         raise ValueError(f"{source}: tenant {name!r}: priority must be an int >= 0")
+    stats = entry.get("stats", False)
+    if not isinstance(stats, bool):
+        raise ValueError(f"{source}: tenant {name!r}: stats must be true or false")
     limits = entry.get("limits", {})
     known = {f.name for f in fields(Limits)}
     if not isinstance(limits, dict) or set(limits) - known:
         raise ValueError(f"{source}: tenant {name!r}: limits must be a table with keys among {sorted(known)}")
-    return Tenant(name, digest, priority, Limits(**limits))
+    return Tenant(name, digest, priority, Limits(**limits), stats)

@@ -1,14 +1,16 @@
 """A client's connection to an executor server (``symbiosis serve``): the ``Transport`` over gRPC.
 
 Every client thread gets its own lane: a same-host shared-memory channel when the server offers
-one and the client really shares its memory (tensors are written in place; the socket carries one
-doorbell byte), otherwise a gRPC ``Session`` stream (tensors inline as raw bytes). Requests whose
-input or output exceed the channel's capacity take the stream.
+one and hands its memory over (tensors are written in place; the socket carries one doorbell
+byte), otherwise a gRPC ``Session`` stream (tensors inline as raw bytes). Requests whose input or
+output exceed the channel's capacity take the stream, and so do a thread's requests while the
+server refuses it a channel (its channel limits, the tenant's sessions).
 
 Op calls are stateless on the executor, so retrying one is always safe: when the server is
-unreachable (restarting, draining) a call is retried with exponential backoff and jitter (tenacity)
-for up to ``retry_timeout_s``, on a fresh lane. A training loop therefore just waits through a
-restart: no optimizer step is lost or repeated. Errors the request itself caused are never retried.
+unreachable (restarting, draining, silent past the keepalive timeout) or ended the lane (an idle
+session timed out) a call is retried with exponential backoff and jitter (tenacity) for up to
+``retry_timeout_s``, on a fresh lane. A training loop therefore just waits through a restart: no
+optimizer step is lost or repeated. Errors the request itself caused are never retried.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import json
 import logging
 import os
 import queue
-import socket
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -29,18 +31,21 @@ import grpc
 import tenacity
 import torch
 
-from ..errors import ExecutorUnavailableError, SymbiosisError
+from ..errors import ExecutorUnavailableError, LimitExceededError, SymbiosisError
 from ..protocol import Direction, ModelSpec, OpKind, OpRequest
 from . import symbiosis_pb2 as pb
 from . import symbiosis_pb2_grpc as pb_grpc
-from .shm import DEFAULT_CAPACITY, DOORBELL, ShmLayout, open_segment, read_message, release_segment, write_message, write_tensor
+from .keepalive import DEFAULT_KEEPALIVE_S, keepalive_options
+from .shm import DEFAULT_CAPACITY, DOORBELL, SUPPORTED, ShmLayout, open_channel, read_message, unmap, write_message, write_tensor
 from .wire import RegionReader, decode_tensor, describe_region, encode_call, encode_tensor, exception_for, spec_from_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Status codes that mean "the server is not there right now": the call is retried.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+#: Status codes that mean "the server is not there right now" (or ended the session): the call is retried.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+#: Seconds a thread whose channel the server refused sends its requests on the stream before asking again.
+SHM_RETRY_S = 10.0
 
 
 class _Transient(ExecutorUnavailableError):
@@ -60,6 +65,9 @@ class RemoteTransport:
     default: the system's roots). ``shared_memory``: ``None`` (default) uses a same-host channel
     when one can be had, ``True`` requires one, ``False`` never uses one. ``shm_capacity``: bytes
     each way of a channel. ``retry_timeout_s``: how long calls are retried while the server is away.
+    ``keepalive_s``: seconds between keepalive pings (a silent server is given up after one more
+    such interval, at most 10 s). ``call_timeout_s``: deadline of each unary call (spec, stats,
+    channel setup).
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class RemoteTransport:
         shared_memory: bool | None = None,
         shm_capacity: int = DEFAULT_CAPACITY,
         retry_timeout_s: float = 60.0,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        call_timeout_s: float = 30.0,
     ) -> None:
         self.address = address
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -81,14 +91,19 @@ class RemoteTransport:
             ("grpc.initial_reconnect_backoff_ms", 50),
             ("grpc.min_reconnect_backoff_ms", 50),
             ("grpc.max_reconnect_backoff_ms", 1000),
+            *keepalive_options(keepalive_s),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a server that sends nothing
         ]
         if tls:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.ExecutorStub(self._channel)
+        self._call_timeout_s = call_timeout_s
         self._shared_memory = shared_memory
         self._shm_capacity = shm_capacity
+        if shared_memory is not False and not SUPPORTED:
+            self._no_shared_memory("shared-memory channels need Linux (memfd_create, abstract Unix sockets)")
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Transient),
             wait=tenacity.wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
@@ -100,13 +115,14 @@ class RemoteTransport:
         self._lanes: weakref.WeakSet = weakref.WeakSet()
         self._call_ids = itertools.count(1)
         self._spec: ModelSpec | None = None
+        self._fingerprint = ""
         self.retries = 0
 
     # ------------------------------------------------------------------------- Transport API
     def spec(self) -> ModelSpec:
         if self._spec is None:
             reply = self._unary(self._stub.GetSpec, pb.SpecRequest())
-            self._spec = spec_from_json(reply.json)
+            self._spec, self._fingerprint = spec_from_json(reply.json), reply.fingerprint
         return self._spec
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -120,8 +136,14 @@ class RemoteTransport:
             return self._retry(self._run_once, request)
 
     # ------------------------------------------------------------------------------- extras
+    def fingerprint(self) -> str:
+        """The server's fingerprint of its base weights (see ``transport.fingerprint``)."""
+        self.spec()
+        return self._fingerprint
+
     def stats(self) -> dict[str, Any]:
-        """The server's batch statistics and this tenant's completed requests per client id."""
+        """This tenant's completed requests per client id; the server's batch statistics too if the
+        tenant may see them (``stats = true`` in the tenants file; everyone on an open server)."""
         return json.loads(self._unary(self._stub.GetStats, pb.StatsRequest()).json)
 
     @property
@@ -149,7 +171,7 @@ class RemoteTransport:
     def _unary(self, method: Callable, message: Any) -> Any:
         def call() -> Any:
             try:
-                return method(message, metadata=self._metadata)
+                return method(message, metadata=self._metadata, timeout=self._call_timeout_s)
             except grpc.RpcError as exc:
                 raise _translate(exc) from None
 
@@ -199,26 +221,40 @@ class RemoteTransport:
         return lane
 
     def _shm_lane(self) -> _ShmLane | None:
+        """The calling thread's channel, or None: its requests take the stream (for now, or for good)."""
         if self._shared_memory is False:
             return None
         lane = getattr(self._local, "shm", None)
         if lane is None:
+            if time.monotonic() < getattr(self._local, "shm_retry_at", 0.0):
+                return None
             request = pb.AttachRequest(pid=os.getpid(), capacity=self._shm_capacity)
             try:
-                lane = _ShmLane(self._stub.AttachShm(request, metadata=self._metadata))
+                lane = _ShmLane(self._stub.AttachShm(request, metadata=self._metadata, timeout=self._call_timeout_s))
             except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                    raise _translate(exc) from None
-                self._no_shared_memory(f"the server offers none ({exc.details()})")
-                return None
-            except OSError as exc:  # the segment or socket is not there: another host (or another user)
-                self._no_shared_memory(str(exc))
-                return None
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    return self._no_shared_memory(f"the server offers none ({exc.details()})")
+                error = _translate(exc)
+                if not isinstance(error, LimitExceededError):
+                    raise error from None
+                return self._refused(error)
+            except LimitExceededError as exc:  # the server refused the channel when we connected
+                return self._refused(exc)
+            except OSError as exc:  # no channel can be reached from here: another host or namespace
+                return self._no_shared_memory(str(exc))
             self._local.shm = lane
             self._lanes.add(lane)
         return lane
 
+    def _refused(self, exc: LimitExceededError) -> None:
+        """The server refused this thread a channel: take the stream for a while (or fail if required)."""
+        if self._shared_memory:
+            raise exc
+        log.debug("no shared-memory channel to %s for now (%s); this thread uses gRPC", self.address, exc)
+        self._local.shm_retry_at = time.monotonic() + SHM_RETRY_S
+
     def _no_shared_memory(self, why: str) -> None:
+        """Shared memory cannot work with this server: use gRPC from now on (or fail if required)."""
         if self._shared_memory:
             raise ExecutorUnavailableError(f"no shared-memory channel to {self.address}: {why}")
         log.info("no shared-memory channel to %s (%s); tensors travel over gRPC", self.address, why)
@@ -267,23 +303,16 @@ class _ShmLane:
 
     def __init__(self, reply: pb.AttachReply) -> None:
         self.layout = ShmLayout(reply.capacity, reply.header_bytes)
-        self._shm = open_segment(reply.segment)
-        try:
-            if bytes(self._shm.buf[: len(reply.nonce)]) != reply.nonce:
-                raise OSError(f"segment {reply.segment} is not the server's (another host?)")
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.connect(reply.doorbell)
-        except BaseException:
-            release_segment(self._shm, unlink=False)
-            raise
-        self._responses = functools.partial(self.layout.region, self._shm.buf, self.layout.response_data)
+        self._sock, self._memory = open_channel(reply.doorbell, self.layout.size)
+        self._buf = memoryview(self._memory)
+        self._responses = functools.partial(self.layout.region, self._buf, self.layout.response_data)
         weakref.finalize(self, self._sock.close)
 
     def fits(self, request: OpRequest, output_bytes: int) -> bool:
         return max(request.x.numel() * request.x.element_size(), output_bytes) <= self.layout.capacity
 
     def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
-        buf, layout = self._shm.buf, self.layout
+        buf, layout = self._buf, self.layout
         write_tensor(buf, layout.request_data, request.x)
         msg = encode_call(request, call_id)
         describe_region(request.x, layout.request_data, msg.x)
@@ -300,5 +329,5 @@ class _ShmLane:
     def close(self) -> None:
         self._sock.close()
         self._responses = None
-        release_segment(self._shm, unlink=False)
+        unmap(self._memory, self._buf)
 

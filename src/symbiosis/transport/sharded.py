@@ -2,7 +2,8 @@
 
 Each op is routed to the shard that serves it (the ownership rule is ``executor.sharding``); frozen
 tensors come from the first shard (every shard holds them all), except an op's own weight
-(``<op>.weight``, e.g. for a client-side LM head), which comes from that op's owner.
+(``<op>.weight``, e.g. for a client-side LM head), which comes from that op's owner. The shards must
+tile the model's layers and serve one base: the same config and the same weights (by fingerprint).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ..errors import BadRequestError
 from ..protocol import ModelSpec, OpRequest
 from .base import Transport
+from .fingerprint import fingerprint_of
 
 
 class ShardedTransport:
@@ -27,6 +29,7 @@ class ShardedTransport:
         self.shards = [shards[i] for i in order]
         specs = [specs[i] for i in order]
         _check_tiling(specs)
+        _check_same_base(self.shards, specs)
         self._owner: dict[str, Transport] = {}
         for shard, spec in zip(self.shards, specs):
             for op in spec.ops:
@@ -76,8 +79,8 @@ def _check_tiling(specs: list[ModelSpec]) -> None:
     ranges = [spec.layer_range for spec in specs]
     if any(r is None for r in ranges):
         raise ValueError("every shard of a sharded base must serve a layer range (serve --layers A:B)")
-    if any(spec.config != specs[0].config for spec in specs):
-        raise ValueError("the shards serve different models")
+    if any(_architecture(spec) != _architecture(specs[0]) for spec in specs):
+        raise ValueError("the shards serve different models (their configs differ)")
     expected = 0
     for start, end in ranges:
         if start != expected:
@@ -88,3 +91,17 @@ def _check_tiling(specs: list[ModelSpec]) -> None:
     layers = getattr(config_from_spec(specs[0]), "num_hidden_layers", expected)
     if expected != layers:
         raise ValueError(f"the shards' layer ranges {ranges} stop at layer {expected}; the model has {layers}")
+
+
+def _architecture(spec: ModelSpec) -> dict:
+    """The config without where it was loaded from (copies of one checkpoint on different hosts agree)."""
+    return {key: value for key, value in spec.config.items() if key != "_name_or_path"}
+
+
+def _check_same_base(shards: list[Transport], specs: list[ModelSpec]) -> None:
+    """The shards must hold the same frozen weights, not just the same config."""
+    if len(shards) == 1:
+        return
+    fingerprints = [fingerprint_of(shard, spec) for shard, spec in zip(shards, specs)]
+    if len(set(fingerprints)) > 1:
+        raise ValueError(f"the shards serve different base weights (fingerprints {', '.join(f[:12] for f in fingerprints)})")

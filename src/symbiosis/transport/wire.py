@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import torch
 
-from ..errors import AuthenticationError, BadRequestError, LimitExceededError, SymbiosisError
+from ..errors import AuthenticationError, BadRequestError, ExecutorUnavailableError, LimitExceededError, SymbiosisError
 from ..protocol import Direction, ModelSpec, OpInfo, OpKind, OpRequest, TensorInfo, dtype_name
 from . import symbiosis_pb2 as pb
 
@@ -70,7 +70,8 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
     """The tensor a ``Tensor`` message describes; ``BadRequestError`` for anything malformed.
 
     Inline bytes are wrapped without copying unless ``copy``; a region is resolved through
-    ``regions`` (the caller's shared-memory channel) and returned as a view of it unless ``copy``.
+    ``regions`` (the caller's shared-memory channel) and returned as a view of it unless ``copy``
+    or the dtype is an integer one (always copied).
     """
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
@@ -87,6 +88,12 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
         if msg.region.nbytes != nbytes:
             raise BadRequestError(f"region holds {msg.region.nbytes} bytes, dtype and shape need {nbytes}")
         buffer = regions(msg.region.offset, nbytes)
+        # Integer tensors (token ids) are copied out of shared memory before anyone validates them:
+        # the client can rewrite its channel at any time, and an index changed between validation
+        # and use fails the gather (on CUDA, a device-side assert poisons the context of every
+        # tenant). Float rows stay zero-copy views: rewriting them mid-call changes only that
+        # client's own output rows (every output row of a linear op depends on its input row alone).
+        copy = copy or not dtype.is_floating_point
     else:
         buffer = memoryview(msg.data) if kind == "data" else memoryview(b"")
         if buffer.nbytes != nbytes:
@@ -179,6 +186,7 @@ ERROR_CODES: dict[grpc.StatusCode, type[SymbiosisError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: BadRequestError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.UNAVAILABLE: ExecutorUnavailableError,
 }
 
 

@@ -18,7 +18,7 @@ def test_sharded_tls_tenants_via_cli(model_dir, tmp_path):
     cert, key = _self_signed()
     (tmp_path / "cert.pem").write_bytes(cert)
     (tmp_path / "key.pem").write_bytes(key)
-    (tmp_path / "tenants.json").write_text('{"tenants": [{"name": "alice", "token": "alice-secret"}]}')
+    (tmp_path / "tenants.json").write_text('{"tenants": [{"name": "alice", "token": "alice-secret", "stats": true}]}')
     common = ["--host", "localhost", "--tenants", str(tmp_path / "tenants.json"), "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
     with server_process(path, "--layers", "0:2", "--metrics-port", "0", "--threads", "1", *common) as first, server_process(path, "--layers", "2:3", *common) as second:
         assert first.address.startswith("symbiosis+tls://localhost:")

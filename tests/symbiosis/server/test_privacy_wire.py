@@ -10,6 +10,10 @@ One exact overlap is inherent to splitting at the linear ops and documented in
 docs/architecture-service.md: at the first position of a sequence attention attends only to
 itself, so the input of ``o_proj`` there *is* that position's value vectors. The test checks that
 this is the only KV-cache content that appears, and that it does appear (so the claim is exact).
+
+Bytes are not information: the documented inferences an executor holding the base can make from
+what it receives (labels from the LM head's gradient, token ids from the first layer's input) are
+checked too, so that the contract states them exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from symbiosis import load_model
-from symbiosis.transport import remote
+from symbiosis.protocol import Direction, OpRequest
+from symbiosis.transport import RemoteTransport, remote
 from symbiosis.transport.shm import ShmLayout
 
 from .capture import RecordingProxy, grpc_messages
@@ -53,7 +58,7 @@ def shm_recorder(monkeypatch):
         out = original(self, request, call_id)
         layout: ShmLayout = self.layout
         nbytes = request.x.numel() * request.x.element_size()
-        buf = self._shm.buf
+        buf = self._buf
         recorded.append(bytes(buf[layout.request_header : layout.request_header + layout.header]))
         recorded.append(bytes(buf[layout.request_data : layout.request_data + nbytes]))
         return out
@@ -151,3 +156,39 @@ def test_token_ids_travel_only_with_executor_side_embeddings(served):
     assert sorted(found(ids, haystack)) == sorted(ids)
     weights = {name: t for name, t in private.items() if " weight " in name or " grad " in name}
     assert found(weights, haystack) == []
+
+
+class RecordingTransport:
+    """Passes every request on to ``inner`` and keeps a copy of what the executor receives."""
+
+    def __init__(self, inner: RemoteTransport) -> None:
+        self.inner = inner
+        self.seen: list[tuple[str, Direction, torch.Tensor]] = []
+
+    def spec(self):
+        return self.inner.spec()
+
+    def tensors(self, names):
+        return self.inner.tensors(names)
+
+    def run(self, request: OpRequest) -> torch.Tensor:
+        self.seen.append((request.op, request.direction, request.x.detach().clone()))
+        return self.inner.run(request)
+
+
+def test_what_an_executor_can_infer(served):
+    """With the default placements, an executor holding the base recovers the training labels from
+    the LM head's backward input (argmin per row) and the token ids from the first layer's input
+    (nearest neighbour among the normalised embedding rows), as the contract says."""
+    transport = RecordingTransport(RemoteTransport(f"127.0.0.1:{served('llama').port}"))
+    model = get_peft_model(load_model(transport), LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(2))
+    model(input_ids=ids, labels=ids).loss.backward()
+    head_grad = next(x for op, direction, x in transport.seen if op == "lm_head" and direction is Direction.BACKWARD)
+    assert torch.equal(head_grad.argmin(-1).reshape(2, 12)[:, :-1], ids[:, 1:])  # the labels: the text shifted by one
+    first = next(x for op, direction, x in transport.seen if ".layers.0." in op and direction is Direction.FORWARD)
+    names = ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"]
+    table, gain = transport.tensors(names).values()
+    eps = transport.spec().config["rms_norm_eps"]
+    normalised = table * torch.rsqrt(table.pow(2).mean(-1, keepdim=True) + eps) * gain
+    assert torch.equal(torch.cdist(first, normalised).argmin(-1), ids.reshape(-1))

@@ -1,11 +1,14 @@
-"""Hostile or unlucky clients never hurt the server or other clients; drain, health and metrics."""
+"""Hostile or unlucky clients never hurt the server or other clients; drain, idle sessions,
+keepalive, health and metrics."""
 
 from __future__ import annotations
 
 import multiprocessing
-import socket
+import os
+import signal
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
@@ -15,15 +18,16 @@ from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from symbiosis import BadRequestError, BaseExecutor, load_model
-from symbiosis.errors import LimitExceededError
+from symbiosis.errors import ExecutorUnavailableError, LimitExceededError
 from symbiosis.protocol import Direction, OpRequest
 from symbiosis.server import ExecutorServer
+from symbiosis.server.handler import MAX_CLIENT_IDS, OTHER_CLIENTS
 from symbiosis.transport import RemoteTransport
 from symbiosis.transport import symbiosis_pb2 as pb
-from symbiosis.transport.shm import DOORBELL, open_segment, release_segment
 
-from .servers import health_status
-from .workers import stuck_client
+from .raw import RawChannel, attach
+from .servers import health_status, server_process
+from .workers import idle_client, stuck_client
 
 OP = "model.layers.0.self_attn.o_proj"
 SESSION = "/symbiosis.v1.Executor/Session"
@@ -87,27 +91,21 @@ def test_garbage_on_the_stream(server):
 
 def test_garbage_in_shared_memory(server):
     """A client that writes nonsense into its channel gets an error back; nobody else notices."""
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        attach = channel.unary_unary("/symbiosis.v1.Executor/AttachShm", request_serializer=pb.AttachRequest.SerializeToString, response_deserializer=pb.AttachReply.FromString)
-        reply = attach(pb.AttachRequest(pid=__import__("os").getpid(), capacity=1 << 16))
-    shm = open_segment(reply.segment)
-    sock = socket.socket(socket.AF_UNIX)
-    sock.connect(reply.doorbell)
+    channel = RawChannel(attach(server.port))
     try:
         for header in (b"\xff\xff\xff\xff", b"\x05\x00\x00\x00\xff\xff\xff\xff\xff", b"\x00\x00\x00\x00"):
-            shm.buf[: len(header)] = header
-            sock.sendall(DOORBELL)
-            assert sock.recv(1) == DOORBELL
-            result = pb.OpResult.FromString(bytes(shm.buf[reply.header_bytes + 4 : reply.header_bytes + 4 + int.from_bytes(shm.buf[reply.header_bytes : reply.header_bytes + 4], "little")]))
-            assert result.error.code == "INVALID_ARGUMENT"
-        region = pb.OpCall(op=OP, x=pb.Tensor(dtype="float32", shape=[1 << 20, 64], region=pb.ShmRegion(offset=0, nbytes=(1 << 20) * 256)))
-        data = region.SerializeToString()
-        shm.buf[: 4 + len(data)] = len(data).to_bytes(4, "little") + data
-        sock.sendall(DOORBELL)
-        assert sock.recv(1) == DOORBELL  # a region outside the channel is refused, not read
+            channel.write_header(header)
+            channel.ring()
+            result = channel.answer()
+            assert result.error.code == "INVALID_ARGUMENT", result
+        outside = pb.OpCall(op=OP, x=pb.Tensor(dtype="float32", shape=[1 << 20, 64], region=pb.ShmRegion(offset=0, nbytes=(1 << 20) * 256)))
+        data = outside.SerializeToString()
+        channel.write_header(len(data).to_bytes(4, "little") + data)
+        channel.ring()
+        result = channel.answer()  # a region outside the channel is refused, not read
+        assert result.error.code == "INVALID_ARGUMENT" and "outside the channel" in result.error.message, result
     finally:
-        sock.close()
-        release_segment(shm, unlink=False)
+        channel.close()
     healthy(server)
 
 
@@ -124,14 +122,22 @@ def test_client_vanishing_mid_request(model_dir, shared_memory):
         assert slow.queue_depth() > 0, "the client never sent its request"
         proc.kill()
         proc.join()
-        healthy(server)
-        if shared_memory:
-            deadline = time.monotonic() + 10
-            while server.shm.channel_count() > 1 and time.monotonic() < deadline:  # healthy() holds one
-                time.sleep(0.05)
-            assert server.shm.channel_count() <= 1, "the dead client's channel was not cleaned up"
+        healthy(server)  # its transports are closed when it returns
+        tenant = server.registry.tenants()[0]
+        assert eventually(lambda: tenant.open_sessions() == 0), "the dead client's session was not ended"
+        assert server.shm.channel_count() == 0, "the dead client's channel was not cleaned up"
     finally:
         server.stop(1.0)
+
+
+def eventually(condition, timeout_s: float = 60.0) -> bool:
+    """Whether ``condition()`` becomes true within ``timeout_s`` (a bound on waiting, not a performance check)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_graceful_drain_finishes_calls_in_flight(model_dir):
@@ -172,8 +178,118 @@ def test_metrics_and_health(server):
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
     ok = samples[("symbiosis_requests_total", (("direction", "forward"), ("op", "lm_head"), ("outcome", "ok"), ("tenant", "default")))]
     assert ok == 1
-    assert samples[("symbiosis_requests_total", (("direction", "forward"), ("op", "nope"), ("outcome", "INVALID_ARGUMENT"), ("tenant", "default")))] == 1
+    assert samples[("symbiosis_requests_total", (("direction", "forward"), ("op", "unknown"), ("outcome", "INVALID_ARGUMENT"), ("tenant", "default")))] == 1
     assert samples[("symbiosis_gemm_rows_total", (("direction", "forward"), ("op", "lm_head")))] == 4
     assert samples[("symbiosis_rows_per_gemm", (("direction", "forward"), ("op", "model.layers.*.mlp.down_proj")))] == 4
     assert samples[("symbiosis_request_seconds_count", (("direction", "forward"), ("op", "lm_head"), ("tenant", "default")))] == 1
     assert ("symbiosis_queue_depth", ()) in samples and ("symbiosis_sessions", (("tenant", "default"),)) in samples
+
+
+def test_client_chosen_names_do_not_grow_the_server(server):
+    """Op names and client ids are the client's choice: metrics series and per-client counts stay bounded."""
+    transport = RemoteTransport(f"127.0.0.1:{server.port}")
+    for _ in range(200):
+        with pytest.raises(BadRequestError, match="unknown op"):
+            transport.run(OpRequest(f"op-{uuid.uuid4().hex}", Direction.FORWARD, torch.randn(1, 64)))
+    for _ in range(MAX_CLIENT_IDS + 10):
+        transport.run(OpRequest(OP, Direction.FORWARD, torch.randn(1, 64), client_id=uuid.uuid4().hex))
+    text = requests.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).text
+    failed = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "symbiosis_requests_total" and s.labels["outcome"] != "ok"]
+    assert [(s.labels["op"], s.value) for s in failed] == [("unknown", 200)]
+    counts = transport.stats()["completed_by_client"]
+    assert len(counts) == MAX_CLIENT_IDS + 1 and counts[OTHER_CLIENTS] == 10 and sum(counts.values()) == MAX_CLIENT_IDS + 10
+
+
+def test_idle_sessions_cannot_starve_health_checks(model_dir):
+    """Streams may hold all server threads but the ones kept for unary calls: beyond that a client is
+    told so, and health checks, spec and stats calls are still answered."""
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), max_workers=6, shared_memory=False).start()
+    release, refused = threading.Event(), []
+    ready = threading.Semaphore(0)
+
+    def hold() -> None:
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", retry_timeout_s=1.0)
+        try:
+            transport.run(OpRequest(OP, Direction.FORWARD, torch.randn(1, 64)))
+        except LimitExceededError as exc:
+            refused.append(exc)
+        ready.release()
+        release.wait()  # the thread, and so its session, stays alive
+        transport.close()
+
+    holders = [threading.Thread(target=hold) for _ in range(6)]
+    try:
+        for thread in holders:
+            thread.start()
+            ready.acquire()
+        assert len(refused) == 4 and all("2 open sessions, its limit" in str(exc) for exc in refused), refused
+        assert health_status(server.port) == health_pb2.HealthCheckResponse.SERVING
+        assert RemoteTransport(f"127.0.0.1:{server.port}").stats()["completed_by_client"] == {"anonymous": 2}
+    finally:
+        release.set()
+        for thread in holders:
+            thread.join()
+        server.stop(1.0)
+
+
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
+def test_idle_sessions_time_out_and_clients_reopen_them(model_dir, shared_memory):
+    """The server ends a session idle past its timeout; the client's next call opens a new one, unharmed."""
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), session_idle_s=1.0).start()
+    try:
+        tenant = server.registry.tenants()[0]
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=shared_memory, retry_timeout_s=0)
+        x = torch.randn(2, 64)
+        weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+        for _ in range(2):
+            assert torch.allclose(transport.run(OpRequest(OP, Direction.FORWARD, x)), x @ weight.t(), atol=1e-5)
+            assert tenant.open_sessions() == 1 and transport.uses_shared_memory is shared_memory
+            assert eventually(lambda: tenant.open_sessions() == 0), "the idle session was not ended"
+        transport.close()
+    finally:
+        server.stop(1.0)
+
+
+def test_a_silent_server_fails_calls_instead_of_hanging(model_dir):
+    """A server that stops answering (SIGSTOP: its connections stay open) is detected by keepalive
+    pings; the call is retried, then reported, instead of waiting forever."""
+    with server_process(model_dir("llama")) as server:
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=False, keepalive_s=2.0, retry_timeout_s=1.0)
+        transport.run(OpRequest(OP, Direction.FORWARD, torch.randn(1, 64)))
+        outcome: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                transport.run(OpRequest(OP, Direction.FORWARD, torch.randn(1, 64)))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            caller = threading.Thread(target=call, daemon=True)
+            caller.start()
+            caller.join(120)
+            assert not caller.is_alive(), "the call hung on a silent server"
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert len(outcome) == 1 and isinstance(outcome[0], ExecutorUnavailableError), outcome
+
+
+def test_a_vanished_client_frees_its_session(model_dir):
+    """A client process that stops answering (SIGSTOP, like a host that vanished) while holding an
+    idle session: the server's keepalive pings go unanswered and the session ends."""
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), keepalive_s=1.0).start()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=idle_client, args=(server.url, ready))
+    proc.start()
+    try:
+        assert ready.wait(120), "the client did not start"
+        tenant = server.registry.tenants()[0]
+        assert tenant.open_sessions() == 1
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert eventually(lambda: tenant.open_sessions() == 0), "the silent client still holds its session"
+    finally:
+        proc.kill()
+        proc.join()
+        server.stop(1.0)

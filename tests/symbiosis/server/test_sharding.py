@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from peft import LoraConfig
 
-from symbiosis import BaseExecutor
+from symbiosis import BaseExecutor, load_model
 from symbiosis.executor.sharding import layer_index, owned_ops, parse_layer_range
 from symbiosis.server import ExecutorServer
+from symbiosis.tiny import save_random_model, tiny_config
 from symbiosis.transport import ShardedTransport
 
 from ..equivalence import check_equivalence
@@ -76,6 +79,25 @@ def test_shards_must_tile_the_model(model_dir):
         ShardedTransport(make((0, 1), (1, 2)))
     with pytest.raises(ValueError, match="must serve a layer range"):
         ShardedTransport([BaseExecutor.from_pretrained(path), *make((0, 3))])
+
+
+def test_shards_of_different_bases_are_refused(model_dir, tmp_path):
+    """Same config, other weights (another seed): refused in process and through servers. A copy of
+    the checkpoint in another directory (as on another host) is the same base."""
+    path = model_dir("llama", num_hidden_layers=3)
+    copy = shutil.copytree(path, tmp_path / "copy")
+    ShardedTransport([BaseExecutor.from_pretrained(path, layers=(0, 1)), BaseExecutor.from_pretrained(copy, layers=(1, 3))])
+    other = save_random_model(tiny_config("llama", num_hidden_layers=3), tmp_path / "other", seed=1)
+    first, second = BaseExecutor.from_pretrained(path, layers=(0, 1)), BaseExecutor.from_pretrained(other, layers=(1, 3))
+    with pytest.raises(ValueError, match="different base weights"):
+        ShardedTransport([first, second])
+    servers = [ExecutorServer(executor).start() for executor in (first, second)]
+    try:
+        with pytest.raises(ValueError, match="different base weights"):
+            load_model([server.url for server in servers])
+    finally:
+        for server in servers:
+            server.stop(1.0)
 
 
 def test_ownership_rule():

@@ -63,10 +63,11 @@ def test_tenants_file_formats(tmp_path):
     toml = tmp_path / "tenants.toml"
     toml.write_text(TENANTS_TOML)
     as_json = tmp_path / "tenants.json"
-    as_json.write_text(json.dumps({"tenants": [{"name": "carol", "token": "c", "limits": {"concurrent_requests": 2}}]}))
+    as_json.write_text(json.dumps({"tenants": [{"name": "carol", "token": "c", "stats": True, "limits": {"concurrent_requests": 2}}]}))
     assert [t.name for t in TenantRegistry.from_file(toml).tenants()] == ["alice", "bob"]
     assert TenantRegistry.from_file(toml).authenticate("bob-secret").tenant.limits.payload_bytes == 1024
     assert TenantRegistry.from_file(as_json).authenticate("c").tenant.limits.concurrent_requests == 2
+    assert TenantRegistry.from_file(as_json).authenticate("c").tenant.stats and not TenantRegistry.from_file(toml).authenticate("alice-secret").tenant.stats
     for bad in (
         {"tenants": []},
         {"tenants": [{"name": "x"}]},
@@ -74,6 +75,7 @@ def test_tenants_file_formats(tmp_path):
         {"tenants": [{"name": "x", "token": "t", "limits": {"payload_bytes": -1}}]},
         {"tenants": [{"name": "x", "token": "t"}, {"name": "y", "token": "t"}]},
         {"tenants": [{"name": "x", "token": "t", "colour": "red"}]},
+        {"tenants": [{"name": "x", "token": "t", "stats": "yes"}]},
     ):
         with pytest.raises(ValueError):
             TenantRegistry.from_dict(bad)
@@ -167,11 +169,12 @@ def test_session_limit(server_with):
             thread.join()
 
 
-def test_tenants_get_only_their_own_results(server_with, executor):
-    """Two tenants hammer the same op at once (batched together); each gets exactly its own rows."""
+def test_tenants_get_only_their_own_results(model_dir):
+    """Two tenants hammer the same op at once, batched together; each gets exactly its own rows."""
+    batching = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.005)  # let batches fill
     registry = TenantRegistry.from_dict({"tenants": [{"name": "a", "token": "ta"}, {"name": "b", "token": "tb"}]})
-    server = server_with(registry)
-    weight = executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    server = ExecutorServer(batching, registry=registry).start()
+    weight = batching.tensors([f"{OP}.weight"])[f"{OP}.weight"]
     failures: list[str] = []
 
     def tenant(token: str, seed: int) -> None:
@@ -179,16 +182,35 @@ def test_tenants_get_only_their_own_results(server_with, executor):
         generator = torch.Generator().manual_seed(seed)
         for _ in range(100):
             x = torch.randn(3, 64, generator=generator)
-            y = transport.run(OpRequest(OP, Direction.FORWARD, x))
+            y = transport.run(OpRequest(OP, Direction.FORWARD, x, client_id=f"tenant-{token}"))
             if not torch.allclose(y, x @ weight.t(), atol=1e-5):
                 failures.append(token)
 
     threads = [threading.Thread(target=tenant, args=(token, seed)) for seed, token in enumerate(["ta", "tb", "ta", "tb"])]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.stop(1.0)
     assert failures == []
+    # each tenant uses one client id, so a GEMM that served two clients served both tenants
+    assert batching.stats.per_op()[OP, Direction.FORWARD].shared_gemms > 0, "no batch mixed the tenants"
+
+
+def test_stats_show_a_tenant_only_its_own_traffic(server_with):
+    """Every tenant sees its own per-client counts; the executor's batch statistics and queue depth,
+    which reflect all tenants' traffic, only a tenant with ``stats = true``."""
+    registry = TenantRegistry.from_dict({"tenants": [{"name": "a", "token": "ta"}, {"name": "ops", "token": "to", "stats": True}]})
+    server = server_with(registry)
+    tenant_a = RemoteTransport(f"127.0.0.1:{server.port}", token="ta")
+    operator = RemoteTransport(f"127.0.0.1:{server.port}", token="to")
+    tenant_a.run(OpRequest(OP, Direction.FORWARD, torch.randn(2, 64), client_id="a1"))
+    operator.run(OpRequest(OP, Direction.FORWARD, torch.randn(2, 64), client_id="o1"))
+    assert tenant_a.stats() == {"completed_by_client": {"a1": 1}}
+    seen = operator.stats()
+    assert seen["completed_by_client"] == {"o1": 1} and seen["total"]["requests"] >= 2 and {"ops", "queue_depth"} <= set(seen)
 
 
 def _self_signed() -> tuple[bytes, bytes]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from symbiosis import load_model
@@ -24,3 +26,12 @@ def stuck_client(url: str, shared_memory: bool) -> None:
     """Send one request and block in it (the test kills this process meanwhile)."""
     model = load_model(url, connect_options={"shared_memory": shared_memory})
     model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def idle_client(url: str, ready) -> None:
+    """Open a gRPC session with one request, report ready, then hold the session idle (the test
+    stops or kills this process)."""
+    model = load_model(url, connect_options={"shared_memory": False})
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    ready.set()
+    threading.Event().wait()

@@ -114,6 +114,26 @@ def test_decoder_fuzz_structured(dtype, shape, data, direction, priority, out_dt
     assert list(request.x.shape) == shape and request.x.dtype == WIRE_DTYPES[dtype]
 
 
+def test_token_ids_are_copied_out_of_shared_memory():
+    """Integer tensors read from a channel are copies (the client cannot change them after they are
+    validated); float rows are views (no copy on the hot path)."""
+    buffer = bytearray(1024)
+    ids, rows = torch.tensor([3, 1, 4]), torch.randn(2, 4)
+    buffer[0:24], buffer[512:544] = ids.numpy().tobytes(), rows.numpy().tobytes()
+
+    def regions(offset: int, nbytes: int) -> memoryview:
+        return memoryview(buffer)[offset : offset + nbytes]
+
+    def decode(t: torch.Tensor, offset: int) -> torch.Tensor:
+        msg = pb.Tensor(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), region=pb.ShmRegion(offset=offset, nbytes=t.numel() * t.element_size()))
+        return decode_tensor(msg, regions=regions)
+
+    got_ids, got_rows = decode(ids, 0), decode(rows, 512)
+    buffer[:] = bytes(len(buffer))  # the client rewrites its channel
+    assert torch.equal(got_ids, ids)
+    assert torch.equal(got_rows, torch.zeros(2, 4))
+
+
 def test_committed_stubs_match_the_proto(tmp_path):
     for path in protogen.generate(tmp_path):
         assert filecmp.cmp(path, protogen.HERE / path.name, shallow=False), f"{path.name} is stale: run python -m symbiosis.transport.protogen"
