@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import threading
+import time
 from pathlib import Path
 
 import torch
@@ -16,6 +16,9 @@ from ..server import ExecutorServer, TenantRegistry
 from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
 from ..server.shm_host import DEFAULT_MAX_CHANNELS
 from ..transport.keepalive import DEFAULT_KEEPALIVE_S
+
+#: How often the main thread wakes to run signal handlers while it waits for SIGTERM/SIGINT.
+SIGNAL_POLL_S = 0.5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,16 +83,20 @@ def run(args: argparse.Namespace) -> int:
         session_idle_s=args.session_idle_s,
         keepalive_s=args.keepalive_s,
     ).start()
-    stop = threading.Event()
+    signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
     print(f"serving {executor} on {server.url}" + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     if args.ready_file:
         ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port}
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready_file)
-    stop.wait()
+    # Python runs signal handlers in the main thread, between bytecodes: a signal the kernel delivers
+    # to another thread (gRPC's, torch's) is handled when this sleep ends, while an untimed wait would
+    # sleep on; and a handler that took a lock (Event.set) could deadlock the wait it interrupted.
+    while not signals:
+        time.sleep(SIGNAL_POLL_S)
     print("draining", flush=True)
     server.stop(args.drain_s)
     return 0

@@ -1,7 +1,14 @@
-"""``symbiosis serve`` end to end: two shard processes with tenants and TLS, one client of both."""
+"""``symbiosis serve`` end to end: two shard processes with tenants and TLS, one client of both;
+SIGTERM handling."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+from pathlib import Path
+
+import pytest
 import requests
 import torch
 from transformers import AutoModelForCausalLM
@@ -9,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from symbiosis import load_model
 
 from ..equivalence import assert_close
-from .servers import server_process
+from .servers import server_process, start_server_process
 from .test_tenancy import _self_signed
 
 
@@ -32,3 +39,27 @@ def test_sharded_tls_tenants_via_cli(model_dir, tmp_path):
         assert "lm_head" not in first_ops and "lm_head" in {op["op"] for op in shards[1].stats()["ops"]}
         metrics = requests.get(f"http://localhost:{first.metrics_port}/metrics", timeout=10).text
         assert 'tenant="alice"' in metrics
+
+
+def _threads_taking(pid: int, sig: int) -> list[int]:
+    """The threads of ``pid`` other than its main thread that do not block ``sig``."""
+    tids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        blocked = next(int(line.split()[1], 16) for line in (task / "status").read_text().splitlines() if line.startswith("SigBlk:"))
+        if int(task.name) != pid and not blocked & (1 << (sig - 1)):
+            tids.append(int(task.name))
+    return tids
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "tgkill"), reason="needs Linux's tgkill")
+def test_sigterm_delivered_to_any_thread_drains_the_server(model_dir):
+    """The kernel may hand a process's SIGTERM to any thread that does not block it (gRPC's, torch's),
+    while Python runs handlers in the main thread only: the server must still notice, drain and exit."""
+    server = start_server_process(model_dir("llama"))
+    try:
+        pid = server.process.pid
+        (tid, *_) = _threads_taking(pid, signal.SIGTERM)
+        assert ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
+        assert server.process.wait(60) == 0
+    finally:
+        server.kill()
