@@ -47,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"ping quiet client connections this often, drop those that do not answer (default {DEFAULT_KEEPALIVE_S:.0f})")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="wait this long for a batch to fill (default 0)")
     parser.add_argument("--max-rows", type=int, help="rows per GEMM at most")
+    parser.add_argument("--aging-ms", type=float, default=20.0,
+                        help="a fine-tuning request that waited this long outranks new inference requests (default 20)")
+    parser.add_argument("--batch-credit-ms", type=float, default=5.0,
+                        help="each extra request waiting for an op makes it this much more urgent (default 5)")
+    parser.add_argument("--no-inference-lane", action="store_true",
+                        help="run inference GEMMs in the same lane as fine-tuning (ahead in the queue, but behind a running GEMM)")
     parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
     parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port} as JSON here once serving")
     parser.set_defaults(func=run)
@@ -68,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         layers=args.layers,
         max_wait_s=args.max_wait_ms / 1e3,
         max_rows=args.max_rows,
+        aging_s=args.aging_ms / 1e3,
+        batch_credit_s=args.batch_credit_ms / 1e3,
+        inference_lane=not args.no_inference_lane,
     )
     server = ExecutorServer(
         executor,

@@ -46,6 +46,9 @@ class BaseExecutor:
     Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
     (rows per GEMM), ``max_wait_s`` (wait this long for a batch to fill; default 0: never wait),
     ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
+    ``batch_credit_s`` (each extra request waiting for an op makes it as urgent as if it had
+    arrived this much earlier), ``inference_lane`` (inference requests are batched and run
+    concurrently with, never behind, lower-priority GEMMs; default on),
     ``max_request_rows`` (refuse larger requests), ``reject_non_finite`` (refuse forward inputs with NaN/Inf; checked once per batch,
     and a failing batch is re-run request by request so only the culprit fails; backward inputs are
     not checked because mixed-precision loss scaling relies on overflowing gradients reaching the
@@ -63,6 +66,8 @@ class BaseExecutor:
         max_rows: int | None = None,
         max_wait_s: float = 0.0,
         aging_s: float = 0.02,
+        batch_credit_s: float = 0.005,
+        inference_lane: bool = True,
         max_request_rows: int | None = None,
         reject_non_finite: bool = True,
         layers: tuple[int, int] | None = None,
@@ -86,7 +91,13 @@ class BaseExecutor:
         self._tensors = self._frozen_tensors(model, modules)
         self.stats = BatchStats()
         self._scheduler = BatchScheduler(
-            self._run_batch, self.stats, max_rows=max_rows, max_wait_s=max_wait_s, aging_s=aging_s
+            self._run_batch,
+            self.stats,
+            max_rows=max_rows,
+            max_wait_s=max_wait_s,
+            aging_s=aging_s,
+            batch_credit_s=batch_credit_s,
+            inference_lane=inference_lane,
         )
 
     # ----------------------------------------------------------------------------------- loading

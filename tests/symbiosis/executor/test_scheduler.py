@@ -24,7 +24,7 @@ class Recorder:
             self.release.set()
 
     def __call__(self, op, direction, requests):
-        if not self.batches:
+        if not self.holding.is_set():  # only the first batch is held
             self.holding.set()
             self.release.wait(10)
         self.batches.append((op, direction, [r.client_id for r in requests]))
@@ -52,9 +52,10 @@ def wait_queued(scheduler, n):
         time.sleep(0.001)
 
 
-def hold_then(scheduler, recorder, results, queue):
-    """Block the executor with one request, queue ``queue`` (list of submit kwargs) in order, release."""
-    threads = [submit(scheduler, results, "blocker", "blocker")]
+def hold_then(scheduler, recorder, results, queue, blocker_priority=PRIORITY_TRAINING):
+    """Block the executor (the lane of ``blocker_priority``) with one request, queue ``queue`` (list of
+    submit kwargs) in order, release."""
+    threads = [submit(scheduler, results, "blocker", "blocker", priority=blocker_priority)]
     assert recorder.holding.wait(10)
     for i, kwargs in enumerate(queue):
         threads.append(submit(scheduler, results, **kwargs))
@@ -89,9 +90,29 @@ def test_directions_and_ops_never_mix():
     ]
 
 
-def test_inference_goes_ahead_of_earlier_finetuning():
+def test_inference_never_waits_behind_a_finetuning_gemm():
     recorder, results = Recorder(), {}
-    scheduler = BatchScheduler(recorder, BatchStats(), aging_s=10.0)
+    scheduler = BatchScheduler(recorder, BatchStats())
+    blocker = submit(scheduler, results, "train_op", "trainer", priority=PRIORITY_TRAINING)
+    assert recorder.holding.wait(10)  # a fine-tuning GEMM is running
+    submit(scheduler, results, "infer_op", "user", priority=PRIORITY_INFERENCE).join(10)
+    assert torch.equal(results["user"], torch.full((1, 2), 2.0)) and "trainer" not in results
+    recorder.release.set()
+    blocker.join(10)
+    assert [op for op, _, _ in recorder.batches] == ["infer_op", "train_op"]
+
+
+def test_inference_requests_batch_in_their_lane():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats())
+    batches = hold_then(scheduler, recorder, results, [dict(op="q", client=f"u{i}", priority=PRIORITY_INFERENCE) for i in range(3)],
+                        blocker_priority=PRIORITY_INFERENCE)
+    assert batches == [("q", Direction.FORWARD, ["u0", "u1", "u2"])]
+
+
+def test_one_lane_puts_inference_ahead_of_earlier_finetuning():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), aging_s=10.0, inference_lane=False)
     batches = hold_then(
         scheduler,
         recorder,
@@ -101,9 +122,36 @@ def test_inference_goes_ahead_of_earlier_finetuning():
     assert [op for op, _, _ in batches] == ["infer_op", "train_op"]
 
 
-def test_finetuning_that_waited_longer_than_aging_goes_first():
+def test_lower_priority_that_waited_longer_than_aging_goes_first():
     recorder, results = Recorder(), {}
     scheduler = BatchScheduler(recorder, BatchStats(), aging_s=0.05)
+    threads = [submit(scheduler, results, "blocker", "blocker")]
+    assert recorder.holding.wait(10)
+    threads.append(submit(scheduler, results, "low_op", "low", priority=3))  # deadline: arrival + 0.15 s
+    wait_queued(scheduler, 1)
+    time.sleep(0.25)
+    threads.append(submit(scheduler, results, "train_op", "trainer", priority=PRIORITY_TRAINING))  # deadline: now + 0.05 s
+    wait_queued(scheduler, 2)
+    recorder.release.set()
+    for thread in threads:
+        thread.join(10)
+    assert [op for op, _, _ in recorder.batches[1:]] == ["low_op", "train_op"]
+
+
+def test_more_waiting_requests_make_an_op_more_urgent():
+    def order(batch_credit_s: float) -> list[str]:
+        recorder, results = Recorder(), {}
+        scheduler = BatchScheduler(recorder, BatchStats(), aging_s=10.0, batch_credit_s=batch_credit_s)
+        queue = [dict(op="lone", client="a")] + [dict(op="crowd", client=f"c{i}") for i in range(3)]
+        return [op for op, _, _ in hold_then(scheduler, recorder, results, queue)]
+
+    assert order(batch_credit_s=60.0) == ["crowd", "lone"]
+    assert order(batch_credit_s=0.0) == ["lone", "crowd"]
+
+
+def test_one_lane_lets_finetuning_that_waited_longer_than_aging_go_first():
+    recorder, results = Recorder(), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), aging_s=0.05, inference_lane=False)
     threads = [submit(scheduler, results, "blocker", "blocker")]
     assert recorder.holding.wait(10)
     threads.append(submit(scheduler, results, "train_op", "trainer", priority=PRIORITY_TRAINING))
@@ -119,7 +167,7 @@ def test_finetuning_that_waited_longer_than_aging_goes_first():
 
 def test_max_rows_splits_a_queue_by_urgency():
     recorder, results = Recorder(), {}
-    scheduler = BatchScheduler(recorder, BatchStats(), max_rows=4, aging_s=10.0)
+    scheduler = BatchScheduler(recorder, BatchStats(), max_rows=4, aging_s=10.0, inference_lane=False)
     batches = hold_then(
         scheduler,
         recorder,
@@ -217,3 +265,5 @@ def test_bad_options_are_refused():
         BatchScheduler(Recorder(), BatchStats(), max_rows=0)
     with pytest.raises(ValueError):
         BatchScheduler(Recorder(), BatchStats(), aging_s=-1)
+    with pytest.raises(ValueError):
+        BatchScheduler(Recorder(), BatchStats(), batch_credit_s=-1)

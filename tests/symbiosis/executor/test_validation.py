@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from symbiosis import BadRequestError, BaseExecutor, load_model
-from symbiosis.protocol import Direction, OpRequest
+from symbiosis.protocol import PRIORITY_INFERENCE, Direction, OpRequest
 from symbiosis.tiny import tiny_config
 
 OP = "model.layers.0.self_attn.o_proj"
@@ -96,8 +96,8 @@ def test_bad_clients_do_not_disturb_good_ones(executor):
         bad_inputs = [torch.randn(2, 63), torch.full((2, 64), float("nan")), torch.randn(2, 64).double()]
         while not stop.is_set():
             for x in bad_inputs:
-                try:
-                    batching.run(request(x))
+                try:  # at inference priority: in the generating clients' lane, so that they share batches
+                    batching.run(request(x, priority=PRIORITY_INFERENCE))
                 except BadRequestError as exc:
                     errors.append(exc)
 
