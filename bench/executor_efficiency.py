@@ -20,7 +20,7 @@ import torch
 
 from bench import common
 from bench.procs import run_workers, start_server
-from bench.workers import DECODE_METHODS, decode_job
+from bench.workers import DECODE_METHODS, decode_job, synchronize
 
 TARGET = 0.80
 
@@ -39,16 +39,17 @@ def family_shapes(address: str) -> dict[str, tuple[int, int]]:
     return {op_family(name): (info.in_features, info.out_features) for name, info in ops.items() if info.kind is OpKind.LINEAR}
 
 
-def bare_matmul_s(rows: int, shape: tuple[int, int], direction: str, repeats: int) -> float:
+def bare_matmul_s(rows: int, shape: tuple[int, int], direction: str, repeats: int, device: str, dtype: str) -> float:
     """Median seconds of one ``torch.matmul`` of ``rows`` rows with a weight of ``shape`` = (in, out)."""
     n_in, n_out = shape
-    weight = torch.randn(n_out, n_in)
-    x = torch.randn(rows, n_in if direction == "forward" else n_out)
+    weight = torch.randn(n_out, n_in, device=device, dtype=getattr(torch, dtype))
+    x = torch.randn(rows, n_in if direction == "forward" else n_out, device=device, dtype=weight.dtype)
     w = weight.t() if direction == "forward" else weight
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         torch.matmul(x, w)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -80,7 +81,7 @@ def measure(n: int, server, shapes: dict, args) -> dict:
         n_in, n_out = shapes[family]
         mean_rows = max(1, round(d["rows"] / d["gemms"]))
         f, bf = 2.0 * d["rows"] * n_in * n_out, 2.0 * mean_rows * n_in * n_out * d["gemms"]
-        bare = bare_matmul_s(mean_rows, shapes[family], direction, args.repeats) * d["gemms"]
+        bare = bare_matmul_s(mean_rows, shapes[family], direction, args.repeats, args.device, args.dtype) * d["gemms"]
         families.append({"op": family, "direction": direction, "gemms": d["gemms"], "rows_per_gemm": d["rows"] / d["gemms"],
                          "executor_gflops": f / d["compute_s"] / 1e9, "bare_gflops": bf / bare / 1e9})
         flops, bare_flops, exec_s, bare_s = flops + f, bare_flops + bf, exec_s + d["compute_s"], bare_s + bare
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         args.clients, args.duration, args.new_tokens, args.repeats = [1, 2], 1.0, 4, 5
     path = common.model_dir(args)
     start = common.start(args)
-    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.threads)
+    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads)
     try:
         shapes = family_shapes(server.address)
         rows = [measure(n, server, shapes, args) for n in args.clients]

@@ -22,7 +22,7 @@ import torch
 
 from bench import common
 from bench.procs import start_server
-from bench.workers import SHM_CAPACITY, adapted, greedy_decode
+from bench.workers import SHM_CAPACITY, adapted, greedy_decode, synchronize
 
 TARGETS = {"train_step": 1.10, "decode_token": 1.25}
 
@@ -50,6 +50,7 @@ def train_steps(model, batch: torch.Tensor, optimizer, steps: int) -> list[float
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(batch.device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.steps, args.batch, args.seq_len, args.new_tokens = 1, 1, 2, 16, 4
     path = common.model_dir(args)
     start = common.start(args)
-    server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.threads)
+    server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads)
     try:
         kinds = ["monolithic", "split in-process"] + ([] if server is None else ["split via server"])
         models = {k: build(k, path, args, server and server.address) for k in kinds}

@@ -113,6 +113,13 @@ def common_window(reports: Sequence[dict[str, Any]], skip_steps: int = 1) -> tup
 
 
 # ---------------------------------------------------------------------------------------- decoding
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on a GPU, so that wall-clock timings include it (no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def greedy_decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, adapter_names: list[str] | None = None) -> list[float]:
     """Greedy decoding of ``prompts`` (``[rows, length]``) with a KV cache; returns each step's seconds.
 
@@ -131,6 +138,7 @@ def greedy_decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, a
         out = model(input_ids=prompts, attention_mask=torch.ones_like(prompts), use_cache=True, logits_to_keep=1, **extra)
         cache = out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(token.device)
         times.append(time.perf_counter() - start)
         for _ in range(new_tokens - 1):
             start = time.perf_counter()
@@ -139,6 +147,7 @@ def greedy_decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, a
             out = stepper(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, **extra)
             cache = out.cache
             token = out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(token.device)
             times.append(time.perf_counter() - start)
     return times
 

@@ -30,7 +30,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rel_to
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     if scale is None:
         scale = expected.detach().abs().max().item()
-    error = (actual.detach() - expected.detach()).abs().max().item()
+    error = (actual.detach().to(expected.device) - expected.detach()).abs().max().item()
     assert scale > 0, f"{what}: reference is all zeros, the comparison would prove nothing"
     assert error <= rel_tol * scale, f"{what}: max error {error:.3g} > {rel_tol:g} x scale {scale:.3g}"
     return error / scale
@@ -41,7 +41,9 @@ def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
     return {name: param.grad for name, param in model.named_parameters() if param.requires_grad}
 
 
-def assert_gradients_close(actual: dict[str, torch.Tensor | None], expected: dict[str, torch.Tensor | None]) -> float:
+def assert_gradients_close(
+    actual: dict[str, torch.Tensor | None], expected: dict[str, torch.Tensor | None], rel_tol: float = REL_TOL
+) -> float:
     """Assert every gradient of ``actual`` matches ``expected`` (by name); return the worst relative error.
 
     A tensor whose reference gradient is all zero must be zero in ``actual`` too, within ``REL_TOL``
@@ -56,7 +58,7 @@ def assert_gradients_close(actual: dict[str, torch.Tensor | None], expected: dic
     worst = 0.0
     for name, grad in expected.items():
         own_scale = grad.abs().max().item()
-        worst = max(worst, assert_close(actual[name], grad, f"grad {name}", scale=own_scale or overall))
+        worst = max(worst, assert_close(actual[name], grad, f"grad {name}", rel_tol, scale=own_scale or overall))
     return worst
 
 
@@ -67,7 +69,7 @@ def perturb_adapters(model: torch.nn.Module, seed: int = 1234) -> None:
         for _, param in sorted(model.named_parameters()):
             if param.requires_grad:
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-                param.add_(0.05 * noise.to(param.dtype))
+                param.add_(0.05 * noise.to(param.device, param.dtype))
 
 
 def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:
@@ -80,10 +82,12 @@ def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:
             dst[name].copy_(param)
 
 
-def build_pair(path: Path, peft_config: PeftConfig | None, executor: BaseExecutor | None = None, **client_options):
-    """(monolithic model, split client, executor), with identical adapters when ``peft_config`` is given."""
+def build_pair(
+    path: Path, peft_config: PeftConfig | None, executor: BaseExecutor | None = None, reference_device: str = "cpu", **client_options
+):
+    """(monolithic model on ``reference_device``, split client, executor), with identical adapters when ``peft_config`` is given."""
     executor = executor or BaseExecutor.from_pretrained(path)
-    mono = AutoModelForCausalLM.from_pretrained(path)
+    mono = AutoModelForCausalLM.from_pretrained(path).to(reference_device)
     client = load_model(executor, **client_options)
     if peft_config is not None:
         torch.manual_seed(0)
@@ -96,30 +100,44 @@ def build_pair(path: Path, peft_config: PeftConfig | None, executor: BaseExecuto
 
 
 def check_equivalence(
-    path: Path, peft_config: PeftConfig | None = None, *, generate: bool = True, vocab: int = 256, **client_options
+    path: Path,
+    peft_config: PeftConfig | None = None,
+    *,
+    generate: bool = True,
+    vocab: int = 256,
+    rel_tol: float = REL_TOL,
+    reference_device: str = "cpu",
+    **client_options,
 ) -> dict[str, float]:
-    """Compare logits, loss, adapter gradients and greedy tokens; return the worst relative errors."""
-    mono, client, _ = build_pair(path, peft_config, **client_options)
+    """Compare logits, loss, adapter gradients and greedy tokens; return the worst relative errors.
+
+    The monolithic reference runs on ``reference_device``; the client on ``client_options["device"]``
+    (both default to the CPU).
+    """
+    mono, client, _ = build_pair(path, peft_config, reference_device=reference_device, **client_options)
+    device = client_options.get("device", "cpu")
     generator = torch.Generator().manual_seed(7)
-    ids = torch.randint(3, vocab, (2, 9), generator=generator)
+    ids = torch.randint(3, vocab, (2, 9), generator=generator).to(reference_device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding on the second row exercises the attention mask
     errors = {}
     for model in (mono, client):
         model.train()
     out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
-    out_client = client(input_ids=ids, attention_mask=mask, labels=ids)
-    errors["logits"] = assert_close(out_client.logits, out_mono.logits, "logits")
-    errors["loss"] = assert_close(out_client.loss, out_mono.loss, "loss")
+    out_client = client(input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.to(device))
+    errors["logits"] = assert_close(out_client.logits, out_mono.logits, "logits", rel_tol)
+    errors["loss"] = assert_close(out_client.loss, out_mono.loss, "loss", rel_tol)
     if peft_config is not None:
         out_mono.loss.backward()
         out_client.loss.backward()
-        errors["grads"] = assert_gradients_close(trainable_grads(client), trainable_grads(mono))
+        errors["grads"] = assert_gradients_close(trainable_grads(client), trainable_grads(mono), rel_tol)
     if generate:
         for model in (mono, client):
             model.eval()
         prompt = ids[:, :4]
         tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-        tokens_client = client.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-        assert torch.equal(tokens_client, tokens_mono), f"greedy tokens differ:\n{tokens_client}\n{tokens_mono}"
+        tokens_client = client.generate(
+            input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), max_new_tokens=6, do_sample=False
+        ).cpu()
+        assert torch.equal(tokens_client, tokens_mono.cpu()), f"greedy tokens differ:\n{tokens_client}\n{tokens_mono}"
     return errors
