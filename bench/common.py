@@ -40,6 +40,12 @@ def parser(experiment: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of every process (default 1: on a shared 2-core VM an OpenMP thread without a core stalls every GEMM)")
+    p.add_argument("--server-threads", type=int, metavar="N",
+                   help="torch threads of the symbiosis serve process (default: --threads)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=65536, metavar="BYTES",
+                   help="glibc M_MMAP_THRESHOLD of every process started (default 64 KiB; 0: glibc's dynamic default). "
+                        "The dynamic default keeps freed activation buffers in the heap: measured peak RSS of one "
+                        "fine-tuning job 1.34 -> 1.11 GiB (PEFT) and 1.31 -> 0.88 GiB (Symbiosis client)")
     p.add_argument("--smoke", action="store_true", help="tiny model and counts: proves the command runs (CI), measures nothing")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="LOAD",
                    help="before measuring, wait (up to 10 min) until the 1-minute load average is below LOAD")
@@ -84,6 +90,10 @@ def start(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.server_threads is None:
+        args.server_threads = args.threads
+    if args.malloc_mmap_threshold:  # read by glibc when each child process starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     load = wait_quiet(args.wait_quiet)
     return {"load_average_1min": load, "other_busy_processes": busy_processes()}
 

@@ -60,7 +60,7 @@ def phase(name: str, server, specs: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("coserve", __doc__)
     p.add_argument("--duration", type=float, default=40.0, help="seconds per phase")
-    p.add_argument("--rate", type=float, default=0.4, help="inference requests per second")
+    p.add_argument("--rate", type=float, default=0.25, help="inference requests per second (default 0.25: about 25%% of the executor on 2 CPU cores)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration, args.new_tokens, args.batch, args.seq_len, args.finetune_jobs = 2.0, 4, 2, 16, 1
     path = common.model_dir(args)
     start = common.start(args)
-    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.threads)
+    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads)
     try:
         base = {"system": "symbiosis", "target": server.address, "device": args.device, "threads": args.threads, "duration_s": args.duration}
         inference = dict(base, role="inference", method="lora", requests=10**6, rate=args.rate, prompt_len=args.prompt_len,

@@ -3,8 +3,10 @@
 Symbiosis: one ``symbiosis serve`` process and N client processes; baseline: N transformers + PEFT
 processes, each with its own copy of the base. Both sides run the same jobs (PEFT methods mixed:
 LoRA, IA3, LoHa, prefix tuning, LoKr, prompt tuning, AdaLoRA, OFT in turn; AdamW; ``--batch`` x
-``--seq-len`` tokens per step) for ``--duration`` seconds after a common start; every process has
-``--threads`` torch threads. Throughput is counted in the interval in which every job was running
+``--seq-len`` tokens per step) for ``--duration`` seconds after a common start. Each side may use the
+whole machine: the server computes with ``--server-threads`` torch threads (default: one per core),
+its clients with ``--threads``, and each of the N baseline processes with max(``--threads``,
+cores // N). Throughput is counted in the interval in which every job was running
 past its first (warm-up) step. Memory is the sum of the processes' peak RSS (server included).
 
 The memory budget (``--budget-gib``) decides how far the baseline runs (N whose predicted memory,
@@ -18,6 +20,7 @@ N the baseline can run.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +35,10 @@ TARGET_ADAPTER_RATIO = 8.0
 
 def run_side(system: str, n: int, path: Path, args) -> dict:
     """N jobs of ``system`` (``"symbiosis"`` or ``"peft"``); throughput and memory."""
-    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.threads) if system == "symbiosis" else None
+    server = start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads) if system == "symbiosis" else None
     try:
         specs = [{"system": system, "target": server and server.address, "model_dir": str(path), "device": args.device, "dtype": args.dtype,
-                  "method": FINETUNE_METHODS[i % len(FINETUNE_METHODS)], "threads": args.threads, "steps": args.min_steps,
+                  "method": FINETUNE_METHODS[i % len(FINETUNE_METHODS)], "threads": job_threads(system, n, args), "steps": args.min_steps,
                   "duration_s": args.duration, "batch": args.batch, "seq_len": args.seq_len} for i in range(n)]
         run = run_workers(train_job, specs, extra_pids=[server.pid] if server else [])
     finally:
@@ -52,6 +55,11 @@ def run_side(system: str, n: int, path: Path, args) -> dict:
         "process_peak_rss_gib": [r["peak_rss_bytes"] / GIB for r in run.reports],
         "first_losses": [r["losses"][0] for r in run.reports], "last_losses": [r["losses"][-1] for r in run.reports],
     }
+
+
+def job_threads(system: str, n: int, args) -> int:
+    """Torch threads of each job: Symbiosis clients ``--threads``; the N baseline jobs share the cores."""
+    return args.threads if system == "symbiosis" else max(args.threads, (os.cpu_count() or 1) // n)
 
 
 def capacity(rows: list[dict], budget_gib: float) -> dict:
@@ -71,11 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("finetune_capacity", __doc__)
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="numbers of concurrent jobs")
     p.add_argument("--budget-gib", type=float, default=12.0, help="memory budget (default 12 GiB: half of this 24 GiB VM)")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds every job trains after the common start")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds every job trains after the common start")
     p.add_argument("--min-steps", type=int, default=3, help="steps every job runs at least (the first is warm-up)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     args = p.parse_args(argv)
+    if args.server_threads is None:
+        args.server_threads = os.cpu_count() or 1
     if args.smoke:
         args.n, args.duration, args.min_steps, args.batch, args.seq_len = [2], 0.0, 2, 2, 16
     path = common.model_dir(args)
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     throughput_ok = all(r["aggregate_tokens_per_s"] >= by_n[r["n"]]["aggregate_tokens_per_s"] for r in symbiosis if r["n"] in by_n)
     result = {
         "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
-        "config": {k: getattr(args, k) for k in ("n", "budget_gib", "duration", "min_steps", "batch", "seq_len", "threads")},
+        "config": {k: getattr(args, k) for k in ("n", "budget_gib", "duration", "min_steps", "batch", "seq_len", "threads",
+                                                           "server_threads", "malloc_mmap_threshold")},
         "symbiosis": symbiosis, "peft": baseline, "capacity": cap,
         "targets": {"adapter_ratio_min": TARGET_ADAPTER_RATIO, "adapter_ratio": ratio, "adapter_ratio_met": ratio >= TARGET_ADAPTER_RATIO,
                     "throughput_at_least_baseline_met": throughput_ok},
