@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -76,7 +78,9 @@ def run_vllm(python: Path, path: Path, adapters: list[str], args, scratch: Path)
     out = scratch / f"vllm-{len(adapters)}.json"
     command = [str(python), str(REPO / "bench" / "vllm_runner.py"), "--model-dir", str(path), "--adapters", *adapters,
                "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--out", str(out),
-               "--repeats", "1" if args.smoke else "3"]
+               "--repeats", "1" if args.smoke else "3",
+               # its KV cache gets what is left of this share after the weights and K LoRA slots (K = 64 needs ~0.3)
+               "--memory-fraction", f"{min(0.5, 0.1 + 0.0032 * len(adapters)):.3f}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
     log = scratch / f"vllm-{len(adapters)}.log"
     with MemorySampler() as sampler:
@@ -84,7 +88,11 @@ def run_vllm(python: Path, path: Path, adapters: list[str], args, scratch: Path)
         sampler.pids.add(proc.pid)
         proc.wait(1800)
     if proc.returncode != 0:
-        raise RuntimeError(f"vLLM exited {proc.returncode}: {log.read_text()[-2000:]}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        kept = args.out / log.name
+        shutil.copyfile(log, kept)
+        causes = [line.strip() for line in log.read_text().splitlines() if re.search(r"\b\w*(Error|Exception)\b:", line)]
+        raise RuntimeError(f"vLLM exited {proc.returncode}; first error: {causes[0] if causes else 'none logged'} (log: {kept})")
     r = json.loads(out.read_text())
     return {"system": "vllm", "k": r["k"], "tokens": r["generated_tokens"], "wall_s": r["wall_s"],
             "aggregate_tokens_per_s": r["aggregate_tokens_per_s"], "tpot_ms": {"p50": r["tpot_ms"], "note": "(wall(N) - wall(1)) / (N - 1)"},

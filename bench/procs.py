@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +101,7 @@ class Server:
             transport.close()
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a minute) and remove its scratch folder."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -107,6 +109,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(30)
+        shutil.rmtree(self.log.parent, ignore_errors=True)
 
 
 def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32", threads: int | None = None,
