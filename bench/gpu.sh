@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one run (a lent GPU machine's time is short): the CUDA tests, then the
-# benchmarks on a 1.1B-parameter random Llama in bfloat16. Results go to $OUT (default
+# benchmarks on an 834M-parameter random Llama (hidden 2048, 16 layers) in bfloat16. Results go to $OUT (default
 # bench/results/gpu): log.txt and gpu-results.tar.gz, re-packed after every step so that a run cut
 # short still returns what finished. Each step has its own time cap.
 #   bash bench/gpu.sh                      # on a CUDA machine with the project's packages

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, nargs="+", default=[1, 4, 16, 64], help="numbers of clients / adapters")
     p.add_argument("--budget-gib", type=float, default=12.0, help="memory budget of the K-process baseline")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens per client (default 16: K = 64 in-process clients fit the 10-minute run)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens per client (default 16)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM baseline")
     args = p.parse_args(argv)
     if args.smoke:

@@ -125,7 +125,9 @@ def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32"
     while not ready.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"symbiosis serve did not start:\n{log.read_text()[-3000:]}")
+            tail = log.read_text()[-3000:]
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise RuntimeError(f"symbiosis serve did not start:\n{tail}")
         time.sleep(0.1)
     return Server(process, json.loads(ready.read_text())["address"], log)
 

@@ -112,7 +112,6 @@ def common_window(reports: Sequence[dict[str, Any]], skip_steps: int = 1) -> tup
     return t0, t1
 
 
-# ---------------------------------------------------------------------------------------- decoding
 def synchronize(device: torch.device | str) -> None:
     """Wait for the work queued on a GPU, so that wall-clock timings include it (no-op on the CPU)."""
     device = torch.device(device)
@@ -120,6 +119,7 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+# ---------------------------------------------------------------------------------------- decoding
 def greedy_decode(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *, adapter_names: list[str] | None = None) -> list[float]:
     """Greedy decoding of ``prompts`` (``[rows, length]``) with a KV cache; returns each step's seconds.
 
