@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         inference = dict(base, role="inference", method="lora", requests=10**6, rate=args.rate, prompt_len=args.prompt_len,
                          new_tokens=args.new_tokens)
         methods = [FINETUNE[i % len(FINETUNE)] for i in range(args.finetune_jobs)]
-        training = [dict(base, role="training", method=m, steps=2, batch=args.batch, seq_len=args.seq_len) for m in methods]
+        training = [dict(base, role="training", method=m, steps=1, batch=args.batch, seq_len=args.seq_len) for m in methods]
         phases = [
             phase("inference alone", server, [inference]),
             phase("fine-tuning alone", server, training),

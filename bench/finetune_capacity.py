@@ -6,8 +6,9 @@ LoRA, IA3, LoHa, prefix tuning, LoKr, prompt tuning, AdaLoRA, OFT in turn; AdamW
 ``--seq-len`` tokens per step) for ``--duration`` seconds after a common start. Each side may use the
 whole machine: the server computes with ``--server-threads`` torch threads (default: one per core),
 its clients with ``--threads``, and each of the N baseline processes with max(``--threads``,
-cores // N). Throughput is counted in the interval in which every job was running
-past its first (warm-up) step. Memory is the sum of the processes' peak RSS (server included).
+cores // N). Every job takes a small warm-up step before the common start; throughput is counted
+in the interval in which every job was running (common start to the first job's last step end,
+progress within a step interpolated). Memory is the sum of the processes' peak RSS (server included).
 
 The memory budget (``--budget-gib``) decides how far the baseline runs (N whose predicted memory,
 N x its one-job RSS, fits) and, from a linear fit of measured memory against N for each side
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,8 @@ TARGET_ADAPTER_RATIO = 8.0
 
 
 def run_side(system: str, n: int, path: Path, args) -> dict:
-    """N jobs of ``system`` (``"symbiosis"`` or ``"peft"``); throughput and memory."""
+    """N jobs of ``system`` (``"symbiosis"`` or ``"peft"``); throughput, memory and where the run's time went."""
+    begin = time.time()
     server = start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads) if system == "symbiosis" else None
     try:
         specs = [{"system": system, "target": server and server.address, "model_dir": str(path), "device": args.device, "dtype": args.dtype,
@@ -54,6 +57,7 @@ def run_side(system: str, n: int, path: Path, args) -> dict:
         "sampled_peak_pss_sum_gib": run.sampled_peak_pss_sum / GIB,
         "process_peak_rss_gib": [r["peak_rss_bytes"] / GIB for r in run.reports],
         "first_losses": [r["losses"][0] for r in run.reports], "last_losses": [r["losses"][-1] for r in run.reports],
+        "startup_s": run.started - begin, "elapsed_s": time.time() - begin,
     }
 
 
@@ -79,17 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     p = common.parser("finetune_capacity", __doc__)
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="numbers of concurrent jobs")
     p.add_argument("--budget-gib", type=float, default=12.0, help="memory budget (default 12 GiB: half of this 24 GiB VM)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds every job trains after the common start")
-    p.add_argument("--min-steps", type=int, default=3, help="steps every job runs at least (the first is warm-up)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds every job trains after the common start")
+    p.add_argument("--min-steps", type=int, default=1, help="measured steps every job runs at least (after its warm-up step)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=64)
     args = p.parse_args(argv)
+    if args.min_steps < 1:
+        p.error("--min-steps must be >= 1")
     if args.server_threads is None:
         args.server_threads = os.cpu_count() or 1
     if args.smoke:
-        args.n, args.duration, args.min_steps, args.batch, args.seq_len = [2], 0.0, 2, 2, 16
+        args.n, args.duration, args.min_steps, args.batch, args.seq_len = [2], 0.0, 1, 2, 16
     path = common.model_dir(args)
     start = common.start(args)
+    began = time.time()
     symbiosis, baseline = [], []
     for n in args.n:
         symbiosis.append(run_side("symbiosis", n, path, args))
@@ -108,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "symbiosis": symbiosis, "peft": baseline, "capacity": cap,
         "targets": {"adapter_ratio_min": TARGET_ADAPTER_RATIO, "adapter_ratio": ratio, "adapter_ratio_met": ratio >= TARGET_ADAPTER_RATIO,
                     "throughput_at_least_baseline_met": throughput_ok},
+        "elapsed_s": time.time() - began,
     }
     rows = []
     for r in symbiosis:

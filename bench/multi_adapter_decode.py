@@ -13,7 +13,8 @@ batch 1); all start together. Systems, in the same run:
   (same methods), as far as the memory budget allows.
 * ``peft mixed batch``: one transformers + PEFT process, K LoRA adapters, one batch of K rows with
   ``adapter_names`` (PEFT's mixed-adapter inference; LoRA only).
-* ``vllm``: vLLM's CPU build (own venv, see ``bench.vllm_env``) with K LoRA adapters (LoRA only).
+* ``vllm``: vLLM's CPU build (own venv, see ``bench.vllm_env``) with K LoRA adapters (LoRA only);
+  one engine, configured for the largest K, runs every K (``bench/vllm_runner.py``).
 
 Reported: aggregate tokens/s (tokens generated / wall time from the common start to the last
 client's end), time per output token (decode steps, without the prefill) p50/p99, peak memory.
@@ -28,6 +29,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,49 +42,59 @@ GIB = 2**30
 TARGETS = {"vs_processes_min": 5.0, "vs_mixed_batch_min": 1.0, "vs_vllm_min": 1 / 1.5}
 
 
-def summarise(system: str, k: int, reports: list[dict], peak_rss: float) -> dict:
-    """Aggregate tokens/s over [first start, last end] and TPOT percentiles over every decode step."""
+def summarise(system: str, k: int, reports: list[dict], peak_rss: float, began: float) -> dict:
+    """Aggregate tokens/s over [first start, last end] and TPOT percentiles over every decode step;
+    ``elapsed_s``: the run's whole time since ``began`` (process start-up and warm-up included)."""
     requests = [q for r in reports for q in r["requests"]]
     start, end = min(r["start"] for r in reports), max(r["end"] for r in reports)
     steps = [s for q in requests for s in q["steps_s"][1:]]
     tokens = sum(q["tokens"] for q in requests)
     return {"system": system, "k": k, "tokens": tokens, "wall_s": end - start, "aggregate_tokens_per_s": tokens / (end - start),
             "tpot_ms": common.percentiles(steps, 1e3), "ttft_ms": common.percentiles([q["steps_s"][0] for q in requests], 1e3),
-            "peak_rss_sum_gib": peak_rss / GIB, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
+            "peak_rss_sum_gib": peak_rss / GIB, "elapsed_s": time.time() - began, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
 
 
 def save_lora_adapters(path: Path, k: int, scratch: Path) -> list[str]:
-    """K LoRA adapters (the load test's LoRA config, seeds 0..K-1) saved in PEFT format, for vLLM."""
+    """K LoRA adapters (the load test's LoRA config; adapter i initialised with seed i) saved in PEFT format, for vLLM.
+
+    One PEFT model whose adapter is re-initialised and saved K times: adding K adapters to one model
+    and saving each costs O(K^2) (100 s for K = 64).
+    """
     import torch
     from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     from bench.load_test import peft_config
 
-    model = AutoModelForCausalLM.from_pretrained(path)
-    for i in range(k):
-        torch.manual_seed(i)
-        if i == 0:
-            model = get_peft_model(model, peft_config("lora", 1000), adapter_name="a0")
-        else:
-            model.add_adapter(f"a{i}", peft_config("lora", 1000))
+    config = peft_config("lora", 1000)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), config)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     dirs = []
     for i in range(k):
-        model.save_pretrained(scratch / f"a{i}", selected_adapters=[f"a{i}"])
+        if i:
+            torch.manual_seed(i)
+            for layer in layers:
+                layer.reset_lora_parameters("default", config.init_lora_weights)
+        model.save_pretrained(scratch / f"a{i}")
         dirs.append(str(next((scratch / f"a{i}").rglob("adapter_config.json")).parent))
     return dirs
 
 
-def run_vllm(python: Path, path: Path, adapters: list[str], args, scratch: Path) -> dict:
-    """vLLM in its venv, K adapters; its memory is the sampled peak of its process tree."""
-    out = scratch / f"vllm-{len(adapters)}.json"
+def run_vllm(python: Path, path: Path, ks: list[int], args, scratch: Path) -> list[dict]:
+    """vLLM in its venv: one engine for up to max(ks) adapters, then each K; its memory is the sampled
+    peak of its process tree over the whole run (the engine reserves its KV cache up front)."""
+    most = max(ks)
+    adapters = save_lora_adapters(path, most, scratch / "adapters")
+    out = scratch / "vllm.json"
     command = [str(python), str(REPO / "bench" / "vllm_runner.py"), "--model-dir", str(path), "--adapters", *adapters,
-               "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype, "--out", str(out),
-               "--repeats", "1" if args.smoke else "3",
+               "--k", *map(str, ks), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+               "--out", str(out), "--repeats", "1" if args.smoke else "2",
                # its KV cache gets what is left of this share after the weights and K LoRA slots (K = 64 needs ~0.3)
-               "--memory-fraction", f"{min(0.5, 0.1 + 0.0032 * len(adapters)):.3f}"]
+               "--memory-fraction", f"{min(0.5, 0.1 + 0.0032 * most):.3f}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
-    log = scratch / f"vllm-{len(adapters)}.log"
+    log = scratch / "vllm.log"
     with MemorySampler() as sampler:
         proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=scratch)
         sampler.pids.add(proc.pid)
@@ -93,10 +105,10 @@ def run_vllm(python: Path, path: Path, adapters: list[str], args, scratch: Path)
         shutil.copyfile(log, kept)
         causes = [line.strip() for line in log.read_text().splitlines() if re.search(r"\b\w*(Error|Exception)\b:", line)]
         raise RuntimeError(f"vLLM exited {proc.returncode}; first error: {causes[0] if causes else 'none logged'} (log: {kept})")
-    r = json.loads(out.read_text())
-    return {"system": "vllm", "k": r["k"], "tokens": r["generated_tokens"], "wall_s": r["wall_s"],
-            "aggregate_tokens_per_s": r["aggregate_tokens_per_s"], "tpot_ms": {"p50": r["tpot_ms"], "note": "(wall(N) - wall(1)) / (N - 1)"},
-            "ttft_ms": {"p50": 1e3 * r["first_token_s"]}, "peak_rss_sum_gib": sampler.peak_rss_sum / GIB, "sampled_peak_only": True}
+    return [{"system": "vllm", "k": r["k"], "max_loras": r["max_loras"], "tokens": r["generated_tokens"], "wall_s": r["wall_s"],
+             "aggregate_tokens_per_s": r["aggregate_tokens_per_s"], "tpot_ms": {"p50": r["tpot_ms"], "note": "(wall(N) - wall(1)) / (N - 1)"},
+             "ttft_ms": {"p50": 1e3 * r["first_token_s"]}, "peak_rss_sum_gib": sampler.peak_rss_sum / GIB, "sampled_peak_only": True}
+            for r in json.loads(out.read_text())]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,36 +123,44 @@ def main(argv: list[str] | None = None) -> int:
         args.k, args.new_tokens = [2], 4
     path = common.model_dir(args)
     start = common.start(args)
+    began = time.time()
     vllm_python, vllm_status = (None, "skipped (--no-vllm)") if args.no_vllm else vllm_env.ensure()
     base = {"model_dir": str(path), "device": args.device, "dtype": args.dtype, "threads": args.threads, "requests": 1,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
-    rows, skipped, one_process_gib = [], [], None
+    rows, skipped, one_process_gib, vllm_seconds = [], [], None, None
     with tempfile.TemporaryDirectory(prefix="symbiosis-bench-") as tmp:
         scratch = Path(tmp)
         for k in args.k:
+            clock = time.time()
             run = run_workers(decode_threads_job, [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)])
-            rows.append(summarise("symbiosis", k, run.reports, run.peak_rss_sum))
+            rows.append(summarise("symbiosis", k, run.reports, run.peak_rss_sum, clock))
             if one_process_gib is None or k * one_process_gib <= args.budget_gib:
+                clock = time.time()
                 specs = [dict(base, system="peft", method=DECODE_METHODS[i % len(DECODE_METHODS)]) for i in range(k)]
                 run = run_workers(decode_job, specs)
-                rows.append(summarise("peft processes", k, run.reports, run.peak_rss_sum))
+                rows.append(summarise("peft processes", k, run.reports, run.peak_rss_sum, clock))
                 one_process_gib = one_process_gib or rows[-1]["peak_rss_sum_gib"] / k
             else:
                 skipped.append({"system": "peft processes", "k": k,
                                 "reason": f"needs ~{k * one_process_gib:.1f} GiB ({one_process_gib:.2f} GiB per process) > budget {args.budget_gib:g} GiB"})
+            clock = time.time()
             run = run_workers(mixed_batch_job, [dict(base, clients=k)])
-            rows.append(summarise("peft mixed batch", k, run.reports, run.peak_rss_sum))
-            if vllm_python is not None:
-                try:
-                    rows.append(run_vllm(vllm_python, path, save_lora_adapters(path, k, scratch / f"k{k}"), args, scratch))
-                except RuntimeError as exc:
-                    skipped.append({"system": "vllm", "k": k, "reason": str(exc)})
-            else:
-                skipped.append({"system": "vllm", "k": k, "reason": vllm_status})
+            rows.append(summarise("peft mixed batch", k, run.reports, run.peak_rss_sum, clock))
+        if vllm_python is not None:
+            clock = time.time()
+            try:
+                rows.extend(run_vllm(vllm_python, path, args.k, args, scratch))
+            except RuntimeError as exc:
+                skipped.extend({"system": "vllm", "k": k, "reason": str(exc)} for k in args.k)
+            vllm_seconds = time.time() - clock
+        else:
+            skipped.extend({"system": "vllm", "k": k, "reason": vllm_status} for k in args.k)
+    rows.sort(key=lambda r: r["k"])  # stable: the systems keep their order within each K
     targets = targets_at(rows, 16 if 16 in args.k else max(args.k))
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start, "vllm": vllm_status,
               "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads")},
-              "rows": rows, "skipped": skipped, "targets": targets}
+              "rows": rows, "skipped": skipped, "targets": targets,
+              "elapsed_s": time.time() - began, "vllm_elapsed_s": vllm_seconds}
     md = common.table(["system", "K", "aggregate tokens/s", "TPOT p50 ms", "TPOT p99 ms", "peak RSS GiB"],
                       [[r["system"], r["k"], r["aggregate_tokens_per_s"], r["tpot_ms"].get("p50"), r["tpot_ms"].get("p99"), r["peak_rss_sum_gib"]]
                        for r in rows])

@@ -68,8 +68,10 @@ def idle_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
 def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
     """Fine-tune with AdamW on batches of ``batch`` x ``seq_len`` tokens; report each step's end time.
 
-    Runs at least ``spec["steps"]`` steps and keeps stepping until ``spec["duration_s"]`` (default 0)
-    have passed since the common start.
+    One small warm-up step (a 1 x 16-token batch: first calls, optimizer state, the connection's
+    buffers) runs before ``ready``, so the measured steps all start at the common start. Then runs at
+    least ``spec["steps"]`` steps and keeps stepping until ``spec["duration_s"]`` (default 0) have
+    passed since the common start.
     """
     from symbiosis.workload import AffineTask
 
@@ -79,19 +81,22 @@ def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     device = params[0].device
     model.train()
-    ready()
-    ends, losses, step = [], [], 0
-    start = time.time()
-    until = start + spec.get("duration_s", 0.0)
-    while step < spec["steps"] or time.time() < until:
-        batch = task.sequences(spec["batch"], spec["seq_len"], seed=step).to(device)
+
+    def step(batch: torch.Tensor) -> float:
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        return loss.item()
+
+    step(task.sequences(1, min(16, spec["seq_len"]), seed=-1).to(device))
+    ready()
+    ends, losses = [], []
+    start = time.time()
+    until = start + spec.get("duration_s", 0.0)
+    while len(ends) < spec["steps"] or time.time() < until:
+        losses.append(step(task.sequences(spec["batch"], spec["seq_len"], seed=len(ends)).to(device)))
         ends.append(time.time())
-        step += 1
     return {"method": spec["method"], "start": start, "step_ends": ends, "tokens_per_step": spec["batch"] * spec["seq_len"],
             "losses": losses}
 
@@ -105,10 +110,16 @@ def tokens_in_window(report: dict[str, Any], t0: float, t1: float) -> float:
     return float(np.interp(t1, times, done) - np.interp(t0, times, done))
 
 
-def common_window(reports: Sequence[dict[str, Any]], skip_steps: int = 1) -> tuple[float, float]:
-    """The interval in which every job was running and past its first ``skip_steps`` (warm-up) steps."""
-    t0 = max(r["step_ends"][skip_steps - 1] if skip_steps else r["start"] for r in reports)
+def common_window(reports: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """The interval in which every job was running: from the last start to the first job's last step end.
+
+    Jobs warm up before the common start (``train_job``), so the interval holds measured steps only.
+    """
+    t0 = max(r["start"] for r in reports)
     t1 = min(r["step_ends"][-1] for r in reports)
+    if t1 <= t0:
+        raise ValueError(f"no interval in which every job was running (starts spread over {t0 - min(r['start'] for r in reports):.2f} s, "
+                         f"steps per job: {[len(r['step_ends']) for r in reports]}); run more steps or a longer duration")
     return t0, t1
 
 

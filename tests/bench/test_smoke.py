@@ -40,3 +40,15 @@ def test_transport_runs_as_a_module(tmp_path: Path) -> None:
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert {"transport.json", "transport.md", "transport.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+@pytest.mark.skipif(not (REPO / "bench" / ".venv-vllm" / ".installed").exists(),
+                    reason="vLLM's venv is not installed (python -c 'from bench import vllm_env; vllm_env.ensure()')")
+def test_multi_adapter_decode_runs_vllm_where_installed(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.multi_adapter_decode", "--smoke", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "multi_adapter_decode.json").read_text())
+    assert not [s for s in result["skipped"] if s["system"] == "vllm"], result["skipped"]
+    vllm = [r for r in result["rows"] if r["system"] == "vllm"]
+    assert [r["k"] for r in vllm] == result["config"]["k"] and all(r["tokens"] == r["k"] * result["config"]["new_tokens"] for r in vllm)
