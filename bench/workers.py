@@ -199,16 +199,19 @@ def decode_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any
     return {"method": spec["method"], "start": start, "end": time.time(), "requests": requests}
 
 
+def in_process_executor(spec: dict[str, Any]) -> Any:
+    """A ``BaseExecutor`` of ``spec["model_dir"]`` in this process (``spec["dtype"]``, ``spec["device"]``)."""
+    from symbiosis import BaseExecutor
+
+    return BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
+
+
 def decode_threads_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
     """``spec["clients"]`` decoding clients as threads of this process, each a Symbiosis client with its own adapter.
 
     The executor runs in this process (``spec["model_dir"]``) unless ``spec["target"]`` names a server.
     """
-    executor = None
-    if "target" not in spec:
-        from symbiosis import BaseExecutor
-
-        executor = BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
+    executor = in_process_executor(spec) if "target" not in spec else None
     methods = spec["methods"]
     models = [adapted(base_model(spec, executor), methods[i % len(methods)], i).eval() for i in range(spec["clients"])]
     for model in models:
@@ -227,10 +230,15 @@ def decode_threads_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[
 
 
 def mixed_batch_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
-    """PEFT's own multi-adapter inference: one base copy, ``clients`` LoRA adapters, one batch with a row per adapter."""
+    """PEFT's own multi-adapter inference: one base, ``clients`` LoRA adapters, one batch with a row per adapter.
+
+    The base is a full copy (``spec["system"]`` ``"peft"``, the default) or a Symbiosis client of an
+    executor in this process (``"symbiosis"``): then every op of a decode step carries all rows.
+    """
     from peft import get_peft_model
 
-    base = base_model(dict(spec, system="peft"))
+    executor = in_process_executor(spec) if spec.get("system") == "symbiosis" else None
+    base = base_model(dict(spec, system=spec.get("system", "peft")), executor)
     model = None
     for i in range(spec["clients"]):
         torch.manual_seed(i)
@@ -242,7 +250,12 @@ def mixed_batch_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str
     names = [f"a{i}" for i in range(spec["clients"])]
     run = dict(spec, rows=len(names), adapter_names=names)
     decode_requests(model, dict(run, requests=1, new_tokens=2, rate=0), 0)  # warm-up
+    if executor is not None:
+        executor.stats.reset()
     ready()
     start = time.time()
     requests = decode_requests(model, run, 0)
-    return {"method": "lora (mixed batch)", "start": start, "end": time.time(), "requests": requests}
+    report = {"method": "lora (mixed batch)", "start": start, "end": time.time(), "requests": requests}
+    if executor is not None:
+        report["executor"] = executor.stats.total()
+    return report

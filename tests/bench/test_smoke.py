@@ -35,6 +35,17 @@ def test_experiment_runs_and_writes_outputs(name: str, tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.png"))
 
 
+def test_multi_adapter_decode_runs_the_symbiosis_mixed_batch(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.multi_adapter_decode", "--smoke", "--no-vllm", "--symbiosis-mixed-batch", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "multi_adapter_decode.json").read_text())
+    row = next(r for r in result["rows"] if r["system"] == "symbiosis mixed batch")
+    assert row["tokens"] == row["k"] * result["config"]["new_tokens"] and row["executor"]["requests_per_gemm"] == 1.0
+    assert row["executor"]["rows_per_gemm"] >= row["k"]  # every op of a step carries all K sequences
+    assert result["symbiosis_mixed_batch_vs_targets"]["system"] == "symbiosis mixed batch"
+
+
 def test_transport_runs_as_a_module(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "bench.transport", "--iterations", "40", "--out", str(tmp_path)]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
