@@ -45,16 +45,23 @@ GIB = 2**30
 TARGETS = {"vs_processes_min": 5.0, "vs_mixed_batch_min": 1.0, "vs_vllm_min": 1 / 1.5}
 
 
-def summarise(system: str, k: int, reports: list[dict], peak_rss: float, began: float) -> dict:
-    """Aggregate tokens/s over [first start, last end] and TPOT percentiles over every decode step;
-    ``elapsed_s``: the run's whole time since ``began`` (process start-up and warm-up included)."""
+def measure(system: str, k: int, job, specs: list[dict]) -> dict:
+    """Run ``job`` in one process per spec and summarise it as ``system`` at K; ``elapsed_s`` is the
+    run's whole time (process start-up and warm-up included)."""
+    began = time.time()
+    run = run_workers(job, specs)
+    return {**summarise(system, k, run.reports, run.peak_rss_sum), "elapsed_s": time.time() - began}
+
+
+def summarise(system: str, k: int, reports: list[dict], peak_rss: float) -> dict:
+    """Aggregate tokens/s over [first start, last end] and TPOT percentiles over every decode step."""
     requests = [q for r in reports for q in r["requests"]]
     start, end = min(r["start"] for r in reports), max(r["end"] for r in reports)
     steps = [s for q in requests for s in q["steps_s"][1:]]
     tokens = sum(q["tokens"] for q in requests)
     return {"system": system, "k": k, "tokens": tokens, "wall_s": end - start, "aggregate_tokens_per_s": tokens / (end - start),
             "tpot_ms": common.percentiles(steps, 1e3), "ttft_ms": common.percentiles([q["steps_s"][0] for q in requests], 1e3),
-            "peak_rss_sum_gib": peak_rss / GIB, "elapsed_s": time.time() - began, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
+            "peak_rss_sum_gib": peak_rss / GIB, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
 
 
 def save_lora_adapters(path: Path, k: int, scratch: Path) -> list[str]:
@@ -136,25 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="symbiosis-bench-") as tmp:
         scratch = Path(tmp)
         for k in args.k:
-            clock = time.time()
-            run = run_workers(decode_threads_job, [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)])
-            rows.append(summarise("symbiosis", k, run.reports, run.peak_rss_sum, clock))
+            rows.append(measure("symbiosis", k, decode_threads_job,
+                                [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)]))
             if one_process_gib is None or k * one_process_gib <= args.budget_gib:
-                clock = time.time()
                 specs = [dict(base, system="peft", method=DECODE_METHODS[i % len(DECODE_METHODS)]) for i in range(k)]
-                run = run_workers(decode_job, specs)
-                rows.append(summarise("peft processes", k, run.reports, run.peak_rss_sum, clock))
+                rows.append(measure("peft processes", k, decode_job, specs))
                 one_process_gib = one_process_gib or rows[-1]["peak_rss_sum_gib"] / k
             else:
                 skipped.append({"system": "peft processes", "k": k,
                                 "reason": f"needs ~{k * one_process_gib:.1f} GiB ({one_process_gib:.2f} GiB per process) > budget {args.budget_gib:g} GiB"})
-            clock = time.time()
-            run = run_workers(mixed_batch_job, [dict(base, clients=k)])
-            rows.append(summarise("peft mixed batch", k, run.reports, run.peak_rss_sum, clock))
+            rows.append(measure("peft mixed batch", k, mixed_batch_job, [dict(base, clients=k)]))
             if args.symbiosis_mixed_batch:
-                clock = time.time()
-                run = run_workers(mixed_batch_job, [dict(base, system="symbiosis", embeddings="executor", clients=k)])
-                rows.append(summarise("symbiosis mixed batch", k, run.reports, run.peak_rss_sum, clock))
+                rows.append(measure("symbiosis mixed batch", k, mixed_batch_job, [dict(base, system="symbiosis", embeddings="executor", clients=k)]))
         if vllm_python is not None:
             clock = time.time()
             try:
