@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..executor import BaseExecutor
+from ..executor.scheduler import ACTIVE_WINDOW_S
 from ..executor.sharding import parse_layer_range
 from ..server import ExecutorServer, TenantRegistry
 from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
@@ -45,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"end client sessions idle this long; clients reopen them (default {DEFAULT_SESSION_IDLE_S:.0f})")
     parser.add_argument("--keepalive-s", type=float, default=DEFAULT_KEEPALIVE_S,
                         help=f"ping quiet client connections this often, drop those that do not answer (default {DEFAULT_KEEPALIVE_S:.0f})")
-    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="wait this long for a batch to fill (default 0)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0,
+                        help="wait up to this long for a batch to fill while an active client is still on its way to it (default 0)")
+    parser.add_argument("--active-window-ms", type=float, default=ACTIVE_WINDOW_S * 1e3,
+                        help=f"a client idle this long no longer holds back a filling batch (default {ACTIVE_WINDOW_S * 1e3:.0f})")
     parser.add_argument("--max-rows", type=int, help="rows per GEMM at most")
     parser.add_argument("--aging-ms", type=float, default=20.0,
                         help="a fine-tuning request that waited this long outranks new inference requests (default 20)")
@@ -77,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         aging_s=args.aging_ms / 1e3,
         batch_credit_s=args.batch_credit_ms / 1e3,
         inference_lane=not args.no_inference_lane,
+        active_window_s=args.active_window_ms / 1e3,
     )
     server = ExecutorServer(
         executor,

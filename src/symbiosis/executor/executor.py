@@ -44,7 +44,9 @@ class BaseExecutor:
     rotary buffers, biases) they need to run everything else locally.
 
     Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
-    (rows per GEMM), ``max_wait_s`` (wait this long for a batch to fill; default 0: never wait),
+    (rows per GEMM), ``max_wait_s`` (wait up to this long for a batch to fill while active clients
+are still on their way to it — see ``executor.scheduler``; default 0: never wait),
+    ``active_window_s`` (a client idle this long no longer holds back a filling batch; default 0.25),
     ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
     ``batch_credit_s`` (each extra request waiting for an op makes it as urgent as if it had
     arrived this much earlier), ``inference_lane`` (inference requests are batched and run
@@ -71,6 +73,7 @@ class BaseExecutor:
         max_request_rows: int | None = None,
         reject_non_finite: bool = True,
         layers: tuple[int, int] | None = None,
+        active_window_s: float | None = None,
     ) -> None:
         model.eval().requires_grad_(False)
         self.dtype = next(model.parameters()).dtype
@@ -98,6 +101,7 @@ class BaseExecutor:
             aging_s=aging_s,
             batch_credit_s=batch_credit_s,
             inference_lane=inference_lane,
+            active_window_s=active_window_s,
         )
 
     # ----------------------------------------------------------------------------------- loading

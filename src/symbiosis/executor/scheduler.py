@@ -4,7 +4,11 @@ Every caller enqueues its request. Whoever finds the executor idle becomes the *
 the most urgent (op, direction) queue, runs all of its waiting requests as one GEMM, hands every
 result back and repeats until its own request is done; then another waiter takes over. A lone
 client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
-waits for a batch to fill unless ``max_wait_s`` asks for it.
+waits for a batch to fill unless ``max_wait_s`` asks for it, and even then a batch stops waiting as
+soon as every client active in its lane (one that sent a request or got an answer within
+``active_window_s``, default ``ACTIVE_WINDOW_S``) has a request queued: a client blocked on another op cannot join, so waiting longer would only add
+latency. A lone client therefore never waits, and clients stepping through the same ops together
+leave each op as soon as the last of them reaches it.
 
 Inference requests (priority 0) have a lane of their own (``inference_lane``, the default): they
 are batched and run by their own combiner, concurrently with whatever GEMM the other lane is
@@ -34,6 +38,9 @@ BatchRunner = Callable[[str, Direction, Sequence[OpRequest]], list[torch.Tensor]
 
 _Queues = dict[tuple[str, Direction], list["_Pending"]]
 
+#: A client idle this long (no request queued, no answer received) no longer holds back a filling batch.
+ACTIVE_WINDOW_S = 0.25
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -58,9 +65,11 @@ class BatchScheduler:
         aging_s: float = 0.02,
         batch_credit_s: float = 0.005,
         inference_lane: bool = True,
+        active_window_s: float | None = None,
     ) -> None:
-        if min(max_wait_s, aging_s, batch_credit_s) < 0:
-            raise ValueError("max_wait_s, aging_s and batch_credit_s must be >= 0")
+        active_window_s = ACTIVE_WINDOW_S if active_window_s is None else active_window_s
+        if min(max_wait_s, aging_s, batch_credit_s, active_window_s) < 0:
+            raise ValueError("max_wait_s, aging_s, batch_credit_s and active_window_s must be >= 0")
         if max_rows is not None and max_rows < 1:
             raise ValueError("max_rows must be >= 1")
         self._run_batch = run_batch
@@ -69,10 +78,12 @@ class BatchScheduler:
         self._max_wait_s = max_wait_s
         self._aging_s = aging_s
         self._batch_credit_s = batch_credit_s
+        self._active_window_s = active_window_s
         self._cond = threading.Condition()
         self._inference_lane = inference_lane
         self._queues: list[_Queues] = [{} for _ in range(2 if inference_lane else 1)]
         self._busy = [False] * len(self._queues)
+        self._last_seen: list[dict[str, float]] = [{} for _ in self._queues]  # client -> its latest request or answer, per lane
         self._closed = False
 
     def run(self, request: OpRequest) -> torch.Tensor:
@@ -85,6 +96,7 @@ class BatchScheduler:
                 raise RuntimeError("the executor is closed")
             self._queues[lane].setdefault((request.op, request.direction), []).append(pending)
             if self._max_wait_s > 0:
+                self._last_seen[lane][request.client_id] = now
                 self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
             while not pending.done:
                 if self._busy[lane]:
@@ -92,7 +104,7 @@ class BatchScheduler:
                     continue
                 self._busy[lane] = True
                 try:
-                    key, batch = self._take_batch(self._queues[lane])
+                    key, batch = self._take_batch(lane)
                     self._cond.release()
                     try:
                         self._execute(key, batch)
@@ -101,6 +113,8 @@ class BatchScheduler:
                 finally:
                     self._busy[lane] = False
                     self._cond.notify_all()
+            if self._max_wait_s > 0:
+                self._last_seen[lane][request.client_id] = time.perf_counter()
         if pending.error is not None:
             raise pending.error
         return pending.result
@@ -115,8 +129,9 @@ class BatchScheduler:
         with self._cond:
             self._closed = True
 
-    def _take_batch(self, queues: _Queues) -> tuple[tuple[str, Direction], list[_Pending]]:
+    def _take_batch(self, lane: int) -> tuple[tuple[str, Direction], list[_Pending]]:
         """Pop the most urgent of a lane's queues (up to ``max_rows``). Called with the lock held."""
+        queues = self._queues[lane]
         while True:
             key = next(iter(queues)) if len(queues) == 1 else min(queues, key=lambda k: self._urgency(queues[k]))
             queue = queues[key]
@@ -127,7 +142,10 @@ class BatchScheduler:
             wait_left = queue[0].arrival + self._max_wait_s - time.perf_counter()
             if wait_left <= 0 or (self._max_rows is not None and sum(p.request.rows for p in queue) >= self._max_rows):
                 break
-            self._cond.wait(wait_left)
+            recheck = self._until_recheck(lane)
+            if recheck <= 0:
+                break
+            self._cond.wait(min(wait_left, recheck))
         if self._max_rows is None:
             del queues[key]
             return key, queue
@@ -143,6 +161,18 @@ class BatchScheduler:
         else:
             del queues[key]
         return key, batch
+
+    def _until_recheck(self, lane: int) -> float:
+        """How long a filling batch of ``lane`` may wait before it looks again: 0 when every active
+        client already has a request queued (none can join by waiting), else until the first active
+        client not queued goes idle. Called with the lock held."""
+        now = time.perf_counter()
+        last_seen = self._last_seen[lane]
+        for client in [c for c, t in last_seen.items() if now - t > self._active_window_s]:
+            del last_seen[client]
+        waiting = {p.request.client_id for queue in self._queues[lane].values() for p in queue}
+        on_their_way = [t for c, t in last_seen.items() if c not in waiting]
+        return min(on_their_way) + self._active_window_s - now if on_their_way else 0.0
 
     def _urgency(self, queue: list[_Pending]) -> float:
         """A queue's effective deadline: its earliest, advanced by ``batch_credit_s`` per extra request."""

@@ -181,27 +181,66 @@ def test_max_rows_splits_a_queue_by_urgency():
     assert [clients for _, _, clients in batches] == [["i1", "i2"], ["t1"]]
 
 
-def test_max_wait_lets_a_batch_fill():
+def warm_up(scheduler, results, *clients):
+    """Each client sends one request, in turn: they are now active clients of the training lane."""
+    for client in clients:
+        submit(scheduler, results, "warm", client).join(10)
+
+
+def test_max_wait_lets_a_batch_fill_with_an_active_client():
     recorder, results = Recorder(hold_first=False), {}
     scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=0.5)
+    warm_up(scheduler, results, "a", "b")
     threads = [submit(scheduler, results, "q", "a")]
     time.sleep(0.05)
     threads.append(submit(scheduler, results, "q", "b"))
     for thread in threads:
         thread.join(10)
-    assert [clients for _, _, clients in recorder.batches] == [["a", "b"]]
+    assert [clients for op, _, clients in recorder.batches if op == "q"] == [["a", "b"]]
+
+
+def test_a_lone_client_never_waits_for_a_batch():
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=60.0)
+    for _ in range(3):
+        thread = submit(scheduler, results, "q", "a")
+        thread.join(30)  # well before max_wait_s runs out
+        assert not thread.is_alive(), "a lone client waited for a batch to fill"
+
+
+def test_a_batch_stops_waiting_when_every_active_client_is_queued_elsewhere():
+    """b waits for op r, so it cannot join a's batch of op q: neither waits out max_wait_s."""
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=60.0)
+    warm_up(scheduler, results, "a", "b")
+    threads = [submit(scheduler, results, "q", "a"), submit(scheduler, results, "r", "b")]
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a batch waited for a client queued on another op"
+    assert sorted(clients for op, _, clients in recorder.batches if op in "qr") == [["a"], ["b"]]
+
+
+def test_a_client_idle_past_the_active_window_holds_no_batch():
+    recorder, results = Recorder(hold_first=False), {}
+    scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=60.0, active_window_s=0.05)
+    warm_up(scheduler, results, "gone", "a")
+    time.sleep(0.1)
+    thread = submit(scheduler, results, "q", "a")
+    thread.join(30)
+    assert not thread.is_alive(), "a batch waited for a client that had gone idle"
 
 
 def test_a_batch_that_reaches_max_rows_stops_waiting():
     recorder, results = Recorder(hold_first=False), {}
     scheduler = BatchScheduler(recorder, BatchStats(), max_wait_s=60.0, max_rows=2)
+    warm_up(scheduler, results, "a", "b")
     threads = [submit(scheduler, results, "q", "a")]
     wait_queued(scheduler, 1)
     threads.append(submit(scheduler, results, "q", "b"))
     for thread in threads:
         thread.join(30)  # well before max_wait_s runs out
     assert not any(thread.is_alive() for thread in threads), "a full batch waited for max_wait_s"
-    assert [clients for _, _, clients in recorder.batches] == [["a", "b"]]
+    assert [clients for op, _, clients in recorder.batches if op == "q"] == [["a", "b"]]
 
 
 def test_without_max_wait_nothing_waits_for_a_batch():
@@ -267,3 +306,5 @@ def test_bad_options_are_refused():
         BatchScheduler(Recorder(), BatchStats(), aging_s=-1)
     with pytest.raises(ValueError):
         BatchScheduler(Recorder(), BatchStats(), batch_credit_s=-1)
+    with pytest.raises(ValueError, match="active_window_s"):
+        BatchScheduler(Recorder(), BatchStats(), active_window_s=-1)

@@ -83,12 +83,12 @@ def test_non_finite_inputs_can_be_allowed():
     assert out.isnan().all()
 
 
-def test_bad_clients_do_not_disturb_good_ones(executor):
+def test_bad_clients_do_not_disturb_good_ones(executor, hold_batches):
     """Good clients generating while a bad client floods the executor get exactly their solo results,
     also when their requests share a batch with the flood's (the executor waits a little for batches)."""
     prompt = torch.tensor([[5, 6, 7, 8]])
     expected = [load_model(executor).generate(input_ids=prompt, max_new_tokens=10, do_sample=False)] * 3
-    batching = BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=0.005)
+    batching = hold_batches(BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=0.005))
     good = [load_model(batching, client_id=f"good{i}") for i in range(3)]
     errors, results, stop = [], {}, threading.Event()
 
@@ -136,12 +136,12 @@ def test_non_finite_gradients_reach_the_client(executor):
     assert not out.isfinite().any()
 
 
-def test_non_finite_request_in_a_batch_fails_alone(executor):
+def test_non_finite_request_in_a_batch_fails_alone(executor, hold_batches):
     """Batched with good requests, a NaN request fails and the others get exact results."""
     good_x = torch.randn(3, 64)
     expected = executor.run(request(good_x))
     # the executor waits until all 8 requests (24 rows) are there, so they form one batch
-    batching = BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=60.0, max_rows=24)
+    batching = hold_batches(BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=60.0, max_rows=24))
     results, barrier = {}, threading.Barrier(8)
 
     def run(index: int) -> None:

@@ -53,7 +53,7 @@ def _lora_run(executor_or_url, *, prepare=None):
     return model, result
 
 
-def test_training_survives_a_server_restart(model_dir):
+def test_training_survives_a_server_restart(model_dir, hold_batches):
     """SIGKILL the server while a request of step 2's backward pass is in flight and start it again
     on the same port: the adapter ends exactly as in an uninterrupted run (no optimizer step lost or
     repeated), after retries."""
@@ -61,7 +61,8 @@ def test_training_survives_a_server_restart(model_dir):
     reference, ref_result = _lora_run(BaseExecutor.from_pretrained(path))
     port = free_port()
     # every request waits 100 ms in the server's queue (for a batch to fill): a window to kill it in
-    server = start_server_process(path, "--max-wait-ms", "100", port=port)
+    server = start_server_process(path, "--max-wait-ms", "100", "--active-window-ms", "3600000", port=port)
+    hold_batches(RemoteTransport(f"127.0.0.1:{port}", shared_memory=False))
     killed_in_flight: list[bool] = []
     restarted: list = []
 

@@ -110,8 +110,8 @@ def test_garbage_in_shared_memory(server):
 
 
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
-def test_client_vanishing_mid_request(model_dir, shared_memory):
-    slow = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0)
+def test_client_vanishing_mid_request(model_dir, shared_memory, hold_batches):
+    slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0))
     server = ExecutorServer(slow).start()
     try:
         proc = multiprocessing.get_context("spawn").Process(target=stuck_client, args=(server.url, shared_memory))
@@ -140,8 +140,8 @@ def eventually(condition, timeout_s: float = 60.0) -> bool:
     return True
 
 
-def test_graceful_drain_finishes_calls_in_flight(model_dir):
-    slow = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0)
+def test_graceful_drain_finishes_calls_in_flight(model_dir, hold_batches):
+    slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0))
     server = ExecutorServer(slow).start()
     idle = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=False, retry_timeout_s=0.5)
     busy = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=False)

@@ -170,10 +170,10 @@ def test_a_channel_holds_a_session_only_once_connected(model_dir):
         server.stop(1.0)
 
 
-def test_token_ids_are_copied_before_validation(model_dir):
+def test_token_ids_are_copied_before_validation(model_dir, hold_batches):
     """A client rewrites its token ids in shared memory after the server validated them (while the
     request waits for its batch): the server computes with the ids it validated."""
-    slow = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0)
+    slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0))
     server = ExecutorServer(slow).start()
     channel = RawChannel(attach(server.port))
     try:
@@ -219,9 +219,9 @@ def test_drain_ends_unconnected_channels_at_once(server):
     assert server.shm.channel_count() == 0
 
 
-def test_drain_waits_once_for_all_channels(model_dir):
+def test_drain_waits_once_for_all_channels(model_dir, hold_batches):
     """Channels busy in long calls: drain gives up after its timeout in all, not per channel."""
-    slow = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=4.0)
+    slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=4.0))
     server = ExecutorServer(slow).start()
     channels = [RawChannel(attach(server.port)) for _ in range(8)]
     try:

@@ -116,8 +116,8 @@ def test_rate_limit(server_with):
             call(transport)
 
 
-def test_concurrency_and_session_limits(model_dir):
-    slow = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.5)  # every request waits 0.5 s for a batch
+def test_concurrency_and_session_limits(model_dir, hold_batches):
+    slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.5))  # every request waits 0.5 s for a batch
     registry = TenantRegistry.from_dict(
         {"tenants": [{"name": "one", "token": "t", "limits": {"concurrent_requests": 1, "sessions": 2}}]}
     )
@@ -169,9 +169,9 @@ def test_session_limit(server_with):
             thread.join()
 
 
-def test_tenants_get_only_their_own_results(model_dir):
+def test_tenants_get_only_their_own_results(model_dir, hold_batches):
     """Two tenants hammer the same op at once, batched together; each gets exactly its own rows."""
-    batching = BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.005)  # let batches fill
+    batching = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.005))  # let batches fill
     registry = TenantRegistry.from_dict({"tenants": [{"name": "a", "token": "ta"}, {"name": "b", "token": "tb"}]})
     server = ExecutorServer(batching, registry=registry).start()
     weight = batching.tensors([f"{OP}.weight"])[f"{OP}.weight"]
