@@ -59,7 +59,7 @@ def run_demo(args: argparse.Namespace, console: Console) -> dict[str, object]:
         model_dir = Path(args.model_dir) if args.model_dir else save_random_model(
             tiny_config("llama", hidden_size=128, intermediate_size=256, num_hidden_layers=4, vocab_size=512), Path(scratch) / "base"
         )
-        executor = BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device)
+        executor = BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device, max_wait_s=args.max_wait_ms / 1e3)
     console.print(f"[bold]executor[/bold] {executor}")
     vocab = executor.spec().config["vocab_size"]
     clients = {}
@@ -152,6 +152,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--requests", type=int, default=10, help="generation requests per generating client (default 10)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="executor dtype")
     parser.add_argument("--device", default="cpu", help="executor device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="executor: wait up to this long for the other clients to reach an op (default 5; 0: never wait)")
     parser.add_argument("--client-device", default="cpu", help="device of the clients' own work (attention, adapters)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=lambda args: run_demo(args, Console()) and 0)

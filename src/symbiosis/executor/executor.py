@@ -45,7 +45,7 @@ class BaseExecutor:
 
     Options: ``fuse`` (serve ops that share an input as one fused op; default on), ``max_rows``
     (rows per GEMM), ``max_wait_s`` (wait up to this long for a batch to fill while active clients
-are still on their way to it — see ``executor.scheduler``; default 0: never wait),
+    are still on their way to it — see ``executor.scheduler``; default 0: never wait),
     ``active_window_s`` (a client idle this long no longer holds back a filling batch; default 0.25),
     ``aging_s`` (how long a lower-priority request waits before it outranks a new urgent one),
     ``batch_credit_s`` (each extra request waiting for an op makes it as urgent as if it had

@@ -6,9 +6,10 @@ result back and repeats until its own request is done; then another waiter takes
 client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
 waits for a batch to fill unless ``max_wait_s`` asks for it, and even then a batch stops waiting as
 soon as every client active in its lane (one that sent a request or got an answer within
-``active_window_s``, default ``ACTIVE_WINDOW_S``) has a request queued: a client blocked on another op cannot join, so waiting longer would only add
-latency. A lone client therefore never waits, and clients stepping through the same ops together
-leave each op as soon as the last of them reaches it.
+``active_window_s``, default ``ACTIVE_WINDOW_S``) has a request queued: a client blocked on
+another op cannot join, so waiting longer would only add latency. A lone client therefore never
+waits, and clients stepping through the same ops together leave each op as soon as the last of
+them reaches it.
 
 Inference requests (priority 0) have a lane of their own (``inference_lane``, the default): they
 are batched and run by their own combiner, concurrently with whatever GEMM the other lane is
