@@ -8,7 +8,7 @@ forward and backward GEMMs that served rows of several clients at once.
 The solo runs use an executor that never waits; the concurrent runs use a second executor of the
 same weights that waits up to 2 ms for a batch to fill. On a tiny model a GEMM takes microseconds,
 so without that wait clients meet in a GEMM only by accident (about 0.1% of GEMMs here, and some
-runs none at all); with it, 4-8% of them, under CPU contention too.
+runs none at all); with it, 4-9% of them (6-9% on an idle machine, 4-7% with both cores busy).
 """
 
 from __future__ import annotations
