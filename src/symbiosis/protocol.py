@@ -74,11 +74,24 @@ class OpInfo:
     members: tuple[str, ...] = ()
     member_widths: tuple[int, ...] = ()
 
-    def expected_width(self, direction: Direction) -> int:
-        """Width of the rows a request in ``direction`` must carry (token ids: 1 per row)."""
+    def expected_width(self, direction: Direction, features: tuple[int, int] | None = None) -> int:
+        """Width of the rows a request in ``direction`` must carry (token ids: 1 per row).
+
+        ``features``: the request uses only the op's output features ``[start, end)`` (rows of W).
+        """
         if self.kind is OpKind.EMBEDDING:
             return 1
-        return self.in_features if direction is Direction.FORWARD else self.out_features
+        if direction is Direction.FORWARD:
+            return self.in_features
+        return self.out_features if features is None else features[1] - features[0]
+
+    def output_width(self, direction: Direction, features: tuple[int, int] | None = None) -> int:
+        """Width of the rows a request in ``direction`` gets back."""
+        if self.kind is OpKind.EMBEDDING:
+            return self.out_features
+        if direction is Direction.BACKWARD:
+            return self.in_features
+        return self.out_features if features is None else features[1] - features[0]
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,11 @@ class OpRequest:
     """One op call of one client: rows ``x`` (2-D; token ids are 1-D) for op ``op`` in ``direction``.
 
     ``out_dtype`` is the dtype the client wants back (defaults to ``x``'s dtype for float inputs).
+    ``compute_dtype`` is the dtype the product is computed in, rows and weight alike (the dtype a
+    client's autocast gives the op, or the dtype of a product the client computes with the weight
+    itself); None: the executor's own dtype. ``features`` restricts a linear op to its output
+    features ``[start, end)`` (rows ``start:end`` of W): forward rows get ``end - start`` outputs,
+    backward rows carry ``end - start`` gradients (a product with a slice of the weight).
     """
 
     op: str
@@ -121,6 +139,8 @@ class OpRequest:
     priority: int = PRIORITY_TRAINING
     out_dtype: torch.dtype | None = None
     tenant: str = field(default="default")
+    compute_dtype: torch.dtype | None = None
+    features: tuple[int, int] | None = None
 
     @property
     def rows(self) -> int:

@@ -11,6 +11,7 @@ tensor's scale). Greedy generation must give identical tokens.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -107,14 +108,17 @@ def check_equivalence(
     vocab: int = 256,
     rel_tol: float = REL_TOL,
     reference_device: str = "cpu",
+    autocast: torch.dtype | None = None,
+    executor: object | None = None,
     **client_options,
 ) -> dict[str, float]:
     """Compare logits, loss, adapter gradients and greedy tokens; return the worst relative errors.
 
     The monolithic reference runs on ``reference_device``; the client on ``client_options["device"]``
-    (both default to the CPU).
+    (both default to the CPU). With ``autocast``, both run every forward pass and generation under
+    ``torch.autocast`` in that dtype (backward passes outside it, as recommended).
     """
-    mono, client, _ = build_pair(path, peft_config, reference_device=reference_device, **client_options)
+    mono, client, _ = build_pair(path, peft_config, executor=executor, reference_device=reference_device, **client_options)
     device = client_options.get("device", "cpu")
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(3, vocab, (2, 9), generator=generator).to(reference_device)
@@ -123,8 +127,16 @@ def check_equivalence(
     errors = {}
     for model in (mono, client):
         model.train()
-    out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
-    out_client = client(input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.to(device))
+
+    def autocasting(device_type: str):
+        return torch.autocast(device_type, dtype=autocast) if autocast is not None else nullcontext()
+
+    with autocasting(torch.device(reference_device).type):
+        out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
+    with autocasting(torch.device(device).type):
+        out_client = client(input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.to(device))
+    if autocast is not None:
+        assert out_client.logits.dtype == out_mono.logits.dtype == autocast, "autocast was not in effect"
     errors["logits"] = assert_close(out_client.logits, out_mono.logits, "logits", rel_tol)
     errors["loss"] = assert_close(out_client.loss, out_mono.loss, "loss", rel_tol)
     if peft_config is not None:
@@ -135,9 +147,11 @@ def check_equivalence(
         for model in (mono, client):
             model.eval()
         prompt = ids[:, :4]
-        tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-        tokens_client = client.generate(
-            input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), max_new_tokens=6, do_sample=False
-        ).cpu()
+        with autocasting(torch.device(reference_device).type):
+            tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        with autocasting(torch.device(device).type):
+            tokens_client = client.generate(
+                input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), max_new_tokens=6, do_sample=False
+            ).cpu()
         assert torch.equal(tokens_client, tokens_mono.cpu()), f"greedy tokens differ:\n{tokens_client}\n{tokens_mono}"
     return errors

@@ -80,7 +80,8 @@ class LinearProxy(_ProxyMixin, nn.Linear):
             y = self._group.member_call(self.weight.owner, x)
         if y is None:
             y = self._remote(x)
-        return y if self.bias is None else y + self.bias
+        # under autocast y is in the autocast dtype, and so is the bias F.linear would add
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, on the executor"
@@ -138,7 +139,8 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
             proxy.__dict__[key] = value
     proxy.training = original.training
     weight = original.weight
-    proxy.weight = nn.Parameter(PhantomWeight(tuple(weight.shape), weight.dtype, device, name), requires_grad=False)
+    phantom = PhantomWeight(tuple(weight.shape), weight.dtype, device, name, transposed=isinstance(original, Conv1D))
+    proxy.weight = nn.Parameter(phantom, requires_grad=False)
     for key, param in original._parameters.items():
         if key != "weight":
             proxy.register_parameter(key, param)
@@ -150,7 +152,9 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
 
 
 def connect_linear(proxy: LinearProxy | Conv1DProxy, remote: RemoteLinear, group: FusionGroup | None, role: str) -> None:
-    """Route a linear proxy's product to ``remote`` (and its fusion group, as ``role``)."""
+    """Route a linear proxy's product to ``remote`` (and its fusion group, as ``role``); products that
+    client code computes with the proxy's weight go to ``remote`` too."""
+    proxy.weight.connect(remote)
     proxy._remote = remote
     proxy._group = group
     proxy._role = role

@@ -209,7 +209,11 @@ class BaseExecutor:
         return self._scheduler.run(request)
 
     def validate(self, request: OpRequest) -> None:
-        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op."""
+        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op.
+
+        A ``compute_dtype`` equal to the executor's dtype is dropped, so such requests batch with
+        those that name none.
+        """
         op = self._ops.get(request.op)
         if op is None:
             raise BadRequestError(f"unknown op {request.op!r}")
@@ -223,23 +227,33 @@ class BaseExecutor:
             self._validate_ids(info, request)
         else:
             self._validate_rows(info, request)
+        if request.compute_dtype == self.dtype:
+            request.compute_dtype = None
         if self.max_request_rows is not None and request.rows > self.max_request_rows:
             raise BadRequestError(f"op {info.name}: {request.rows} rows exceed the limit of {self.max_request_rows}")
 
     def _validate_rows(self, info: OpInfo, request: OpRequest) -> None:
-        x, width = request.x, info.expected_width(request.direction)
+        features = request.features
+        if features is not None and not (
+            isinstance(features, tuple) and len(features) == 2 and 0 <= features[0] < features[1] <= info.out_features
+        ):
+            raise BadRequestError(f"op {info.name}: features must be [start, end) within [0, {info.out_features}), got {features!r}")
+        x, width = request.x, info.expected_width(request.direction, features)
         if x.dim() != 2 or x.shape[1] != width:
             raise BadRequestError(
                 f"op {info.name} ({request.direction.name.lower()}): expected rows of width {width}, "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.dtype not in FLOAT_DTYPES.values():
-            raise BadRequestError(f"op {info.name}: dtype {x.dtype} is not one of {', '.join(FLOAT_DTYPES)}")
+        for what, dtype in (("dtype", x.dtype), ("out_dtype", request.out_dtype), ("compute_dtype", request.compute_dtype)):
+            if dtype is not None and dtype not in FLOAT_DTYPES.values():
+                raise BadRequestError(f"op {info.name}: {what} {dtype} is not one of {', '.join(FLOAT_DTYPES)}")
 
     def _validate_ids(self, info: OpInfo, request: OpRequest) -> None:
         x = request.x
         if request.direction is not Direction.FORWARD:
             raise BadRequestError(f"op {info.name}: embeddings are frozen and have no backward")
+        if request.compute_dtype is not None or request.features is not None:
+            raise BadRequestError(f"op {info.name}: an embedding lookup takes no compute_dtype or features")
         if x.dim() != 1 or x.dtype not in INDEX_DTYPES:
             raise BadRequestError(f"op {info.name}: expected a 1-D tensor of token ids, got {x.dtype} {tuple(x.shape)}")
         vocab = self._ops[info.name].weight.shape[0]
@@ -259,8 +273,9 @@ class BaseExecutor:
             if self.reject_non_finite and direction is Direction.FORWARD and not _all_finite(x):
                 culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
                 raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
-            x = _moved(x, self.device, self.dtype)
-        y = op.apply(direction, x)
+            # every request of a batch shares its compute dtype and features (the scheduler's batch key)
+            x = _moved(x, self.device, requests[0].compute_dtype or self.dtype)
+        y = op.apply(direction, x, features=requests[0].features)
         if len(requests) == 1:
             return [_deliver(y, requests[0])]
         outputs, start, y = [], 0, y.contiguous()
