@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks in one run (a lent GPU machine's time is short): the CUDA tests, then the
-# benchmarks on an 834M-parameter random Llama (hidden 2048, 16 layers) in bfloat16. Results go to $OUT (default
+# The GPU checks in one run (a lent GPU machine's time is short): the CUDA tests, the per-op round
+# trip with the executor on the GPU (GPU client: CUDA IPC buffers; CPU client: pinned shared memory),
+# then the benchmarks on an 834M-parameter random Llama (hidden 2048, 16 layers) in bfloat16, issue
+# 14's (split overhead in-process and through the server, executor efficiency) first. Results go to $OUT (default
 # bench/results/gpu): log.txt and gpu-results.tar.gz, re-packed after every step so that a run cut
 # short still returns what finished. Each step has its own time cap.
 #   bash bench/gpu.sh                      # on a CUDA machine with the project's packages
@@ -31,7 +33,13 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 } >>"$LOG" 2>&1
 
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+step tests 180 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+
+# the per-op round trip with the executor on the GPU: a GPU client (CUDA IPC buffers), a CPU client (pinned shared memory)
+ITERATIONS=1000
+[ -n "${SMOKE:-}" ] && ITERATIONS=40
+step transport_gpu_client 60 python3 -m bench.transport --device "$DEVICE" --client-device "$DEVICE" --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_gpu_client"
+step transport_cpu_client 60 python3 -m bench.transport --device "$DEVICE" --client-device cpu --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_cpu_client"
 
 MODEL=${TMPDIR:-/tmp}/symbiosis-gpu-model
 if [ -n "${SMOKE:-}" ]; then MODEL_ARGS=(); else
@@ -44,9 +52,9 @@ save_random_model(llama_config(hidden_size=2048, num_hidden_layers=16, vocab_siz
 fi
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}")
 step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$RESULTS/split_overhead" --rounds 3 --steps 2 --batch 8 --seq-len 256 --new-tokens 32
+step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
-step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .
 echo "=== done $(date +%T)" | tee -a "$LOG"

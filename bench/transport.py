@@ -1,15 +1,19 @@
-"""Per-op round trip of the three transport paths: in-process, same-host shared memory, TCP (gRPC).
+"""Per-op round trip of every transport path: in-process, shared memory, TCP data channel, gRPC stream.
 
 One linear op of width 64 (float32) is called with 16 rows (4 KiB) and 4096 rows (1 MiB) each way,
-in-process (``executor.run``), and over a shared-memory channel and a gRPC stream on loopback to a
-``symbiosis serve`` process (separate, so that client and server do not share a GIL), from one
-client thread. Every process computes with ``--threads`` torch threads (default 1: with two
-threads on a 2-core host, each small GEMM waits for an OpenMP thread whose core the client holds). Writes ``transport.json``, ``transport.md`` and ``transport.png`` under ``--out``.
-The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50. For reference,
-``grpc-echo`` is the bare gRPC stack on the same machine at the same moment: a stream whose server
-(another process) echoes the bytes back, with no tensors, no protobuf messages and no executor.
+in-process (``executor.run``), and from one client thread over each lane to a ``symbiosis serve``
+process on this host (separate, so that client and server do not share a GIL): a shared-memory
+channel (``shm``), a TCP data channel on loopback (``tcp``, what a client on another host uses)
+and the gRPC stream fallback (``grpc``). Every process computes with ``--threads`` torch threads
+(default 1: with two threads on a 2-core host, each small GEMM waits for an OpenMP thread whose
+core the client holds). Paths are measured in interleaved rounds (each path once per round) and
+the rounds' samples pooled. Writes ``transport.json``, ``transport.md`` and ``transport.png`` under
+``--out``. The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50. For
+reference, ``grpc-echo`` is the bare gRPC stack on the same machine at the same moment: a stream
+whose server (another process) echoes the bytes back, with no tensors, no protobuf messages and no
+executor (``bench.wakeup`` measures the bare wake-up mechanisms).
 
-    python -m bench.transport [--iterations 2000] [--threads 1] [--out bench/results/transport]
+    python -m bench.transport [--iterations 2000] [--rounds 5] [--threads 1] [--out bench/results/transport]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from symbiosis.transport.metered import percentiles_us  # noqa: E402
 OP = "model.layers.0.self_attn.o_proj"  # 64 -> 64
 PAYLOADS = {"4 KiB": 16, "1 MiB": 4096}
 TARGETS_US = {("shm", "4 KiB"): 50.0, ("tcp", "4 KiB"): 150.0}
-TARGET_SHM_GBPS = 1.0
+TARGET_SHM_GBPS = 8.0
 
 
 def echo_server(port_queue) -> None:
@@ -66,37 +70,48 @@ def echo_client(port: int):
     replies = channel.stream_stream("/bench.Echo/Echo")(iter(outbox.get, None))
 
     def run(request: OpRequest) -> bytes:
-        outbox.put(request.x.numpy().tobytes())
+        outbox.put(request.x.cpu().numpy().tobytes())
         return next(replies)
 
     return run
 
 
-def measure(run, rows: int, iterations: int) -> list[float]:
-    x = torch.randn(rows, 64)
+def measure(run, rows: int, iterations: int, device: str, warm_up: bool = True) -> list[float]:
+    x = torch.randn(rows, 64, device=device)
     request = OpRequest(OP, Direction.FORWARD, x)
-    for _ in range(max(20, iterations // 20)):
+    for _ in range(max(20, iterations // 20) if warm_up else 0):
         run(request)
     samples = []
     for _ in range(iterations):
         start = time.perf_counter()
         run(request)
+        synchronize(device)
         samples.append(time.perf_counter() - start)
     return samples
 
 
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iterations", type=int, default=2000, help="calls per path and payload (1 MiB: a quarter)")
+    parser.add_argument("--iterations", type=int, default=2000, help="calls per path and payload in all rounds (1 MiB: a quarter)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (every path once per round)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the client and the server (default 1)")
+    parser.add_argument("--device", default="cpu", help="device of the executor (server and in-process); cuda on a GPU machine")
+    parser.add_argument("--client-device", help="device of the client's rows (default: --device): a GPU client of a GPU server "
+                                                  "exchanges them through CUDA buffers, a CPU client through pinned shared memory")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transport")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     scratch = Path(tempfile.mkdtemp(prefix="symbiosis-bench-"))
     model_dir = save_random_model(tiny_config("llama"), scratch / "model")
-    executor = BaseExecutor.from_pretrained(model_dir)
-    server = start_server(model_dir, threads=args.threads)
+    client_device = args.client_device or args.device
+    executor = BaseExecutor.from_pretrained(model_dir, device=args.device)
+    server = start_server(model_dir, device=args.device, threads=args.threads)
     address = server.address.removeprefix("symbiosis://")
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
@@ -106,15 +121,20 @@ def main() -> int:
         "grpc-echo": echo_client(ports.get(timeout=60)),
         "in-process": executor.run,
         "shm": RemoteTransport(address, shared_memory=True).run,
-        "tcp": RemoteTransport(address, shared_memory=False).run,
+        "tcp": RemoteTransport(address, shared_memory=False, data_channel=True).run,
+        "grpc": RemoteTransport(address, shared_memory=False, data_channel=False).run,
     }
     rows = []
     for payload, n in PAYLOADS.items():
         iterations = args.iterations if n <= 16 else max(50, args.iterations // 4)
-        for path, run in paths.items():
-            stats = percentiles_us(measure(run, n, iterations))
+        samples: dict[str, list[float]] = {path: [] for path in paths}
+        for round_ in range(args.rounds):
+            for path, run in paths.items():
+                device = "cpu" if path == "grpc-echo" else client_device
+                samples[path] += measure(run, n, max(1, iterations // args.rounds), device, warm_up=round_ == 0)
+        for path in paths:
             nbytes = n * 64 * 4
-            rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **stats})
+            rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **percentiles_us(samples[path])})
     server.stop()
     echo.terminate()
     base = {r["payload"]: r["p50"] for r in rows if r["path"] == "in-process"}

@@ -19,6 +19,8 @@ from symbiosis.protocol import Direction
 from symbiosis.server import ExecutorServer
 
 from .equivalence import assert_close, check_equivalence, perturb_adapters
+from .server.servers import LANES
+from .server.workers import gpu_client
 from .test_equivalence_architectures import REQUIRED
 from .test_equivalence_peft import METHODS
 
@@ -66,14 +68,12 @@ def test_bfloat16_split_is_as_accurate_as_bfloat16_monolithic(model_dir):
     assert split_error <= 2 * mono_error, f"bf16 split error {split_error:.3g} > 2 x monolithic {mono_error:.3g}"
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["grpc", "shm"])
-def test_server_on_the_gpu_client_on_the_cpu(model_dir, shared_memory):
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_server_on_the_gpu_client_on_the_cpu(model_dir, lane):
     path = model_dir("llama")
     server = ExecutorServer(BaseExecutor.from_pretrained(path, device="cuda")).start()
     try:
-        errors = check_equivalence(
-            path, lora(), executor=server.url, connect_options={"shared_memory": shared_memory}, rel_tol=GPU_REL_TOL
-        )
+        errors = check_equivalence(path, lora(), executor=server.url, connect_options=LANES[lane], rel_tol=GPU_REL_TOL)
         assert errors["grads"] <= GPU_REL_TOL
     finally:
         server.stop(1.0)
@@ -158,3 +158,44 @@ def test_concurrent_clients_batch_on_the_gpu(model_dir):
             if param.requires_grad:
                 assert_close(param.grad.cpu(), expected[name], f"grad {name}", GPU_REL_TOL, scale=expected[name].abs().max().item() or 1.0)
     assert sum(s.shared_gemms for s in executor.stats.per_op().values()) > 0, "no GEMM served several clients"
+
+
+# ----------------------------------------------------------------- GPU clients of a GPU server (issue 14)
+def _run_gpu_client(server: ExecutorServer, path, device: str) -> dict:
+    """Run ``gpu_client`` in its own process (CUDA IPC memory cannot be opened by the process that
+    exported it) and return its report."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    process = ctx.Process(target=gpu_client, args=(server.url, str(path), device, results))
+    process.start()
+    try:
+        report = results.get(timeout=300)
+    finally:
+        process.join(60)
+    assert "error" not in report, report["error"]
+    return report
+
+
+def test_a_gpu_client_exchanges_rows_through_cuda_ipc(model_dir):
+    """A client process on the executor's GPU: its rows go through the channel's CUDA buffers (no
+    host copy), results equal the in-process executor's, and the equivalence suite holds."""
+    path = model_dir("llama")
+    server = ExecutorServer(BaseExecutor.from_pretrained(path, device="cuda")).start()
+    try:
+        report = _run_gpu_client(server, path, "cuda:0")
+        assert report["cuda_buffers"] and report["max_error"] <= 1e-5 and report["grads"] <= GPU_REL_TOL, report
+    finally:
+        server.stop(1.0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_client_on_another_gpu_uses_peer_copies(model_dir):
+    path = model_dir("llama")
+    server = ExecutorServer(BaseExecutor.from_pretrained(path, device="cuda:0")).start()
+    try:
+        report = _run_gpu_client(server, path, "cuda:1")
+        assert report["cuda_buffers"] and report["max_error"] <= 1e-5 and report["grads"] <= GPU_REL_TOL, report
+    finally:
+        server.stop(1.0)

@@ -1,4 +1,7 @@
-"""``symbiosis serve MODEL_DIR``: run a base executor as a gRPC service until SIGTERM/SIGINT."""
+"""``symbiosis serve MODEL_DIR``: run a base executor as a service until SIGTERM/SIGINT.
+
+Clients connect to its gRPC port; their op calls then travel on same-host shared-memory channels or
+TCP data channels (``--data-port``), or on gRPC streams where neither can be had."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ SIGNAL_POLL_S = 0.5
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve a base executor to client processes over gRPC", description=__doc__)
+    parser = subparsers.add_parser("serve", help="serve a base executor to client processes", description=__doc__)
     parser.add_argument("model_dir", type=Path, help="local Hugging Face model directory")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
@@ -41,7 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-message-mb", type=int, default=256, help="largest request message in MiB (default 256)")
     parser.add_argument("--no-shared-memory", action="store_true", help="do not offer same-host shared-memory channels")
     parser.add_argument("--shm-channels", type=int, default=DEFAULT_MAX_CHANNELS,
-                        help=f"same-host shared-memory channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use gRPC)")
+                        help=f"same-host shared-memory channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use another lane)")
+    parser.add_argument("--data-port", type=int, default=0,
+                        help="port of the TCP data channels, which carry op calls without gRPC (default 0: any free port; "
+                             "clients learn it over gRPC)")
+    parser.add_argument("--no-data-channel", action="store_true",
+                        help="do not offer TCP data channels (clients on other hosts send op calls over gRPC streams)")
+    parser.add_argument("--data-channels", type=int, default=DEFAULT_MAX_CHANNELS,
+                        help=f"TCP data channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use gRPC streams)")
     parser.add_argument("--session-idle-s", type=float, default=DEFAULT_SESSION_IDLE_S,
                         help=f"end client sessions idle this long; clients reopen them (default {DEFAULT_SESSION_IDLE_S:.0f})")
     parser.add_argument("--keepalive-s", type=float, default=DEFAULT_KEEPALIVE_S,
@@ -93,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         max_workers=args.max_workers,
         shared_memory=not args.no_shared_memory,
         shm_channels=args.shm_channels,
+        data_channel=not args.no_data_channel,
+        data_port=args.data_port,
+        data_channels=args.data_channels,
         max_message_bytes=args.max_message_mb << 20,
         session_idle_s=args.session_idle_s,
         keepalive_s=args.keepalive_s,
@@ -102,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
     print(f"serving {executor} on {server.url}" + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     if args.ready_file:
-        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port}
+        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port, "data_port": server.data_port}
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready_file)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,15 @@ from ..protocol import (
 )
 from .discovery import find_fusion_groups, find_linear_ops, linear_weight
 from .ops import FrozenOp
-from .scheduler import BatchScheduler
+from .scheduler import BatchScheduler, Completion
 from .sharding import owned_ops
 from .stats import BatchStats
 
 log = logging.getLogger(__name__)
+
+_FLOAT_DTYPES = frozenset(FLOAT_DTYPES.values())
+#: Where a submitted request's output goes: a tensor, or ``(shape, dtype) -> tensor`` (see ``submit``).
+OutputBuffer = torch.Tensor | Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
 
 class BaseExecutor:
@@ -93,6 +97,7 @@ class BaseExecutor:
             self._add_embedding_op(model)
         self._tensors = self._frozen_tensors(model, modules)
         self.stats = BatchStats()
+        self._staging: list[_Staging] = []  # one per combiner that ever ran at once (at most one per lane)
         self._scheduler = BatchScheduler(
             self._run_batch,
             self.stats,
@@ -208,8 +213,25 @@ class BaseExecutor:
         self.validate(request)
         return self._scheduler.run(request)
 
-    def validate(self, request: OpRequest) -> None:
-        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op.
+    def submit(self, request: OpRequest, on_done: Completion, *, out: OutputBuffer | None = None) -> None:
+        """Validate ``request`` and queue it without waiting; ``on_done(output, error)`` is called
+        once it is computed, in whichever thread computes it (possibly this one, before ``submit``
+        returns).
+
+        ``out``: where the output must be written — a tensor of the output's shape and dtype, or a
+        callable ``(shape, dtype) -> tensor`` that provides one (and may raise to refuse the
+        request, e.g. an output too large for a shared-memory channel); the output passed to
+        ``on_done`` is then that tensor. Raises ``BadRequestError`` (nothing queued) for a request
+        ``validate`` refuses.
+        """
+        shape, dtype = self.validate(request)
+        if callable(out):
+            out = out(shape, dtype)
+        self._scheduler.submit(request, on_done, out)
+
+    def validate(self, request: OpRequest) -> tuple[tuple[int, ...], torch.dtype]:
+        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op; return the shape and
+        dtype of its output.
 
         A ``compute_dtype`` equal to the executor's dtype is dropped, so such requests batch with
         those that name none.
@@ -225,12 +247,16 @@ class BaseExecutor:
             raise BadRequestError(f"op {info.name}: input must be a tensor, got {type(x).__name__}")
         if info.kind is OpKind.EMBEDDING:
             self._validate_ids(info, request)
+            dtype = request.out_dtype or self.dtype
         else:
             self._validate_rows(info, request)
+            dtype = request.out_dtype or x.dtype
         if request.compute_dtype == self.dtype:
             request.compute_dtype = None
-        if self.max_request_rows is not None and request.rows > self.max_request_rows:
-            raise BadRequestError(f"op {info.name}: {request.rows} rows exceed the limit of {self.max_request_rows}")
+        rows = request.rows
+        if self.max_request_rows is not None and rows > self.max_request_rows:
+            raise BadRequestError(f"op {info.name}: {rows} rows exceed the limit of {self.max_request_rows}")
+        return (rows, info.output_width(request.direction, request.features)), dtype
 
     def _validate_rows(self, info: OpInfo, request: OpRequest) -> None:
         features = request.features
@@ -245,7 +271,7 @@ class BaseExecutor:
                 f"got shape {tuple(x.shape)}"
             )
         for what, dtype in (("dtype", x.dtype), ("out_dtype", request.out_dtype), ("compute_dtype", request.compute_dtype)):
-            if dtype is not None and dtype not in FLOAT_DTYPES.values():
+            if dtype is not None and dtype not in _FLOAT_DTYPES:
                 raise BadRequestError(f"op {info.name}: {what} {dtype} is not one of {', '.join(FLOAT_DTYPES)}")
 
     def _validate_ids(self, info: OpInfo, request: OpRequest) -> None:
@@ -259,31 +285,96 @@ class BaseExecutor:
         vocab = self._ops[info.name].weight.shape[0]
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= vocab):
             raise BadRequestError(f"op {info.name}: token ids must lie in [0, {vocab})")
-        if request.out_dtype is not None and request.out_dtype not in FLOAT_DTYPES.values():
+        if request.out_dtype is not None and request.out_dtype not in _FLOAT_DTYPES:
             raise BadRequestError(f"op {info.name}: out_dtype {request.out_dtype} is not a float dtype")
 
-    def _run_batch(self, op_name: str, direction: Direction, requests: Sequence[OpRequest]) -> list[torch.Tensor]:
-        """One GEMM over all requests' rows; each caller gets its own rows in its dtype and device."""
+    def _run_batch(
+        self, op_name: str, direction: Direction, requests: Sequence[OpRequest], outs: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """One GEMM over all requests' rows; each output goes where its request wants it.
+
+        A request with a destination in ``outs`` gets its output written there (the GEMM writes
+        straight into it when it is alone and the destination fits the product); the others get
+        their own rows in their dtype and on their device. Runs without autograd, whatever the
+        calling thread's grad mode (a combiner computes other clients' requests too).
+        """
         op = self._ops[op_name]
+        linear = op.info.kind is OpKind.LINEAR
+        first = requests[0]
+        # every request of a batch shares its compute dtype and features (the scheduler's batch key)
+        compute = (first.compute_dtype or self.dtype) if linear else None
+        staging = self._staging.pop() if self._staging else _Staging(self.device)
+        try:
+            with torch.no_grad():
+                x = self._gather(requests, compute, staging)
+                check = self.reject_non_finite and linear and direction is Direction.FORWARD
+                total = x.sum(dtype=torch.float32) if check else None  # read after the GEMM: one device sync
+                if len(requests) == 1:
+                    out = outs[0]
+                    direct = out is not None and _writable_by(out, self.device, compute or op.weight.dtype)
+                    y = op.apply(direction, x, features=first.features, out=out if direct else None)
+                    if total is not None:
+                        self._check_finite(total, requests, op_name)
+                    if out is None:
+                        return [_deliver(y, first)]
+                    if not direct:
+                        out.copy_(y, non_blocking=True)
+                    self._finish_copies(outs)
+                    return [out]
+                if all(out is not None for out in outs):  # every output is copied out: compute into reused memory
+                    width = op.info.output_width(direction, first.features)
+                    y = op.apply(direction, x, features=first.features, out=staging.output(x.shape[0], width, compute or op.weight.dtype))
+                else:
+                    y = op.apply(direction, x, features=first.features)
+                if total is not None:
+                    self._check_finite(total, requests, op_name)
+                outputs, start = [], 0
+                for request, out in zip(requests, outs, strict=True):
+                    rows = request.rows
+                    if out is None:
+                        outputs.append(_deliver(_own_rows(y, start, rows), request))
+                    else:
+                        outputs.append(out.copy_(y[start : start + rows], non_blocking=True))
+                    start += rows
+                self._finish_copies(outs)
+                return outputs
+        finally:
+            self._staging.append(staging)
+
+    def _gather(self, requests: Sequence[OpRequest], compute: torch.dtype | None, staging: _Staging) -> torch.Tensor:
+        """The batch's input rows, on the executor's device and (linear ops) in the compute dtype."""
         if len(requests) == 1:
-            x = _moved(requests[0].x, self.device)
-        else:
-            x = torch.cat([_moved(r.x, self.device) for r in requests])
-        if op.info.kind is OpKind.LINEAR:
-            if self.reject_non_finite and direction is Direction.FORWARD and not _all_finite(x):
-                culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
-                raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
-            # every request of a batch shares its compute dtype and features (the scheduler's batch key)
-            x = _moved(x, self.device, requests[0].compute_dtype or self.dtype)
-        y = op.apply(direction, x, features=requests[0].features)
-        if len(requests) == 1:
-            return [_deliver(y, requests[0])]
-        outputs, start, y = [], 0, y.contiguous()
-        for request in requests:
-            rows = request.rows
-            outputs.append(_deliver(_own_rows(y, start, rows), request))
-            start += rows
-        return outputs
+            return _moved(requests[0].x, self.device, compute)
+        xs = [r.x for r in requests]
+        dtype = compute or xs[0].dtype
+        rows = sum(x.shape[0] for x in xs)
+        x = staging.input(rows, *xs[0].shape[1:], dtype=dtype)
+        if all(t.device == self.device and t.dtype == dtype for t in xs):
+            return torch.cat(xs, out=x)
+        start = 0
+        for t in xs:
+            x[start : start + t.shape[0]].copy_(t, non_blocking=True)
+            start += t.shape[0]
+        return x
+
+    def _check_finite(self, total: torch.Tensor, requests: Sequence[OpRequest], op_name: str) -> None:
+        """Raise ``BadRequestError`` if a request's input has NaN or Inf.
+
+        ``total`` is the float32 sum of the batch's rows (NaN and Inf propagate through it; one
+        reduction for the whole batch, ~100x cheaper than an element-wise check on CPU); only when
+        it is not finite — NaN/Inf, or finite values whose sum overflows, or values that overflowed
+        in the cast to the compute dtype — does an element-wise check of the inputs as sent decide.
+        """
+        if math.isfinite(float(total)) or all(bool(torch.isfinite(r.x).all()) for r in requests):
+            return
+        culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
+        raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
+
+    def _finish_copies(self, outs: Sequence[torch.Tensor | None]) -> None:
+        """Wait for device-to-host copies into destinations in host memory (their readers are other
+        processes that do not follow this device's streams)."""
+        if self.device.type == "cuda" and any(out is not None and out.device.type == "cpu" for out in outs):
+            torch.cuda.current_stream(self.device).synchronize()
 
     # ------------------------------------------------------------------------------ management
     def queue_depth(self) -> int:
@@ -313,14 +404,30 @@ class BaseExecutor:
         )
 
 
-def _all_finite(x: torch.Tensor) -> bool:
-    """Whether ``x`` has no NaN or Inf.
+class _Staging:
+    """Reusable buffers of one combiner for a batch's gathered input rows and its output (before
+    they are copied to their destinations): batches allocate nothing once the largest has run."""
 
-    First by one float32 sum (NaN and Inf propagate through it), because ``torch.isfinite(x).all()``
-    costs ~100x more on CPU for activation-sized tensors; only when the sum is not finite — NaN/Inf,
-    or finite values whose sum overflows float32 — does the exact element-wise check decide.
-    """
-    return math.isfinite(float(x.sum(dtype=torch.float32))) or bool(torch.isfinite(x).all())
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._buffers = [torch.empty(0, dtype=torch.uint8, device=device), torch.empty(0, dtype=torch.uint8, device=device)]
+
+    def input(self, rows: int, *rest: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._view(0, (rows, *rest), dtype)
+
+    def output(self, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        return self._view(1, (rows, width), dtype)
+
+    def _view(self, index: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self._buffers[index].numel() < nbytes:
+            self._buffers[index] = torch.empty(1 << max(nbytes - 1, 1).bit_length(), dtype=torch.uint8, device=self._device)
+        return self._buffers[index][:nbytes].view(dtype).view(shape)
+
+
+def _writable_by(out: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a product on ``device`` in ``dtype`` can be written straight into ``out``."""
+    return out.device == device and out.dtype == dtype and out.is_contiguous()
 
 
 def fused_op_name(members: Sequence[str]) -> str:

@@ -4,7 +4,11 @@ Every caller enqueues its request. Whoever finds the executor idle becomes the *
 the most urgent queue (requests for one op and direction that agree on compute dtype and output
 features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
 its own request is done; then another waiter takes over. A lone
-client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
+client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Requests
+may also be *submitted* without waiting (``submit``): their callback runs in whichever thread
+computes them, so a server thread that hands a request over needs no second wake-up; a combiner
+whose own request is done keeps combining while only submitted requests wait (no thread waits to
+take over), and hands over as soon as a waiting caller could. Nothing
 waits for a batch to fill unless ``max_wait_s`` asks for it, and even then a batch stops waiting as
 soon as every client active in its lane (one that sent a request or got an answer within
 ``active_window_s``, default ``ACTIVE_WINDOW_S``) has a request queued: a client blocked on
@@ -24,6 +28,7 @@ leave it together. Without the inference lane, all priorities share one lane und
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,9 +39,13 @@ import torch
 from ..protocol import PRIORITY_INFERENCE, Direction, OpRequest
 from .stats import BatchStats
 
-#: Runs one batch: (op name, direction, requests) -> one output per request, in order.
-BatchRunner = Callable[[str, Direction, Sequence[OpRequest]], list[torch.Tensor]]
+log = logging.getLogger(__name__)
 
+#: Runs one batch: (op name, direction, requests, where each output must be written or None) -> one
+#: output per request, in order (the given destination itself where there is one).
+BatchRunner = Callable[[str, Direction, Sequence[OpRequest], Sequence["torch.Tensor | None"]], list[torch.Tensor]]
+#: Called once a submitted request is computed: (its output, None) or (None, the error it caused).
+Completion = Callable[[torch.Tensor | None, BaseException | None], None]
 
 #: Requests batch together when they agree on op, direction, compute dtype and output features.
 _Key = tuple[str, Direction, torch.dtype | None, tuple[int, int] | None]
@@ -46,11 +55,13 @@ _Queues = dict[_Key, list["_Pending"]]
 ACTIVE_WINDOW_S = 0.25
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     request: OpRequest
     arrival: float
     deadline: float
+    out: torch.Tensor | None = None
+    on_done: Completion | None = None  # None: a caller waits in ``run``
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
@@ -88,42 +99,37 @@ class BatchScheduler:
         self._inference_lane = inference_lane
         self._queues: list[_Queues] = [{} for _ in range(2 if inference_lane else 1)]
         self._busy = [False] * len(self._queues)
+        self._waiting = [0] * len(self._queues)  # queued requests whose callers wait in run(), per lane
         self._last_seen: list[dict[str, float]] = [{} for _ in self._queues]  # client -> its latest request or answer, per lane
         self._closed = False
 
-    def run(self, request: OpRequest) -> torch.Tensor:
-        """Execute ``request`` (batched with whatever else is waiting) and return its output."""
-        now = time.perf_counter()
-        lane = 1 if self._inference_lane and request.priority > PRIORITY_INFERENCE else 0
-        pending = _Pending(request, now, now + max(request.priority, 0) * self._aging_s)
+    def run(self, request: OpRequest, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Execute ``request`` (batched with whatever else is waiting) and return its output
+        (``out`` itself when given: the output is written there)."""
+        pending, lane = self._pending(request, out, None)
         with self._cond:
-            if self._closed:
-                raise RuntimeError("the executor is closed")
-            key = (request.op, request.direction, request.compute_dtype, request.features)
-            self._queues[lane].setdefault(key, []).append(pending)
-            if self._max_wait_s > 0:
-                self._last_seen[lane][request.client_id] = now
-                self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
+            self._enqueue(lane, pending)
+            self._waiting[lane] += 1
             while not pending.done:
                 if self._busy[lane]:
                     self._cond.wait()
-                    continue
-                self._busy[lane] = True
-                try:
-                    key, batch = self._take_batch(lane)
-                    self._cond.release()
-                    try:
-                        self._execute(key, batch)
-                    finally:
-                        self._cond.acquire()
-                finally:
-                    self._busy[lane] = False
-                    self._cond.notify_all()
-            if self._max_wait_s > 0:
-                self._last_seen[lane][request.client_id] = time.perf_counter()
+                else:
+                    self._combine(lane, pending)
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def submit(self, request: OpRequest, on_done: Completion, out: torch.Tensor | None = None) -> None:
+        """Queue ``request`` and return; ``on_done`` gets its output (``out`` when given) or error.
+
+        The calling thread computes batches itself when the executor is idle (so ``on_done`` may
+        run before this returns), otherwise the running combiner computes the request.
+        """
+        pending, lane = self._pending(request, out, on_done)
+        with self._cond:
+            self._enqueue(lane, pending)
+            if not self._busy[lane]:
+                self._combine(lane, pending)
 
     def queue_depth(self) -> int:
         """Requests waiting right now (not counting the batch being computed)."""
@@ -134,6 +140,48 @@ class BatchScheduler:
         """Refuse new requests; requests already queued still complete."""
         with self._cond:
             self._closed = True
+
+    def _pending(self, request: OpRequest, out: torch.Tensor | None, on_done: Completion | None) -> tuple[_Pending, int]:
+        now = time.perf_counter()
+        lane = 1 if self._inference_lane and request.priority > PRIORITY_INFERENCE else 0
+        return _Pending(request, now, now + max(request.priority, 0) * self._aging_s, out, on_done), lane
+
+    def _enqueue(self, lane: int, pending: _Pending) -> None:
+        """Queue ``pending`` in ``lane``. Called with the lock held."""
+        if self._closed:
+            raise RuntimeError("the executor is closed")
+        request = pending.request
+        key = (request.op, request.direction, request.compute_dtype, request.features)
+        queue = self._queues[lane].get(key)
+        if queue is None:
+            self._queues[lane][key] = [pending]
+        else:
+            queue.append(pending)
+        if self._max_wait_s > 0:
+            self._last_seen[lane][request.client_id] = pending.arrival
+            self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
+
+    def _combine(self, lane: int, own: _Pending) -> None:
+        """Compute the lane's batches until ``own`` is done and a waiting caller can take over, or
+        nothing is queued. Called with the lock held and the lane idle."""
+        self._busy[lane] = True
+        try:
+            while self._queues[lane] and not (own.done and self._waiting[lane]):
+                key, batch = self._take_batch(lane)
+                self._waiting[lane] -= sum(p.on_done is None for p in batch)
+                self._cond.release()
+                try:
+                    self._execute(key, batch)
+                finally:
+                    self._cond.acquire()
+                if self._max_wait_s > 0:  # an answered client stays active for a while
+                    now = time.perf_counter()
+                    for pending in batch:
+                        self._last_seen[lane][pending.request.client_id] = now
+                self._cond.notify_all()  # callers whose requests are done, or who may take over
+        finally:
+            self._busy[lane] = False
+            self._cond.notify_all()
 
     def _take_batch(self, lane: int) -> tuple[_Key, list[_Pending]]:
         """Pop the most urgent of a lane's queues (up to ``max_rows``). Called with the lock held."""
@@ -185,44 +233,43 @@ class BatchScheduler:
         return min(p.deadline for p in queue) - (len(queue) - 1) * self._batch_credit_s
 
     def _execute(self, key: _Key, batch: list[_Pending]) -> None:
-        """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails.
+        """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails;
+        then complete every request.
 
         Statistics count the GEMMs that ran: the batch's, or each successful request run alone.
         """
-        start = time.perf_counter()
-        try:
-            outputs = self._run_batch(key[0], key[1], [p.request for p in batch])
-            for pending, output in zip(batch, outputs, strict=True):
-                pending.result = output
-        except Exception as exc:
-            if len(batch) == 1:
-                batch[0].error = exc
-            else:
-                self._stats.record_split(key[0], key[1])
-                for pending in batch:
-                    self._run_alone(key, pending)
-        else:
-            self._record(key, batch, start)
+        if not self._run(key, batch) and len(batch) > 1:
+            self._stats.record_split(key[0], key[1])
+            for pending in batch:
+                pending.error = None
+                self._run(key, [pending])
         for pending in batch:
             pending.done = True
+            if pending.on_done is not None:
+                try:
+                    pending.on_done(pending.result, pending.error)
+                except Exception:  # a completion must never stop the combiner
+                    log.exception("completion of a request to %s failed", key[0])
 
-    def _run_alone(self, key: _Key, pending: _Pending) -> None:
-        start = time.perf_counter()
+    def _run(self, key: _Key, batch: list[_Pending]) -> bool:
+        """Compute ``batch`` in one GEMM and account it; False (each request's error set) if it failed."""
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
-            pending.result = self._run_batch(key[0], key[1], [pending.request])[0]
+            outputs = self._run_batch(key[0], key[1], [p.request for p in batch], [p.out for p in batch])
         except Exception as exc:
-            pending.error = exc
-        else:
-            self._record(key, [pending], start)
-
-    def _record(self, key: _Key, batch: list[_Pending], start: float) -> None:
-        """Account one GEMM that served ``batch`` and began at ``start``."""
-        requests = [p.request for p in batch]
+            for pending in batch:
+                pending.error = exc
+            return False
+        compute_s, cpu_s = time.perf_counter() - start, time.thread_time() - cpu_start
+        for pending, output in zip(batch, outputs, strict=True):
+            pending.result = output
         self._stats.record(
             key[0],
             key[1],
             waits=[start - p.arrival for p in batch],
-            rows=sum(r.rows for r in requests),
-            clients=len({r.client_id for r in requests}),
-            compute_s=time.perf_counter() - start,
+            rows=sum(p.request.rows for p in batch),
+            clients=len({p.request.client_id for p in batch}) if len(batch) > 1 else 1,
+            compute_s=compute_s,
+            cpu_s=cpu_s,
         )
+        return True

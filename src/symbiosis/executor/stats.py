@@ -35,6 +35,7 @@ class OpStats:
     wait_s_sum: float = 0.0
     wait_s_max: float = 0.0
     compute_s: float = 0.0
+    cpu_s: float = 0.0
     waits: deque = field(default_factory=lambda: deque(maxlen=_WAIT_SAMPLES))
 
     def merge(self, other: OpStats) -> None:
@@ -47,6 +48,7 @@ class OpStats:
         self.wait_s_sum += other.wait_s_sum
         self.wait_s_max = max(self.wait_s_max, other.wait_s_max)
         self.compute_s += other.compute_s
+        self.cpu_s += other.cpu_s
         self.waits.extend(other.waits)
 
     def summary(self) -> dict[str, float]:
@@ -71,6 +73,7 @@ class OpStats:
             "wait_ms_p99": pct(0.99),
             "wait_ms_max": 1e3 * self.wait_s_max,
             "compute_ms_total": 1e3 * self.compute_s,
+            "compute_cpu_ms_total": 1e3 * self.cpu_s,
         }
 
 
@@ -81,8 +84,11 @@ class BatchStats:
         self._lock = threading.Lock()
         self._ops: dict[tuple[str, Direction], OpStats] = {}
 
-    def record(self, op: str, direction: Direction, waits: list[float], rows: int, clients: int, compute_s: float) -> None:
-        """Account one GEMM that served ``len(waits)`` requests from ``clients`` distinct clients."""
+    def record(
+        self, op: str, direction: Direction, waits: list[float], rows: int, clients: int, compute_s: float, cpu_s: float = 0.0
+    ) -> None:
+        """Account one GEMM that served ``len(waits)`` requests from ``clients`` distinct clients, in
+        ``compute_s`` seconds of wall time and ``cpu_s`` of the computing thread's CPU time."""
         with self._lock:
             stats = self._op(op, direction)
             stats.gemms += 1
@@ -93,6 +99,7 @@ class BatchStats:
             stats.wait_s_sum += sum(waits)
             stats.wait_s_max = max(stats.wait_s_max, max(waits))
             stats.compute_s += compute_s
+            stats.cpu_s += cpu_s
             stats.waits.extend(waits)
 
     def record_split(self, op: str, direction: Direction) -> None:

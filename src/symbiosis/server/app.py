@@ -1,5 +1,5 @@
-"""An executor served over gRPC: service, health checking, metrics, TLS, keepalive, idle
-timeouts, graceful shutdown."""
+"""An executor served to client processes: the gRPC service, shared-memory and TCP data channels,
+health checking, metrics, TLS, keepalive, idle timeouts, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ..transport.keepalive import DEFAULT_KEEPALIVE_S, MIN_CLIENT_PING_INTERVAL_
 from ..transport.shm import SUPPORTED as SHM_SUPPORTED
 from .handler import RequestHandler
 from .metrics import ServerMetrics
+from .data_host import DataHost
 from .service import ExecutorService
 from .shm_host import DEFAULT_MAX_CHANNELS, ShmHost
 from .tenancy import TenantRegistry
@@ -43,8 +44,11 @@ class ExecutorServer:
     ``max_workers``: server threads; session streams may hold all but ``UNARY_THREADS`` of them
     (further sessions are refused with RESOURCE_EXHAUSTED), the rest serve health checks and unary
     calls. ``shared_memory``: offer same-host channels (Linux only), at most ``shm_channels`` at
-    once. ``session_idle_s``: end sessions and channels idle longer than this (their clients open
-    new ones). ``keepalive_s``: ping quiet connections this often and drop those that do not answer.
+    once. ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
+    hosts), at most ``data_channels`` at once, listening on ``data_port`` (0: any free port; TLS
+    when the service uses TLS). ``session_idle_s``: end sessions and channels idle longer than this
+    (their clients open new ones). ``keepalive_s``: ping quiet connections this often and drop
+    those that do not answer.
     """
 
     def __init__(
@@ -59,6 +63,9 @@ class ExecutorServer:
         max_workers: int = 64,
         shared_memory: bool = True,
         shm_channels: int = DEFAULT_MAX_CHANNELS,
+        data_channel: bool = True,
+        data_port: int = 0,
+        data_channels: int = DEFAULT_MAX_CHANNELS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         session_idle_s: float = DEFAULT_SESSION_IDLE_S,
         keepalive_s: float = DEFAULT_KEEPALIVE_S,
@@ -75,7 +82,17 @@ class ExecutorServer:
         self.metrics = ServerMetrics(executor, self.registry.tenants())
         self.handler = RequestHandler(executor, self.metrics)
         self.shm = ShmHost(self.handler, max_channels=shm_channels) if shared_memory and SHM_SUPPORTED else None
-        self.service = ExecutorService(executor, self.registry, self.handler, self.shm, max_sessions=max_workers - UNARY_THREADS)
+        self.data = (
+            DataHost(
+                self.handler, self.registry, host=host, port=data_port, tls=tls, max_payload_bytes=max_message_bytes,
+                max_channels=data_channels, keepalive_s=keepalive_s,
+            )
+            if data_channel
+            else None
+        )
+        self.service = ExecutorService(
+            executor, self.registry, self.handler, self.shm, self.data, max_sessions=max_workers - UNARY_THREADS
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="symbiosis-rpc"),
@@ -98,6 +115,8 @@ class ExecutorServer:
         else:
             self.port = self._server.add_insecure_port(address)
         if self.port == 0:
+            if self.data is not None:
+                self.data.drain(0)
             raise OSError(f"could not listen on {address}")
         self._metrics_port = metrics_port
         self.metrics_port: int | None = None
@@ -110,8 +129,15 @@ class ExecutorServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"symbiosis{'+tls' if self.tls else ''}://{host}:{self.port}"
 
+    @property
+    def data_port(self) -> int | None:
+        """The TCP data channels' port (None when they are disabled)."""
+        return None if self.data is None else self.data.port
+
     def start(self) -> ExecutorServer:
         self._server.start()
+        if self.data is not None:
+            self.data.start()
         if self._metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.host, self._metrics_port)
         for name in ("", SERVICE_NAME):
@@ -127,8 +153,9 @@ class ExecutorServer:
         self._stopping.set()
         self.service.sessions.drain()  # before stop(): cancellations are processed while the server runs
         stopped = self._server.stop(grace_s)
-        if self.shm is not None:
-            self.shm.drain(grace_s)
+        for channels in (self.shm, self.data):
+            if channels is not None:
+                channels.drain(grace_s)
         if not stopped.wait(grace_s + 5.0):
             log.warning("gRPC shutdown did not complete %.0f s after the grace period; exiting anyway", 5.0)
         self.metrics.close()
@@ -141,5 +168,6 @@ class ExecutorServer:
         """Until the server stops, end sessions and channels idle longer than ``session_idle_s``."""
         while not self._stopping.wait(min(self.session_idle_s / 4, 5.0)):
             self.service.sessions.end_idle(self.session_idle_s)
-            if self.shm is not None:
-                self.shm.end_idle(self.session_idle_s)
+            for channels in (self.shm, self.data):
+                if channels is not None:
+                    channels.end_idle(self.session_idle_s)

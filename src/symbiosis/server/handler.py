@@ -1,7 +1,7 @@
 """One op call, from wire message to output tensor: decode, admit, run, account.
 
-Shared by the gRPC session streams and the shared-memory channels, so that both paths enforce the
-same validation and tenant limits and count requests the same way.
+Shared by the gRPC session streams and the channels (shared memory, TCP), so that every path
+enforces the same validation and tenant limits and counts requests the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +14,9 @@ from collections import Counter, defaultdict
 import torch
 
 from ..executor import BaseExecutor
+from ..executor.executor import OutputBuffer
+from ..executor.scheduler import Completion
+from ..protocol import OpRequest
 from ..transport import symbiosis_pb2 as pb
 from ..transport.wire import MAX_PRIORITY, RegionReader, decode_call, status_code_of
 from .metrics import ServerMetrics
@@ -31,7 +34,12 @@ OTHER_CLIENTS = "other"
 
 class RequestHandler:
     """Runs op calls for tenants on one executor and counts completed requests per client id (at
-    most ``MAX_CLIENT_IDS`` ids per tenant; requests of later ids count under ``OTHER_CLIENTS``)."""
+    most ``MAX_CLIENT_IDS`` ids per tenant; requests of later ids count under ``OTHER_CLIENTS``).
+
+    The tenant's priority is added to each request's; its limits are checked before the request
+    reaches the executor, and its in-flight slot is held until the result is ready. ``submit``
+    (channels) hands the request over and returns; ``handle`` (gRPC streams) waits for it.
+    """
 
     def __init__(self, executor: BaseExecutor, metrics: ServerMetrics) -> None:
         self.executor = executor
@@ -40,29 +48,68 @@ class RequestHandler:
         self._completed: defaultdict[str, Counter[str]] = defaultdict(Counter)
 
     def handle(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None = None) -> torch.Tensor:
-        """The output of ``call`` for ``tenant``; raises a ``SymbiosisError`` for a refused request.
-
-        The tenant's priority is added to the request's; its limits are checked before the
-        request reaches the executor, and its in-flight slot is held until the result is ready.
-        """
+        """The output of ``call`` for ``tenant``; raises a ``SymbiosisError`` for a refused request."""
         start = time.perf_counter()
-        outcome = "ok"
+        request = self._admitted(call, tenant, regions, start)
+        try:
+            y = self.executor.run(request)
+        except Exception as exc:
+            self._finish(call, tenant, request, start, exc)
+            raise
+        self._finish(call, tenant, request, start, None)
+        return y
+
+    def submit(
+        self,
+        call: pb.OpCall,
+        tenant: TenantState,
+        reply: Completion,
+        *,
+        regions: RegionReader | None = None,
+        out: OutputBuffer | None = None,
+    ) -> None:
+        """Hand ``call`` to the executor; ``reply(output, error)`` is called once it is answered (or
+        refused), by whichever thread computed it — possibly this one, before ``submit`` returns.
+        ``out``: where the output is to be written (see ``BaseExecutor.submit``)."""
+        start = time.perf_counter()
+        try:
+            request = self._admitted(call, tenant, regions, start)
+        except Exception as exc:
+            reply(None, exc)
+            return
+
+        def done(y: torch.Tensor | None, error: BaseException | None) -> None:
+            self._finish(call, tenant, request, start, error)
+            reply(y, error)
+
+        try:
+            self.executor.submit(request, done, out=out)
+        except Exception as exc:
+            done(None, exc)
+
+    def _admitted(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float) -> OpRequest:
+        """The request ``call`` describes, within the tenant's limits and holding one of its in-flight
+        slots; a refusal is counted and raised."""
         try:
             request = decode_call(call, tenant=tenant.name, regions=regions)
             tenant.check_request(request.rows, request.x.numel() * request.x.element_size())
             request.priority = min(MAX_PRIORITY, request.priority + tenant.tenant.priority)
-            with tenant.admit():
-                y = self.executor.run(request)
+            tenant.acquire()
+        except Exception as exc:
+            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
+            raise
+        return request
+
+    def _finish(self, call: pb.OpCall, tenant: TenantState, request: OpRequest, start: float, error: BaseException | None) -> None:
+        """Release the request's slot and account its outcome."""
+        tenant.release()
+        if error is None:
             with self._lock:
                 counts = self._completed[tenant.name]
                 known = request.client_id in counts or len(counts) < MAX_CLIENT_IDS
                 counts[request.client_id if known else OTHER_CLIENTS] += 1
-            return y
-        except Exception as exc:
-            outcome = status_code_of(exc).name
-            raise
-        finally:
-            self.metrics.observe(tenant.name, call.op, call.direction, outcome, time.perf_counter() - start)
+        outcome = "ok" if error is None else status_code_of(error).name
+        self.metrics.observe(tenant.name, call.op, call.direction, outcome, time.perf_counter() - start)
 
     def completed_by_client(self, tenant: str) -> dict[str, int]:
         """Requests of ``tenant`` answered successfully, per client id."""

@@ -1,11 +1,12 @@
-"""The gRPC servicer: authenticates every call, serves the spec, frozen tensors and op sessions.
+"""The gRPC servicer: authenticates every call, serves the spec, frozen tensors, channel set-up
+(``AttachShm``, ``AttachData``) and op sessions.
 
-A client thread holds one ``Session`` stream (or one shared-memory channel) and sends one op call
-at a time; each stream is served by its own server thread, which calls ``executor.run`` — so calls
-from different processes meet in the executor's batches exactly as in-process threads do. Results
-travel back only on the stream (or channel) that carried the call. Streams are bounded (a server
-keeps threads for the unary calls and health checks) and end when idle too long; the client then
-opens a new one for its next call.
+A client thread holds one lane — a shared-memory channel, a TCP data channel, or a ``Session``
+stream — and sends one op call at a time; each stream is served by its own server thread, which
+calls ``executor.run`` — so calls from different processes meet in the executor's batches exactly
+as in-process threads do (channels: ``server.channels``). Results travel back only on the lane that
+carried the call. Streams are bounded (a server keeps threads for the unary calls and health
+checks) and end when idle too long; the client then opens a new one for its next call.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..transport import symbiosis_pb2 as pb
 from ..transport import symbiosis_pb2_grpc as pb_grpc
 from ..transport.fingerprint import base_fingerprint
 from ..transport.wire import encode_tensor, spec_to_json, status_code_of, tensor_bytes
+from .data_host import DataHost
 from .handler import RequestHandler
 from .shm_host import ShmHost
 from .tenancy import TenantRegistry, TenantState
@@ -96,12 +98,20 @@ class ExecutorService(pb_grpc.ExecutorServicer):
     """Serves one executor to the tenants of ``registry``, with at most ``max_sessions`` open streams."""
 
     def __init__(
-        self, executor: BaseExecutor, registry: TenantRegistry, handler: RequestHandler, shm: ShmHost | None, *, max_sessions: int
+        self,
+        executor: BaseExecutor,
+        registry: TenantRegistry,
+        handler: RequestHandler,
+        shm: ShmHost | None,
+        data: DataHost | None,
+        *,
+        max_sessions: int,
     ) -> None:
         self.executor = executor
         self.registry = registry
         self.handler = handler
         self.shm = shm
+        self.data = data
         self.sessions = _Sessions(max_sessions)
         spec = executor.spec()
         self._spec = pb.SpecReply(json=spec_to_json(spec), fingerprint=base_fingerprint(executor.tensors(spec.tensors)))
@@ -170,9 +180,17 @@ class ExecutorService(pb_grpc.ExecutorServicer):
         if self.shm is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "shared-memory channels are disabled on this server")
         try:
-            return self.shm.attach(tenant, request.pid, request.capacity)
+            return self.shm.attach(tenant, request.pid, request.capacity, cuda=request.cuda)
         except SymbiosisError as exc:
             self._abort(context, exc)
+
+    def AttachData(self, request: pb.AttachDataRequest, context: grpc.ServicerContext) -> pb.AttachDataReply:
+        self._tenant(context)
+        if self.data is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "TCP data channels are disabled on this server")
+        if self.data.draining:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        return self.data.reply()
 
     def GetStats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         """The caller's tenant's completed requests per client id; the executor's batch statistics

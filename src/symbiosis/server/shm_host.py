@@ -5,16 +5,18 @@ belongs to the tenant that attached it over the authenticated gRPC service. A ch
 ``accept_timeout_s`` for its client and accepts only the process id that client declared (others
 are refused and the channel keeps waiting); when that process connects, the channel takes one of
 the tenant's sessions — not at attach, so that a client on another host, which cannot connect and
-uses a gRPC stream instead, holds none — and hands the memory over. A channel ends when its client
-hangs up, crashes or sends garbage it cannot answer, when it stays idle longer than the server's
-idle timeout, or when the server drains. At most ``max_channels`` exist at once, of which at most
-``max_pending`` wait for their client (each costs a thread and up to ``2 * MAX_CAPACITY`` bytes).
+uses another lane instead, holds none — and hands the memory over. Calls then follow
+``server.channels``: the output of each is computed straight into the channel's response area. On a
+GPU executor the channel's memory is registered as pinned host memory (its copies to and from the
+GPU are DMA transfers), and a client that computes on a GPU also gets buffers in the executor's GPU
+memory, shared by CUDA IPC (``transport.cuda_ipc``). At most ``max_channels`` exist at once, of
+which at most ``max_pending`` wait for their client (each costs a thread and up to
+``2 * MAX_CAPACITY`` bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -22,25 +24,31 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 
-from ..errors import BadRequestError, ExecutorUnavailableError, LimitExceededError
+import torch
+
+from ..errors import BadRequestError, LimitExceededError
+from ..transport import cuda_ipc
 from ..transport import symbiosis_pb2 as pb
 from ..transport.shm import (
     DEFAULT_CAPACITY,
-    DOORBELL,
     MAX_CAPACITY,
+    MAX_MESSAGE_BYTES,
+    Area,
     ShmLayout,
+    aligned_capacity,
     create_memory,
     hand_over,
     listen,
+    map_tensor,
     peer_pid,
-    read_message,
+    receive,
     refuse,
     unmap,
-    write_message,
-    write_tensor,
 )
-from ..transport.wire import describe_region, status_code_of
+from ..transport.wire import RegionReader, describe_region
+from .channels import Channel, ChannelHost
 from .handler import RequestHandler
 from .tenancy import TenantState
 
@@ -54,8 +62,10 @@ DEFAULT_MAX_PENDING = 8
 DEFAULT_ACCEPT_TIMEOUT_S = 2.0
 
 
-class ShmHost:
+class ShmHost(ChannelHost):
     """Creates and serves shared-memory channels; ``drain()`` ends them after their current call."""
+
+    what = "shared-memory channels"
 
     def __init__(
         self,
@@ -65,16 +75,18 @@ class ShmHost:
         max_pending: int = DEFAULT_MAX_PENDING,
         accept_timeout_s: float = DEFAULT_ACCEPT_TIMEOUT_S,
     ) -> None:
-        self.handler = handler
-        self.max_channels = max_channels
-        self.max_pending = max_pending
+        super().__init__(handler, max_channels=max_channels, max_pending=max_pending)
         self.accept_timeout_s = accept_timeout_s
-        self._lock = threading.Lock()
-        self._channels: set[_Channel] = set()
-        self._draining = False
+        self.device = handler.executor.device
+        #: Makes a channel's CUDA buffers (``capacity`` bytes each way) for clients that compute on a
+        #: GPU: on a GPU executor, buffers in its memory; None (clients use host memory) otherwise.
+        self.device_buffers: Callable[[int], cuda_ipc.CudaBuffers] | None = (
+            (lambda capacity: cuda_ipc.CudaBuffers.allocate(self.device, capacity)) if self.device.type == "cuda" else None
+        )
 
-    def attach(self, tenant: TenantState, pid: int, capacity: int) -> pb.AttachReply:
-        """Create a channel for process ``pid`` of ``tenant`` with ``capacity`` bytes each way.
+    def attach(self, tenant: TenantState, pid: int, capacity: int, *, cuda: bool = False) -> pb.AttachReply:
+        """Create a channel for process ``pid`` of ``tenant`` with ``capacity`` bytes each way (and,
+        with ``cuda`` on a GPU executor, CUDA buffers as large).
 
         Raises ``BadRequestError`` for a capacity beyond ``MAX_CAPACITY``, ``LimitExceededError``
         when the server holds as many channels as it may, ``ExecutorUnavailableError`` while draining.
@@ -83,59 +95,22 @@ class ShmHost:
         if not 0 < capacity <= MAX_CAPACITY:
             raise BadRequestError(f"channel capacity must lie in (0, {MAX_CAPACITY}], got {capacity}")
         limit = tenant.tenant.limits.payload_bytes
-        capacity = min(capacity, limit) if limit else capacity
-        with self._lock:
-            if self._draining:
-                raise ExecutorUnavailableError("the server is shutting down")
-            if len(self._channels) >= self.max_channels:
-                raise LimitExceededError(f"the server has {self.max_channels} shared-memory channels, its limit")
-            if sum(not channel.connected for channel in self._channels) >= self.max_pending:
-                raise LimitExceededError(f"{self.max_pending} shared-memory channels are waiting for their clients, the server's limit")
-            channel = _Channel(self, tenant, pid, ShmLayout(capacity))
-            self._channels.add(channel)
-            channel.start()  # under the lock: drain() never sees a channel it cannot join
-        return pb.AttachReply(doorbell=channel.address, capacity=capacity, header_bytes=channel.layout.header)
-
-    def drain(self, timeout_s: float | None = None) -> None:
-        """Refuse new channels, end every channel after its current call and wait for them, at most
-        ``timeout_s`` in all."""
-        with self._lock:
-            self._draining = True
-            channels = list(self._channels)
-        for channel in channels:
-            channel.hang_up()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for channel in channels:
-            channel.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-
-    def end_idle(self, idle_s: float) -> None:
-        """Hang up connected channels that have not been called for more than ``idle_s`` seconds
-        (unconnected ones end by themselves after ``accept_timeout_s``)."""
-        now = time.monotonic()
-        with self._lock:
-            idle = [channel for channel in self._channels if channel.connected and now - channel.idle_since > idle_s]
-        for channel in idle:
-            channel.hang_up()
-
-    def channel_count(self) -> int:
-        with self._lock:
-            return len(self._channels)
-
-    def _forget(self, channel: _Channel) -> None:
-        with self._lock:
-            self._channels.discard(channel)
+        capacity = aligned_capacity(min(capacity, limit) if limit else capacity)
+        cuda = cuda and self.device_buffers is not None
+        channel = self.add(lambda: _ShmChannel(self, tenant, pid, ShmLayout(capacity), cuda))
+        return pb.AttachReply(doorbell=channel.address, capacity=capacity)
 
 
-class _Channel(threading.Thread):
-    """One client thread's channel: waits for its client, then answers each doorbell in shared memory."""
+class _ShmChannel(Channel):
+    """One client thread's channel: waits for its client, then answers its calls in shared memory."""
 
-    def __init__(self, host: ShmHost, tenant: TenantState, pid: int, layout: ShmLayout) -> None:
-        super().__init__(name=f"symbiosis-shm-{tenant.name}-{pid}", daemon=True)
-        self.host = host
+    def __init__(self, host: ShmHost, tenant: TenantState, pid: int, layout: ShmLayout, cuda: bool) -> None:
+        super().__init__(host, f"symbiosis-shm-{tenant.name}-{pid}")
         self.tenant = tenant
         self.pid = pid
         self.layout = layout
         self.address = f"symbiosis-{secrets.token_hex(16)}"
+        self._cuda = cuda
         fd, self._memory = create_memory(layout.size)
         self._fd: int | None = fd
         try:
@@ -144,13 +119,17 @@ class _Channel(threading.Thread):
             os.close(fd)
             self._memory.close()
             raise
-        self._buf = memoryview(self._memory)
+        self._bytes = map_tensor(self._memory)
+        self._requests = Area(self._bytes, layout.request_data, layout.capacity)
+        self._responses = Area(self._bytes, layout.response_data, layout.capacity)
+        self._buffer = bytearray(MAX_MESSAGE_BYTES)
         self._lock = threading.Lock()  # orders hang_up() against accepting and closing
         self._conn: socket.socket | None = None
         self._ended = False
-        self.connected = False
-        #: When the client connected or the last call ended (``inf`` during a call).
-        self.idle_since = time.monotonic()
+        self._device_buffers: cuda_ipc.CudaBuffers | None = None
+        self._device_requests = self._device_responses = None
+        self._call_on_device = False
+        self._unpin = lambda: None
 
     def run(self) -> None:
         try:
@@ -203,42 +182,65 @@ class _Channel(threading.Thread):
             except LimitExceededError as exc:
                 refuse(conn, str(exc))
                 return
-            hand_over(conn, self._fd)
+            grant = pb.ChannelGrant()
+            if self.host.device.type == "cuda":
+                self._unpin = cuda_ipc.pin(self._bytes)
+            if self._cuda and self.host.device_buffers is not None:
+                self._device_buffers = self.host.device_buffers(self.layout.capacity)
+                self._device_requests = Area(self._device_buffers.request)
+                self._device_responses = Area(self._device_buffers.response)
+                grant.cuda.CopyFrom(self._device_buffers.grant())
+            hand_over(conn, self._fd, grant.SerializeToString())
             os.close(self._fd)  # the client holds its own descriptor now; the mapping keeps the memory
             self._fd = None
-            self._serve(conn)
+            self.serve()
 
-    def _serve(self, conn: socket.socket) -> None:
-        buf, layout = self._buf, self.layout
-        requests = functools.partial(layout.region, buf, layout.request_data)
-        while conn.recv(1) == DOORBELL:
-            self.idle_since = math.inf
-            result = pb.OpResult()
-            try:
-                call = read_message(buf, layout.request_header, pb.OpCall, layout.header)
-                result.call_id = call.call_id
-                y = self.host.handler.handle(call, self.tenant, regions=requests)
-                if y.numel() * y.element_size() > layout.capacity:
-                    raise LimitExceededError(f"an output of {y.numel() * y.element_size()} bytes exceeds the channel's {layout.capacity} bytes")
-                write_tensor(buf, layout.response_data, y)
-                describe_region(y, layout.response_data, result.y)
-                del y
-            except Exception as exc:
-                result.error.code = status_code_of(exc).name
-                result.error.message = str(exc)[:1024]
-            write_message(buf, layout.response_header, result, layout.header)
-            conn.sendall(DOORBELL)
-            self.idle_since = time.monotonic()
+    # ------------------------------------------------------------------------------ the calls
+    def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
+        message = receive(self._conn, self._buffer)
+        if message is None:
+            return None
+        call = pb.OpCall()
+        try:
+            call.ParseFromString(message)
+        except Exception as exc:  # protobuf's DecodeError, or anything a malformed message provokes
+            raise BadRequestError(f"malformed OpCall: {exc}") from None
+        self._call_on_device = call.x.WhichOneof("payload") == "region" and call.x.region.device
+        if self._call_on_device:
+            if self._device_buffers is None:
+                raise BadRequestError("a device region on a channel without CUDA buffers")
+            self._device_buffers.await_request()
+        return call, self._request_region
+
+    def _request_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
+        return (self._device_requests if device else self._requests).tensor(offset, shape, dtype)
+
+    def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.layout.capacity:
+            raise LimitExceededError(f"an output of {nbytes} bytes exceeds the channel's {self.layout.capacity} bytes")
+        # the answer to a call that came through the CUDA buffers goes back through them
+        if self._call_on_device:
+            return self._device_responses.tensor(0, shape, dtype)
+        return self._responses.tensor(self.layout.response_data, shape, dtype)
+
+    def describe(self, y: torch.Tensor, msg: pb.Tensor) -> None:
+        on_device = self._call_on_device
+        if on_device:
+            self._device_buffers.mark_response()
+        describe_region(y, 0 if on_device else self.layout.response_data, msg, device=on_device)
+
+    def send(self, result: pb.OpResult, y: torch.Tensor | None) -> None:
+        self._conn.send(result.SerializeToString())
 
     def hang_up(self) -> None:
-        """End the channel: at once while it waits for its client, after the call in progress otherwise."""
         with self._lock:
             self._ended = True
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)  # wakes a pending accept(); fails once it is closed
             if self._conn is not None:
                 with contextlib.suppress(OSError):
-                    self._conn.shutdown(socket.SHUT_RD)  # the next recv() sees end-of-file
+                    self._conn.shutdown(socket.SHUT_RD)  # the next receive sees end-of-file
 
     def _close(self) -> None:
         with self._lock:
@@ -248,5 +250,8 @@ class _Channel(threading.Thread):
                 self._conn.close()
         if self._fd is not None:
             os.close(self._fd)
-        unmap(self._memory, self._buf)
-        self.host._forget(self)
+        self._unpin()
+        self._device_buffers = self._device_requests = self._device_responses = None
+        self._bytes = self._requests = self._responses = None
+        unmap(self._memory)
+        self.host.forget(self)

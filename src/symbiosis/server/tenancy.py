@@ -92,9 +92,9 @@ class TenantState:
         if limits.payload_bytes is not None and nbytes > limits.payload_bytes:
             raise LimitExceededError(f"tenant {self.name!r}: {nbytes} bytes exceed the limit of {limits.payload_bytes} bytes per request")
 
-    @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one in-flight slot and one rate token for the duration of a request, or raise."""
+    def acquire(self) -> None:
+        """Take one in-flight slot and one rate token for a request, or raise ``LimitExceededError``;
+        ``release()`` gives the slot back when the request is answered."""
         limits = self.tenant.limits
         with self._lock:
             if limits.concurrent_requests is not None and self._in_flight >= limits.concurrent_requests:
@@ -110,11 +110,20 @@ class TenantState:
                     raise LimitExceededError(f"tenant {self.name!r}: more than {limits.requests_per_second:g} requests per second")
                 self._bucket -= 1.0
             self._in_flight += 1
+
+    def release(self) -> None:
+        """Give back the in-flight slot ``acquire`` took."""
+        with self._lock:
+            self._in_flight -= 1
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one in-flight slot and one rate token for the duration of a request, or raise."""
+        self.acquire()
         try:
             yield
         finally:
-            with self._lock:
-                self._in_flight -= 1
+            self.release()
 
     @contextmanager
     def session(self) -> Iterator[None]:

@@ -1,10 +1,16 @@
-"""A client's connection to an executor server (``symbiosis serve``): the ``Transport`` over gRPC.
+"""A client's connection to an executor server (``symbiosis serve``): the ``Transport``.
 
-Every client thread gets its own lane: a same-host shared-memory channel when the server offers
-one and hands its memory over (tensors are written in place; the socket carries one doorbell
-byte), otherwise a gRPC ``Session`` stream (tensors inline as raw bytes). Requests whose input or
-output exceed the channel's capacity take the stream, and so do a thread's requests while the
-server refuses it a channel (its channel limits, the tenant's sessions).
+gRPC carries what it is good at: authentication, the spec and frozen tensors, statistics, health,
+and setting up each client thread's *lane* (``transport.lanes``) — the path its op calls take:
+
+1. a same-host shared-memory channel when the server offers one and hands its memory over
+   (tensors written in place; each call and answer one Unix socket message);
+2. otherwise, or for requests too large for the channel, a TCP data channel (framed calls, TLS when
+   the service uses it, the tenant's token in its first frame);
+3. a gRPC ``Session`` stream where neither can be had (data channels disabled or unreachable).
+
+A thread the server refuses a channel (its channel limits, the tenant's sessions) takes the next
+path for a while and then asks again.
 
 Op calls are stateless on the executor, so retrying one is always safe: when the server is
 unreachable (restarting, draining, silent past the keepalive timeout) or ended the lane (an idle
@@ -15,59 +21,55 @@ optimizer step is lost or repeated. Errors the request itself caused are never r
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import logging
 import os
-import queue
+import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import grpc
 import tenacity
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..errors import ExecutorUnavailableError, LimitExceededError, SymbiosisError
 from ..protocol import ModelSpec, OpRequest
 from . import symbiosis_pb2 as pb
 from . import symbiosis_pb2_grpc as pb_grpc
-from .keepalive import DEFAULT_KEEPALIVE_S, keepalive_options
-from .shm import DEFAULT_CAPACITY, DOORBELL, SUPPORTED, ShmLayout, open_channel, read_message, unmap, write_message, write_tensor
-from .wire import RegionReader, decode_tensor, describe_region, encode_call, encode_tensor, exception_for, spec_from_json
+from .keepalive import DEFAULT_KEEPALIVE_S, MAX_ACK_WAIT_S, keepalive_options
+from .lanes import DataLane, ShmLane, StreamLane, Transient, translate
+from .shm import DEFAULT_CAPACITY, SUPPORTED
+from .wire import spec_from_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: Status codes that mean "the server is not there right now" (or ended the session): the call is retried.
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
-#: Seconds a thread whose channel the server refused sends its requests on the stream before asking again.
+#: Seconds a thread whose channel the server refused (or could not be reached) uses the next path before asking again.
 SHM_RETRY_S = 10.0
-
-
-class _Transient(ExecutorUnavailableError):
-    """The server could not be reached or hung up; the call may be retried."""
-
-
-def _translate(exc: grpc.RpcError) -> SymbiosisError:
-    if exc.code() in _TRANSIENT:
-        return _Transient(f"executor unavailable: {exc.code().name}: {exc.details()}")
-    return exception_for(exc.code(), exc.details() or exc.code().name)
+#: Lane kinds in the order a thread tries them.
+LANE_KINDS = ("shm", "tcp", "grpc")
 
 
 class RemoteTransport:
     """``Transport`` to the executor server at ``address`` (``host:port``).
 
     ``token``: the tenant's token. ``tls``: connect with TLS, trusting ``root_certificates`` (PEM;
-    default: the system's roots). ``shared_memory``: ``None`` (default) uses a same-host channel
-    when one can be had, ``True`` requires one, ``False`` never uses one. ``shm_capacity``: bytes
-    each way of a channel. ``retry_timeout_s``: how long calls are retried while the server is away.
-    ``keepalive_s``: seconds between keepalive pings (a silent server is given up after one more
-    such interval, at most 10 s). ``call_timeout_s``: deadline of each unary call (spec, stats,
-    channel setup).
+    default: the system's roots); data channels then use TLS too. ``shared_memory``: ``None``
+    (default) uses a same-host channel when one can be had, ``True`` requires one, ``False`` never
+    uses one. ``shm_capacity``: bytes each way of a channel. ``data_channel``: the same choice for
+    TCP data channels (``False``: op calls take gRPC streams where no shared-memory channel serves
+    them). ``data_address``: ``host:port`` to reach the data channel at, when it differs from what
+    the server reports (port forwarding, NAT). ``retry_timeout_s``: how long calls are retried while
+    the server is away. ``keepalive_s``: seconds between keepalive pings (a silent server is given
+    up after one more such interval, at most 10 s); a call waiting this long for its answer asks the
+    server's health service whether to go on waiting. ``call_timeout_s``: deadline of each unary
+    call (spec, stats, channel setup).
     """
 
     def __init__(
@@ -79,11 +81,14 @@ class RemoteTransport:
         root_certificates: bytes | None = None,
         shared_memory: bool | None = None,
         shm_capacity: int = DEFAULT_CAPACITY,
+        data_channel: bool | None = None,
+        data_address: str | None = None,
         retry_timeout_s: float = 60.0,
         keepalive_s: float = DEFAULT_KEEPALIVE_S,
         call_timeout_s: float = 30.0,
     ) -> None:
         self.address = address
+        self._token = token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [
             ("grpc.max_receive_message_length", -1),
@@ -96,16 +101,23 @@ class RemoteTransport:
         ]
         if tls:
             self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options=options)
+            self._tls: ssl.SSLContext | None = ssl.create_default_context(cadata=root_certificates.decode() if root_certificates else None)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
+            self._tls = None
         self._stub = pb_grpc.ExecutorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._call_timeout_s = call_timeout_s
+        self._keepalive_s = keepalive_s
         self._shared_memory = shared_memory
         self._shm_capacity = shm_capacity
+        self._data_channel = data_channel
+        self._host = _host(address)
+        self._data_address = _split(data_address) if data_address else None
         if shared_memory is not False and not SUPPORTED:
-            self._no_shared_memory("shared-memory channels need Linux (memfd_create, abstract Unix sockets)")
+            self._no_lane("shm", "shared-memory channels need Linux (memfd_create, abstract Unix sockets)")
         self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(_Transient),
+            retry=tenacity.retry_if_exception_type(Transient),
             wait=tenacity.wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.1),
             stop=tenacity.stop_after_delay(retry_timeout_s),
             before_sleep=self._count_retry,
@@ -132,7 +144,7 @@ class RemoteTransport:
         """Run one op request on the server (retried while the server is unreachable)."""
         try:
             return self._run_once(request)
-        except _Transient:
+        except Transient:
             return self._retry(self._run_once, request)
 
     # ------------------------------------------------------------------------------- extras
@@ -150,6 +162,11 @@ class RemoteTransport:
     def uses_shared_memory(self) -> bool:
         """Whether the calling thread's requests travel through a shared-memory channel."""
         return getattr(self._local, "shm", None) is not None
+
+    @property
+    def lane_kind(self) -> str | None:
+        """The path the calling thread's last op call took: ``"shm"``, ``"tcp"``, ``"grpc"`` (None before any)."""
+        return getattr(self._local, "last", None)
 
     def close(self) -> None:
         """End every lane and the channel."""
@@ -173,9 +190,17 @@ class RemoteTransport:
             try:
                 return method(message, metadata=self._metadata, timeout=self._call_timeout_s)
             except grpc.RpcError as exc:
-                raise _translate(exc) from None
+                raise translate(exc) from None
 
         return self._retry(call)
+
+    def _alive(self) -> bool:
+        """Whether the server answers its health service within the keepalive's patience."""
+        try:
+            self._health.Check(health_pb2.HealthCheckRequest(), timeout=min(self._keepalive_s, MAX_ACK_WAIT_S))
+        except grpc.RpcError:
+            return False
+        return True
 
     def _fetch_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -189,21 +214,22 @@ class RemoteTransport:
                 flat = out[chunk.name].view(-1).view(torch.uint8)
                 flat[chunk.offset : chunk.offset + len(chunk.data)] = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
         except grpc.RpcError as exc:
-            raise _translate(exc) from None
+            raise translate(exc) from None
         return out
 
     def _run_once(self, request: OpRequest) -> torch.Tensor:
         call_id = next(self._call_ids)
-        lane = self._shm_lane()
+        lane = self._shm_lane(request)
         if lane is None or not lane.fits(request, self._output_bytes(request)):
-            lane = self._stream_lane()
+            lane = self._data_lane() or self._stream_lane()
+        local = self._local
+        local.last = lane.kind
         try:
-            y = lane.call(request, call_id)
-        except _Transient:
+            return lane.call(request, call_id)
+        except Transient:
             lane.close()
-            self._local.shm = self._local.stream = None
+            local.shm = local.data = local.stream = None
             raise
-        return y.to(request.x.device)
 
     def _output_bytes(self, request: OpRequest) -> int:
         info = self.spec().ops.get(request.op)
@@ -212,121 +238,91 @@ class RemoteTransport:
         dtype = request.out_dtype or (request.x.dtype if request.x.is_floating_point() else torch.float32)
         return request.rows * info.output_width(request.direction, request.features) * dtype.itemsize
 
-    def _stream_lane(self) -> _StreamLane:
+    def _stream_lane(self) -> StreamLane:
         lane = getattr(self._local, "stream", None)
         if lane is None or lane.broken:
-            lane = self._local.stream = _StreamLane(self._stub, self._metadata)
+            lane = self._local.stream = StreamLane(self._stub, self._metadata)
             self._lanes.add(lane)
         return lane
 
-    def _shm_lane(self) -> _ShmLane | None:
-        """The calling thread's channel, or None: its requests take the stream (for now, or for good)."""
-        if self._shared_memory is False:
-            return None
+    def _shm_lane(self, request: OpRequest) -> ShmLane | None:
+        """The calling thread's shared-memory channel, or None: its requests take another lane (for now, or for good)."""
         lane = getattr(self._local, "shm", None)
-        if lane is None:
-            if time.monotonic() < getattr(self._local, "shm_retry_at", 0.0):
-                return None
-            request = pb.AttachRequest(pid=os.getpid(), capacity=self._shm_capacity)
-            try:
-                lane = _ShmLane(self._stub.AttachShm(request, metadata=self._metadata, timeout=self._call_timeout_s))
-            except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                    return self._no_shared_memory(f"the server offers none ({exc.details()})")
-                error = _translate(exc)
-                if not isinstance(error, LimitExceededError):
-                    raise error from None
-                return self._refused(error)
-            except LimitExceededError as exc:  # the server refused the channel when we connected
-                return self._refused(exc)
-            except OSError as exc:  # no channel can be reached from here: another host or namespace
-                return self._no_shared_memory(str(exc))
-            self._local.shm = lane
-            self._lanes.add(lane)
+        if lane is not None or self._shared_memory is False or time.monotonic() < getattr(self._local, "shm_retry_at", 0.0):
+            return lane
+        cuda = request.x.is_cuda
+        attach = pb.AttachRequest(pid=os.getpid(), capacity=self._shm_capacity, cuda=cuda)
+        try:
+            reply = self._stub.AttachShm(attach, metadata=self._metadata, timeout=self._call_timeout_s)
+            lane = ShmLane(reply, cuda=cuda, patience_s=self._keepalive_s, alive=self._alive)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return self._no_lane("shm", f"the server offers none ({exc.details()})")
+            error = translate(exc)
+            if not isinstance(error, LimitExceededError):
+                raise error from None
+            return self._refused("shm", error)
+        except LimitExceededError as exc:  # the server refused the channel when we connected
+            return self._refused("shm", exc)
+        except OSError as exc:  # no channel can be reached from here: another host or namespace
+            return self._no_lane("shm", str(exc))
+        self._local.shm = lane
+        self._lanes.add(lane)
         return lane
 
-    def _refused(self, exc: LimitExceededError) -> None:
-        """The server refused this thread a channel: take the stream for a while (or fail if required)."""
-        if self._shared_memory:
-            raise exc
-        log.debug("no shared-memory channel to %s for now (%s); this thread uses gRPC", self.address, exc)
-        self._local.shm_retry_at = time.monotonic() + SHM_RETRY_S
-
-    def _no_shared_memory(self, why: str) -> None:
-        """Shared memory cannot work with this server: use gRPC from now on (or fail if required)."""
-        if self._shared_memory:
-            raise ExecutorUnavailableError(f"no shared-memory channel to {self.address}: {why}")
-        log.info("no shared-memory channel to %s (%s); tensors travel over gRPC", self.address, why)
-        self._shared_memory = False
-
-
-def _check_result(result: pb.OpResult, call_id: int, regions: RegionReader | None) -> torch.Tensor:
-    """The output tensor of ``result`` (a copy the caller owns), or the error it reports raised."""
-    if result.call_id != call_id:
-        raise SymbiosisError(f"protocol error: answer to call {result.call_id} received for call {call_id}")
-    if result.WhichOneof("outcome") == "error":
-        raise exception_for(result.error.code, result.error.message)
-    return decode_tensor(result.y, regions=regions, copy=True)
-
-
-class _StreamLane:
-    """One gRPC ``Session`` stream: one call at a time, answers in order."""
-
-    def __init__(self, stub: pb_grpc.ExecutorStub, metadata: tuple) -> None:
-        self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._responses = stub.Session(iter(self._requests.get, None), metadata=metadata)
-        self.broken = False  # the stream ended with an error: the next call needs a new one
-        weakref.finalize(self, self._requests.put, None)
-
-    def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
-        msg = encode_call(request, call_id)
-        encode_tensor(request.x, msg.x)
-        self._requests.put(msg)
+    def _data_lane(self) -> DataLane | None:
+        """The calling thread's TCP data channel, or None: its requests take a gRPC stream (for now, or for good)."""
+        lane = getattr(self._local, "data", None)
+        if lane is not None or self._data_channel is False or time.monotonic() < getattr(self._local, "data_retry_at", 0.0):
+            return lane
         try:
-            result = next(self._responses)
-        except StopIteration:
-            self.broken = True
-            raise _Transient("the server ended the session") from None
+            reply = self._stub.AttachData(pb.AttachDataRequest(), metadata=self._metadata, timeout=self._call_timeout_s)
         except grpc.RpcError as exc:
-            self.broken = True
-            raise _translate(exc) from None
-        return _check_result(result, call_id, None)
-
-    def close(self) -> None:
-        self._requests.put(None)
-        self._responses.cancel()
-
-
-class _ShmLane:
-    """One same-host shared-memory channel (see ``transport.shm``)."""
-
-    def __init__(self, reply: pb.AttachReply) -> None:
-        self.layout = ShmLayout(reply.capacity, reply.header_bytes)
-        self._sock, self._memory = open_channel(reply.doorbell, self.layout.size)
-        self._buf = memoryview(self._memory)
-        self._responses = functools.partial(self.layout.region, self._buf, self.layout.response_data)
-        weakref.finalize(self, self._sock.close)
-
-    def fits(self, request: OpRequest, output_bytes: int) -> bool:
-        return max(request.x.numel() * request.x.element_size(), output_bytes) <= self.layout.capacity
-
-    def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
-        buf, layout = self._buf, self.layout
-        write_tensor(buf, layout.request_data, request.x)
-        msg = encode_call(request, call_id)
-        describe_region(request.x, layout.request_data, msg.x)
-        write_message(buf, layout.request_header, msg, layout.header)
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return self._no_lane("tcp", f"the server offers none ({exc.details()})")
+            raise translate(exc) from None
+        host, port = self._data_address or (self._host, reply.port)
+        reply.port = port
         try:
-            self._sock.sendall(DOORBELL)
-            answer = self._sock.recv(1)
-        except OSError as exc:
-            raise _Transient(f"shared-memory channel lost: {exc}") from None
-        if answer != DOORBELL:
-            raise _Transient("the server closed the shared-memory channel")
-        return _check_result(read_message(buf, layout.response_header, pb.OpResult, layout.header), call_id, self._responses)
+            lane = DataLane(
+                host, reply, token=self._token, tls=self._tls, connect_timeout_s=min(self._call_timeout_s, self._keepalive_s),
+                patience_s=self._keepalive_s, alive=self._alive,
+            )
+        except LimitExceededError as exc:
+            return self._refused("tcp", exc)
+        except (OSError, ssl.SSLError) as exc:  # a firewall, a proxy that passes only gRPC, a restarting server
+            return self._refused("tcp", ExecutorUnavailableError(f"the data channel at {host}:{port} cannot be reached: {exc}"))
+        self._local.data = lane
+        self._lanes.add(lane)
+        return lane
 
-    def close(self) -> None:
-        self._sock.close()
-        self._responses = None
-        unmap(self._memory, self._buf)
+    def _refused(self, kind: str, exc: SymbiosisError) -> None:
+        """The server refused (or could not give) this thread a channel: take the next lane for a
+        while (or fail if this kind is required)."""
+        if (self._shared_memory if kind == "shm" else self._data_channel) is True:
+            raise exc
+        log.debug("no %s channel to %s for now (%s); this thread uses the next lane", kind, self.address, exc)
+        setattr(self._local, f"{'shm' if kind == 'shm' else 'data'}_retry_at", time.monotonic() + SHM_RETRY_S)
 
+    def _no_lane(self, kind: str, why: str) -> None:
+        """Channels of ``kind`` cannot work with this server: use the next lane from now on (or fail if required)."""
+        if (self._shared_memory if kind == "shm" else self._data_channel) is True:
+            raise ExecutorUnavailableError(f"no {'shared-memory' if kind == 'shm' else 'TCP data'} channel to {self.address}: {why}")
+        log.info("no %s channel to %s (%s); op calls take the next lane", "shared-memory" if kind == "shm" else "TCP data", self.address, why)
+        if kind == "shm":
+            self._shared_memory = False
+        else:
+            self._data_channel = False
+
+
+def _split(address: str) -> tuple[str, int]:
+    """``"host:port"`` (IPv6 hosts in brackets) -> ``(host, port)``."""
+    parts = urlsplit(f"//{address}")
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"expected host:port, got {address!r}")
+    return parts.hostname, parts.port
+
+
+def _host(address: str) -> str:
+    """The host part of a gRPC target ``host:port`` (the data channel's host)."""
+    return _split(address)[0]

@@ -54,6 +54,11 @@ class ExecutorStub:
                 request_serializer=symbiosis__pb2.AttachRequest.SerializeToString,
                 response_deserializer=symbiosis__pb2.AttachReply.FromString,
                 _registered_method=True)
+        self.AttachData = channel.unary_unary(
+                '/symbiosis.v1.Executor/AttachData',
+                request_serializer=symbiosis__pb2.AttachDataRequest.SerializeToString,
+                response_deserializer=symbiosis__pb2.AttachDataReply.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/symbiosis.v1.Executor/GetStats',
                 request_serializer=symbiosis__pb2.StatsRequest.SerializeToString,
@@ -89,6 +94,12 @@ class ExecutorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachData(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -117,6 +128,11 @@ def add_ExecutorServicer_to_server(servicer, server):
                     servicer.AttachShm,
                     request_deserializer=symbiosis__pb2.AttachRequest.FromString,
                     response_serializer=symbiosis__pb2.AttachReply.SerializeToString,
+            ),
+            'AttachData': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachData,
+                    request_deserializer=symbiosis__pb2.AttachDataRequest.FromString,
+                    response_serializer=symbiosis__pb2.AttachDataReply.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -232,6 +248,33 @@ class Executor:
             '/symbiosis.v1.Executor/AttachShm',
             symbiosis__pb2.AttachRequest.SerializeToString,
             symbiosis__pb2.AttachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachData(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/symbiosis.v1.Executor/AttachData',
+            symbiosis__pb2.AttachDataRequest.SerializeToString,
+            symbiosis__pb2.AttachDataReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,8 +39,9 @@ MAX_ELEMENTS = 1 << 40
 #: Largest priority a request may carry (priorities scale the scheduler's aging deadline).
 MAX_PRIORITY = 1000
 
-#: Resolves a shared-memory region ``(offset, nbytes)`` to a writable buffer; raises BadRequestError.
-RegionReader = Callable[[int, int], memoryview]
+#: Resolves a region of a channel's memory (see ``ShmRegion``) — ``(offset, shape, dtype, device)``
+#: — to a tensor viewing it; raises BadRequestError for a region outside the channel.
+RegionReader = Callable[[int, tuple[int, ...], torch.dtype, bool], torch.Tensor]
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -58,20 +59,12 @@ def encode_tensor(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     return msg
 
 
-def describe_region(t: torch.Tensor, offset: int, out: pb.Tensor) -> None:
-    """Fill ``out`` with ``t``'s dtype and shape and a reference to bytes at ``offset`` of a channel."""
-    out.dtype = _wire_dtype_name(t.dtype)
-    out.shape[:] = list(t.shape)
-    out.region.offset = offset
-    out.region.nbytes = t.numel() * t.element_size()
-
-
 def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: bool = False) -> torch.Tensor:
     """The tensor a ``Tensor`` message describes; ``BadRequestError`` for anything malformed.
 
     Inline bytes are wrapped without copying unless ``copy``; a region is resolved through
-    ``regions`` (the caller's shared-memory channel) and returned as a view of it unless ``copy``
-    or the dtype is an integer one (always copied).
+    ``regions`` (the caller's channel) and returned as a view of it unless ``copy`` or the dtype is
+    an integer one (always copied).
     """
     dtype = WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
@@ -83,26 +76,39 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
     nbytes = math.prod(shape) * itemsize
     kind = msg.WhichOneof("payload")
     if kind == "region":
+        region = msg.region
         if regions is None:
             raise BadRequestError("a shared-memory region was sent outside a shared-memory channel")
-        if msg.region.nbytes != nbytes:
-            raise BadRequestError(f"region holds {msg.region.nbytes} bytes, dtype and shape need {nbytes}")
-        buffer = regions(msg.region.offset, nbytes)
+        if region.nbytes != nbytes:
+            raise BadRequestError(f"region holds {region.nbytes} bytes, dtype and shape need {nbytes}")
+        if region.offset % itemsize:
+            raise BadRequestError(f"region offset {region.offset} is not a multiple of {itemsize} ({msg.dtype})")
+        t = regions(region.offset, shape, dtype, region.device)
         # Integer tensors (token ids) are copied out of shared memory before anyone validates them:
         # the client can rewrite its channel at any time, and an index changed between validation
         # and use fails the gather (on CUDA, a device-side assert poisons the context of every
         # tenant). Float rows stay zero-copy views: rewriting them mid-call changes only that
         # client's own output rows (every output row of a linear op depends on its input row alone).
-        copy = copy or not dtype.is_floating_point
-    else:
-        buffer = memoryview(msg.data) if kind == "data" else memoryview(b"")
-        if buffer.nbytes != nbytes:
-            raise BadRequestError(f"tensor payload holds {buffer.nbytes} bytes, dtype {msg.dtype} and shape {shape} need {nbytes}")
+        return t.clone() if copy or not dtype.is_floating_point else t
+    buffer = memoryview(msg.data) if kind == "data" else memoryview(b"")
+    if buffer.nbytes != nbytes:
+        raise BadRequestError(f"tensor payload holds {buffer.nbytes} bytes, dtype {msg.dtype} and shape {shape} need {nbytes}")
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if copy:
         buffer = bytearray(buffer)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+
+def describe_region(t: torch.Tensor, offset: int, out: pb.Tensor, *, device: bool = False) -> None:
+    """Fill ``out`` with ``t``'s dtype and shape and a reference to bytes at ``offset`` of a channel
+    (its CUDA buffers with ``device``)."""
+    out.dtype = _wire_dtype_name(t.dtype)
+    out.shape[:] = t.shape
+    region = out.region
+    region.offset = offset
+    region.nbytes = t.numel() * t.element_size()
+    region.device = device
 
 
 def encode_call(request: OpRequest, call_id: int, out: pb.OpCall | None = None) -> pb.OpCall:

@@ -20,6 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[3]
 
+#: The lanes a client's op calls can take, as ``RemoteTransport`` options: a same-host shared-memory
+#: channel, a TCP data channel, and the gRPC stream fallback.
+LANES = {
+    "shm": {"shared_memory": True},
+    "tcp": {"shared_memory": False, "data_channel": True},
+    "grpc": {"shared_memory": False, "data_channel": False},
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

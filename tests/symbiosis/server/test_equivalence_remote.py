@@ -1,8 +1,9 @@
-"""Through the server, a client is exactly the in-process client: the core equivalence tests over gRPC.
+"""Through the server, a client is exactly the in-process client: the core equivalence tests over every lane.
 
 Each case runs the core harness with the client attached to a server on a loopback port: every
-architecture the core suite requires over the plain gRPC stream (``shared_memory=False``) and over
-the same-host shared-memory channel, and every PEFT method of the core suite.
+architecture the core suite requires over the same-host shared-memory channel and over the TCP data
+channel (``shared_memory=False``), two of them (a linear and a Conv1D family) over the gRPC stream
+fallback, and every PEFT method of the core suite.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from symbiosis.transport import RemoteTransport
 from ..equivalence import check_equivalence
 from ..test_equivalence_architectures import REQUIRED
 from ..test_equivalence_peft import METHODS
+from .servers import LANES
 
-PATHS = {"tcp": {"shared_memory": False}, "shm": {"shared_memory": True}}
+#: Architectures also checked over the gRPC stream fallback (the lanes share everything but the transfer).
+GRPC_ARCHITECTURES = ("llama", "gpt2")
+CASES = [(model_type, lane) for model_type in REQUIRED for lane in ("shm", "tcp")] + [(m, "grpc") for m in GRPC_ARCHITECTURES]
 
 
 def lora() -> LoraConfig:
     return LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("model_type", REQUIRED)
-def test_architectures_through_server(served, model_dir, model_type, path):
+@pytest.mark.parametrize("model_type, lane", CASES)
+def test_architectures_through_server(served, model_dir, model_type, lane):
     server = served(model_type)
-    errors = check_equivalence(model_dir(model_type), lora(), executor=server.url, connect_options=PATHS[path])
+    errors = check_equivalence(model_dir(model_type), lora(), executor=server.url, connect_options=LANES[lane])
     assert errors["grads"] <= 1e-5
 
 
@@ -51,7 +54,7 @@ def test_shared_memory_lane_is_used(served):
     assert transport.uses_shared_memory
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_autocast_through_server(served, model_dir, path):
-    """The compute dtype of autocast travels with each request (gRPC stream and shared memory)."""
-    check_equivalence(model_dir("qwen2"), lora(), executor=served("qwen2").url, connect_options=PATHS[path], autocast=torch.bfloat16)
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_autocast_through_server(served, model_dir, lane):
+    """The compute dtype of autocast travels with each request (every lane)."""
+    check_equivalence(model_dir("qwen2"), lora(), executor=served("qwen2").url, connect_options=LANES[lane], autocast=torch.bfloat16)

@@ -1,7 +1,9 @@
 """The privacy contract, checked on the wire.
 
-A client fine-tunes (LoRA, AdamW) and generates through a recording proxy; on the shared-memory
-path everything it writes into shared memory is recorded too. Then the exact byte patterns of its
+A client fine-tunes (LoRA, AdamW) and generates through recording proxies (of the gRPC port and of
+the TCP data channel's port); on the shared-memory path every call message it sends and everything
+it writes into shared memory is recorded too. Each lane is checked: shared memory, TCP data
+channel, gRPC stream. Then the exact byte patterns of its
 adapter weights (as used in every step), adapter gradients, optimizer state, KV cache and token
 ids are searched in everything it sent. Positive controls show that the search does find what
 does travel: op inputs (activations), and token ids when embeddings are placed on the executor.
@@ -24,10 +26,10 @@ from peft import LoraConfig, get_peft_model
 
 from symbiosis import load_model
 from symbiosis.protocol import Direction, OpRequest
-from symbiosis.transport import RemoteTransport, remote
-from symbiosis.transport.shm import ShmLayout
+from symbiosis.transport import RemoteTransport, lanes
 
 from .capture import RecordingProxy, grpc_messages
+from .servers import LANES
 
 WINDOW = 4  # elements per searched pattern: 16 bytes of float32, 32 bytes of int64
 
@@ -50,27 +52,25 @@ def found(tensors: dict[str, torch.Tensor], haystack: bytes) -> list[str]:
 
 @pytest.fixture
 def shm_recorder(monkeypatch):
-    """Records the request header and tensor bytes of every shared-memory call, as the server reads them."""
+    """Records the call message and tensor bytes of every shared-memory call, as the server reads them."""
     recorded: list[bytes] = []
-    original = remote._ShmLane.call
+    original = lanes.ShmLane.call
 
     def call(self, request, call_id):
         out = original(self, request, call_id)
-        layout: ShmLayout = self.layout
         nbytes = request.x.numel() * request.x.element_size()
-        buf = self._buf
-        recorded.append(bytes(buf[layout.request_header : layout.request_header + layout.header]))
-        recorded.append(bytes(buf[layout.request_data : layout.request_data + nbytes]))
+        recorded.append(self._msg.SerializeToString())  # the message this call sent
+        recorded.append(self._requests.memory[:nbytes].numpy().tobytes())
         return out
 
-    monkeypatch.setattr(remote._ShmLane, "call", call)
+    monkeypatch.setattr(lanes.ShmLane, "call", call)
     return recorded
 
 
-def run_client(url: str, *, shared_memory: bool, embeddings: str = "client"):
+def run_client(url: str, *, options: dict, embeddings: str = "client"):
     """Fine-tune three AdamW steps and generate; return what must stay private and what must travel."""
     torch.manual_seed(0)
-    client = load_model(url, embeddings=embeddings, connect_options={"shared_memory": shared_memory})
+    client = load_model(url, embeddings=embeddings, connect_options=options)
     model = get_peft_model(client, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for param in model.parameters():
@@ -123,20 +123,24 @@ def run_client(url: str, *, shared_memory: bool, embeddings: str = "client"):
     return private, travelled, kv_first, model
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
-def test_nothing_private_leaves_the_client(served, shm_recorder, shared_memory):
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_nothing_private_leaves_the_client(served, shm_recorder, lane):
     server = served("llama")
     proxy = RecordingProxy(("127.0.0.1", server.port))
+    data_proxy = RecordingProxy(("127.0.0.1", server.data_port))
     try:
-        private, travelled, kv_first, model = run_client(f"symbiosis://127.0.0.1:{proxy.port}", shared_memory=shared_memory)
-        transport = model.base_model.model.symbiosis.transport
-        assert transport.uses_shared_memory is shared_memory
+        options = {**LANES[lane], "data_address": f"127.0.0.1:{data_proxy.port}"}
+        private, travelled, kv_first, model = run_client(f"symbiosis://127.0.0.1:{proxy.port}", options=options)
+        assert model.base_model.model.symbiosis.transport.lane_kind == lane
     finally:
         proxy.close()
+        data_proxy.close()
     streams = proxy.sent()
     messages = [m for stream in streams for m in grpc_messages(stream)]
-    haystack = b"".join(streams) + b"".join(messages) + b"".join(shm_recorder)
-    assert not shared_memory or shm_recorder, "no shared-memory traffic was recorded"
+    data = data_proxy.sent()
+    haystack = b"".join(streams) + b"".join(messages) + b"".join(data) + b"".join(shm_recorder)
+    assert lane != "shm" or shm_recorder, "no shared-memory traffic was recorded"
+    assert lane != "tcp" or sum(map(len, data)) > 100_000, "no data channel traffic was recorded"
     # positive controls: what does travel is found, so the search has the power to find a leak
     assert sorted(found(travelled, haystack)) == sorted(travelled)
     assert len(found(kv_first, haystack)) == len(kv_first), "position-0 values travel as o_proj inputs (documented)"
@@ -148,7 +152,7 @@ def test_token_ids_travel_only_with_executor_side_embeddings(served):
     server = served("llama")
     proxy = RecordingProxy(("127.0.0.1", server.port))
     try:
-        private, _, _, _ = run_client(f"symbiosis://127.0.0.1:{proxy.port}", shared_memory=False, embeddings="executor")
+        private, _, _, _ = run_client(f"symbiosis://127.0.0.1:{proxy.port}", options=LANES["grpc"], embeddings="executor")
     finally:
         proxy.close()
     haystack = b"".join(m for stream in proxy.sent() for m in grpc_messages(stream))

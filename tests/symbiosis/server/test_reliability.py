@@ -24,9 +24,11 @@ from symbiosis.server import ExecutorServer
 from symbiosis.server.handler import MAX_CLIENT_IDS, OTHER_CLIENTS
 from symbiosis.transport import RemoteTransport
 from symbiosis.transport import symbiosis_pb2 as pb
+from symbiosis.transport.frames import PREFIX
+from symbiosis.transport.shm import MAX_MESSAGE_BYTES
 
-from .raw import RawChannel, attach
-from .servers import health_status, server_process
+from .raw import RawChannel, RawDataChannel, attach
+from .servers import LANES, health_status, server_process
 from .workers import idle_client, stuck_client
 
 OP = "model.layers.0.self_attn.o_proj"
@@ -45,15 +47,19 @@ def healthy(server: ExecutorServer) -> None:
     assert health_status(server.port) == health_pb2.HealthCheckResponse.SERVING
     x = torch.randn(2, 64)
     weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
-    for shared_memory in (False, True):
-        transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=shared_memory)
+    for lane, options in LANES.items():
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", **options)
         y = transport.run(OpRequest(OP, Direction.FORWARD, x))
+        assert transport.lane_kind == lane
         transport.close()
         assert torch.allclose(y, x @ weight.t(), atol=1e-5)
 
 
-def test_bad_requests_get_errors(server):
-    transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=False)
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_bad_requests_get_errors(server, lane):
+    # a shared-memory channel as small as the server's message limit: the oversized request below
+    # leaves it for the data channel, which enforces the limit
+    transport = RemoteTransport(f"127.0.0.1:{server.port}", **LANES[lane], shm_capacity=64 << 10)
     cases = [
         (OpRequest("no.such.op", Direction.FORWARD, torch.randn(2, 64)), "unknown op"),
         (OpRequest(OP, Direction.FORWARD, torch.randn(2, 65)), "expected rows of width 64"),
@@ -90,31 +96,67 @@ def test_garbage_on_the_stream(server):
 
 
 def test_garbage_in_shared_memory(server):
-    """A client that writes nonsense into its channel gets an error back; nobody else notices."""
+    """A client that sends nonsense on its channel gets an error back; nobody else notices."""
     channel = RawChannel(attach(server.port))
     try:
-        for header in (b"\xff\xff\xff\xff", b"\x05\x00\x00\x00\xff\xff\xff\xff\xff", b"\x00\x00\x00\x00"):
-            channel.write_header(header)
-            channel.ring()
+        for message in (b"\xff\xff\xff\xff", b"\x05\x00\x00\x00\xff\xff\xff\xff\xff", b"\x00", b"\x0a" + b"\xff" * 10):
+            channel.send(message)
             result = channel.answer()
             assert result.error.code == "INVALID_ARGUMENT", result
         outside = pb.OpCall(op=OP, x=pb.Tensor(dtype="float32", shape=[1 << 20, 64], region=pb.ShmRegion(offset=0, nbytes=(1 << 20) * 256)))
-        data = outside.SerializeToString()
-        channel.write_header(len(data).to_bytes(4, "little") + data)
-        channel.ring()
+        channel.send(outside.SerializeToString())
         result = channel.answer()  # a region outside the channel is refused, not read
         assert result.error.code == "INVALID_ARGUMENT" and "outside the channel" in result.error.message, result
+        channel.send(b"\x00" * (MAX_MESSAGE_BYTES + 1))
+        assert "exceeds" in channel.answer().error.message  # an oversized message is discarded whole
+        device = pb.OpCall(op=OP, x=pb.Tensor(dtype="float32", shape=[1, 64], region=pb.ShmRegion(offset=0, nbytes=256, device=True)))
+        channel.send(device.SerializeToString())
+        assert "without CUDA buffers" in channel.answer().error.message
+        channel.call(OP, torch.ones(1, 64), call_id=7)
+        assert channel.answer().call_id == 7  # the channel still serves
     finally:
         channel.close()
     healthy(server)
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
-def test_client_vanishing_mid_request(model_dir, shared_memory, hold_batches):
+def test_garbage_on_a_data_channel(server):
+    """Nonsense frames on a TCP data channel: a malformed call gets an error and the channel goes on;
+    a frame whose prefix announces too much ends that connection only."""
+    channel = RawDataChannel(server.port)
+    try:
+        assert not channel.open().HasField("error")
+        for header in (b"\xff" * 7, b"\x0a" + b"\xff" * 10):
+            channel.send_raw(PREFIX.pack(len(header), 3) + header + b"abc")
+            assert channel.answer()[0].error.code == "INVALID_ARGUMENT"
+        outside = pb.OpCall(op=OP, x=pb.Tensor(dtype="float32", shape=[2, 64], region=pb.ShmRegion(offset=0, nbytes=512)))
+        channel.send_raw(PREFIX.pack(len(outside.SerializeToString()), 256) + outside.SerializeToString() + bytes(256))
+        assert "outside the frame" in channel.answer()[0].error.message
+        channel.call(OP, torch.ones(1, 64), call_id=9)
+        result, payload = channel.answer()
+        assert result.call_id == 9 and len(payload) == 256
+        channel.send_raw(PREFIX.pack(1 << 20, 0))  # a header beyond the limit: the stream cannot go on
+        assert channel.answer()[0].error.code == "INVALID_ARGUMENT" and channel.ended()
+    finally:
+        channel.close()
+    too_big = RawDataChannel(server.port)
+    try:
+        assert not too_big.open().HasField("error")
+        too_big.send_raw(PREFIX.pack(10, too_big.reply.max_payload_bytes + 1))
+        assert too_big.answer()[0].error.code == "INVALID_ARGUMENT" and too_big.ended()
+    finally:
+        too_big.close()
+    healthy(server)
+
+
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_client_vanishing_mid_request(model_dir, lane, hold_batches):
+    """A client killed while its request waits in the executor: once the request is computed (into
+    its channel's memory, which the server still maps) the channel and the tenant's session end;
+    nothing is left behind."""
     slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0))
     server = ExecutorServer(slow).start()
     try:
-        proc = multiprocessing.get_context("spawn").Process(target=stuck_client, args=(server.url, shared_memory))
+        proc = multiprocessing.get_context("spawn").Process(target=stuck_client, args=(server.url, LANES[lane]))
         proc.start()
         deadline = time.monotonic() + 120
         while slow.queue_depth() == 0 and time.monotonic() < deadline:
@@ -125,7 +167,8 @@ def test_client_vanishing_mid_request(model_dir, shared_memory, hold_batches):
         healthy(server)  # its transports are closed when it returns
         tenant = server.registry.tenants()[0]
         assert eventually(lambda: tenant.open_sessions() == 0), "the dead client's session was not ended"
-        assert server.shm.channel_count() == 0, "the dead client's channel was not cleaned up"
+        assert eventually(lambda: server.shm.channel_count() + server.data.channel_count() == 0), "the dead client's channel was not cleaned up"
+        assert slow.queue_depth() == 0
     finally:
         server.stop(1.0)
 
@@ -203,7 +246,7 @@ def test_client_chosen_names_do_not_grow_the_server(server):
 def test_idle_sessions_cannot_starve_health_checks(model_dir):
     """Streams may hold all server threads but the ones kept for unary calls: beyond that a client is
     told so, and health checks, spec and stats calls are still answered."""
-    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), max_workers=6, shared_memory=False).start()
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), max_workers=6, shared_memory=False, data_channel=False).start()
     release, refused = threading.Event(), []
     ready = threading.Semaphore(0)
 
@@ -232,18 +275,18 @@ def test_idle_sessions_cannot_starve_health_checks(model_dir):
         server.stop(1.0)
 
 
-@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
-def test_idle_sessions_time_out_and_clients_reopen_them(model_dir, shared_memory):
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_idle_sessions_time_out_and_clients_reopen_them(model_dir, lane):
     """The server ends a session idle past its timeout; the client's next call opens a new one, unharmed."""
     server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), session_idle_s=1.0).start()
     try:
         tenant = server.registry.tenants()[0]
-        transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=shared_memory, retry_timeout_s=0)
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", **LANES[lane], retry_timeout_s=0)
         x = torch.randn(2, 64)
         weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
         for _ in range(2):
             assert torch.allclose(transport.run(OpRequest(OP, Direction.FORWARD, x)), x @ weight.t(), atol=1e-5)
-            assert tenant.open_sessions() == 1 and transport.uses_shared_memory is shared_memory
+            assert tenant.open_sessions() == 1 and transport.lane_kind == lane
             assert eventually(lambda: tenant.open_sessions() == 0), "the idle session was not ended"
         transport.close()
     finally:

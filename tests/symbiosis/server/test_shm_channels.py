@@ -62,7 +62,7 @@ def test_channel_memory_has_no_name(server):
 
 STRANGER = """
 import socket, sys
-sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 sock.connect("\\0" + sys.argv[1])
 message, fds, _, _ = socket.recv_fds(sock, 1024, 1)
 print(len(fds), len(message))
@@ -78,8 +78,7 @@ def test_strangers_get_no_memory_and_the_owner_still_does(server):
     channel = RawChannel(reply)
     try:
         x = torch.randn(2, 64)
-        channel.write_call(OP, x)
-        channel.ring()
+        channel.call(OP, x)
         result = channel.answer()
         weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
         assert torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
@@ -178,8 +177,7 @@ def test_token_ids_are_copied_before_validation(model_dir, hold_batches):
     channel = RawChannel(attach(server.port))
     try:
         ids = torch.tensor([5, 9, 2, 7])
-        channel.write_call(EMBED, ids)
-        channel.ring()
+        channel.call(EMBED, ids)
         assert eventually(lambda: slow.queue_depth() > 0), "the request never reached the executor"
         channel.write_region(channel.layout.request_data, torch.full_like(ids, 10**9))  # validated, not yet run
         result = channel.answer()
@@ -226,8 +224,7 @@ def test_drain_waits_once_for_all_channels(model_dir, hold_batches):
     channels = [RawChannel(attach(server.port)) for _ in range(8)]
     try:
         for channel in channels:
-            channel.write_call(OP, torch.randn(1, 64))
-            channel.ring()
+            channel.call(OP, torch.randn(1, 64))
         assert eventually(lambda: slow.queue_depth() == len(channels))
         timeout_s = 0.5
         start = time.monotonic()

@@ -15,6 +15,7 @@ from symbiosis.protocol import Direction, OpRequest
 from symbiosis.tiny import tiny_config
 from symbiosis.transport import parse_address, protogen
 from symbiosis.transport import symbiosis_pb2 as pb
+from symbiosis.transport.shm import Area
 from symbiosis.transport.wire import WIRE_DTYPES, decode_call, decode_tensor, encode_call, encode_tensor, spec_from_json, spec_to_json
 
 
@@ -108,12 +109,12 @@ def test_decoder_fuzz_structured(dtype, shape, data, direction, priority, out_dt
         msg.x.data = data
     else:
         msg.x.region.offset, msg.x.region.nbytes = region
-    buffer = bytearray(4096)
+    area = Area(torch.zeros(4096, dtype=torch.uint8))
 
-    def regions(offset: int, nbytes: int) -> memoryview:
-        if offset + nbytes > len(buffer):
-            raise BadRequestError("outside")
-        return memoryview(buffer)[offset : offset + nbytes]
+    def regions(offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
+        if device:
+            raise BadRequestError("no device buffers")
+        return area.tensor(offset, shape, dtype)
 
     try:
         request = decode_call(msg, tenant="t", regions=regions)
@@ -125,19 +126,20 @@ def test_decoder_fuzz_structured(dtype, shape, data, direction, priority, out_dt
 def test_token_ids_are_copied_out_of_shared_memory():
     """Integer tensors read from a channel are copies (the client cannot change them after they are
     validated); float rows are views (no copy on the hot path)."""
-    buffer = bytearray(1024)
+    buffer = torch.zeros(1024, dtype=torch.uint8)
     ids, rows = torch.tensor([3, 1, 4]), torch.randn(2, 4)
-    buffer[0:24], buffer[512:544] = ids.numpy().tobytes(), rows.numpy().tobytes()
+    buffer[0:24], buffer[512:544] = ids.view(torch.uint8), rows.view(-1).view(torch.uint8)
+    area = Area(buffer)
 
-    def regions(offset: int, nbytes: int) -> memoryview:
-        return memoryview(buffer)[offset : offset + nbytes]
+    def regions(offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
+        return area.tensor(offset, shape, dtype)
 
     def decode(t: torch.Tensor, offset: int) -> torch.Tensor:
         msg = pb.Tensor(dtype=str(t.dtype).removeprefix("torch."), shape=list(t.shape), region=pb.ShmRegion(offset=offset, nbytes=t.numel() * t.element_size()))
         return decode_tensor(msg, regions=regions)
 
     got_ids, got_rows = decode(ids, 0), decode(rows, 512)
-    buffer[:] = bytes(len(buffer))  # the client rewrites its channel
+    buffer.zero_()  # the client rewrites its channel
     assert torch.equal(got_ids, ids)
     assert torch.equal(got_rows, torch.zeros(2, 4))
 

@@ -1,0 +1,178 @@
+"""What the server's two kinds of channels share: a bounded set of them, and the call loop.
+
+A channel serves one client thread (shared memory: ``shm_host``; TCP: ``data_host``) and belongs
+to one tenant. Its thread reads a call, hands it to the executor and goes back to reading only
+once the call is answered — so a client has at most one call in flight per channel, and a hostile
+one cannot queue more. The answer is written by whichever thread computed the call (the executor's
+combiner writes straight into the channel's response memory and sends the result message): no
+thread hand-off on the way back. A channel ends when its client hangs up, crashes or sends what
+it cannot answer, when idle longer than the server's idle timeout, or when the server drains; a
+call in flight is answered first (or its answer dropped if the client is gone), so nothing a
+dead client asked for outlives its channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..errors import BadRequestError, ExecutorUnavailableError, LimitExceededError
+from ..transport import symbiosis_pb2 as pb
+from ..transport.frames import FrameError
+from ..transport.wire import RegionReader, status_code_of
+from .handler import RequestHandler
+from .tenancy import TenantState
+
+log = logging.getLogger(__name__)
+
+#: Longest error message sent back.
+MAX_ERROR_CHARS = 1024
+
+
+class Channel(threading.Thread):
+    """One client thread's channel. Subclasses set up the connection in ``run`` and then call
+    ``serve``; they read calls (``receive``) and send results (``send``)."""
+
+    def __init__(self, host: ChannelHost, name: str) -> None:
+        super().__init__(name=name, daemon=True)
+        self.host = host
+        self.tenant: TenantState | None = None
+        self.connected = False
+        #: When the client connected or the last call was answered (``inf`` during a call).
+        self.idle_since = time.monotonic()
+        self._answered = threading.Lock()  # held while a call is in flight
+        self._call_id = 0
+
+    # ------------------------------------------------------------------------ for subclasses
+    def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
+        """The next call and how to read its tensor, or None when the client hung up.
+
+        Raises ``BadRequestError`` for a message that is no call (answered with an error, the
+        channel goes on) and ``OSError`` when the connection broke (the channel ends).
+        """
+        raise NotImplementedError
+
+    def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Where the current call's output is written (``LimitExceededError`` if it cannot be)."""
+        raise NotImplementedError
+
+    def send(self, result: pb.OpResult, y: torch.Tensor | None) -> None:
+        """Send ``result`` for the current call (``y``: its output, written by ``output``'s tensor)."""
+        raise NotImplementedError
+
+    def hang_up(self) -> None:
+        """End the channel: at once while it waits for its client, after the call in progress otherwise."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------- the loop
+    def serve(self) -> None:
+        """Answer calls until the client hangs up or the channel is hung up."""
+        handler, tenant = self.host.handler, self.tenant
+        while True:
+            self._answered.acquire()  # the previous call was answered
+            try:
+                got = self.receive()
+            except BadRequestError as exc:
+                self._call_id = 0
+                self.complete(None, exc)
+                if isinstance(exc, FrameError):  # a byte stream cannot find the next frame: end it
+                    return
+                continue
+            except OSError as exc:
+                log.debug("channel %s ended: %s", self.name, exc)
+                return
+            if got is None:
+                return
+            call, regions = got
+            self._call_id = call.call_id
+            self.idle_since = math.inf
+            handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
+
+    def complete(self, y: torch.Tensor | None, error: BaseException | None) -> None:
+        """Answer the current call (called once per call, by whichever thread computed it)."""
+        result = pb.OpResult(call_id=self._call_id)
+        if error is None:
+            self.describe(y, result.y)
+        else:
+            result.error.code = status_code_of(error).name
+            result.error.message = str(error)[:MAX_ERROR_CHARS]
+            y = None
+        try:
+            self.send(result, y)
+        except OSError as exc:  # the client is gone; its channel ends when its thread reads again
+            log.debug("answer on channel %s dropped: %s", self.name, exc)
+        finally:
+            self.idle_since = time.monotonic()
+            self._answered.release()
+
+    def describe(self, y: torch.Tensor, msg: pb.Tensor) -> None:
+        """Fill ``msg`` with the output ``y`` (a region of the channel's memory)."""
+        raise NotImplementedError
+
+
+class ChannelHost:
+    """A bounded set of channels of one kind: at most ``max_channels`` at once, of which at most
+    ``max_pending`` are not yet connected (each costs a thread and its memory)."""
+
+    #: What the host's channels are called in messages.
+    what = "channels"
+
+    def __init__(self, handler: RequestHandler, *, max_channels: int, max_pending: int) -> None:
+        self.handler = handler
+        self.max_channels = max_channels
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._channels: set[Channel] = set()
+        self._draining = False
+
+    def add(self, make: Callable[[], Channel]) -> Channel:
+        """Create (``make``) and start a channel unless the server drains or is at a limit
+        (``ExecutorUnavailableError``, ``LimitExceededError``)."""
+        with self._lock:
+            if self._draining:
+                raise ExecutorUnavailableError("the server is shutting down")
+            if len(self._channels) >= self.max_channels:
+                raise LimitExceededError(f"the server has {self.max_channels} {self.what}, its limit")
+            if sum(not channel.connected for channel in self._channels) >= self.max_pending:
+                raise LimitExceededError(f"{self.max_pending} {self.what} are waiting for their clients, the server's limit")
+            channel = make()
+            self._channels.add(channel)
+            channel.start()  # under the lock: drain() never sees a channel it cannot join
+        return channel
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Refuse new channels, end every channel after its current call and wait for them, at most
+        ``timeout_s`` in all."""
+        with self._lock:
+            self._draining = True
+            channels = list(self._channels)
+        for channel in channels:
+            channel.hang_up()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for channel in channels:
+            channel.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def end_idle(self, idle_s: float) -> None:
+        """Hang up connected channels that have not been called for more than ``idle_s`` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [channel for channel in self._channels if channel.connected and now - channel.idle_since > idle_s]
+        for channel in idle:
+            channel.hang_up()
+
+    def channel_count(self) -> int:
+        with self._lock:
+            return len(self._channels)
+
+    def forget(self, channel: Channel) -> None:
+        with self._lock:
+            self._channels.discard(channel)

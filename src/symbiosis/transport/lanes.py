@@ -1,0 +1,286 @@
+"""A client thread's lanes to an executor server: how one op call travels, one call at a time.
+
+* ``ShmLane`` — a same-host shared-memory channel (``transport.shm``): the rows are written into
+  shared memory (or, for a GPU client of a GPU executor, into the channel's CUDA buffers:
+  ``transport.cuda_ipc``), the ``OpCall`` is one socket message, the answer another.
+* ``DataLane`` — a TCP data channel (``transport.frames``), TLS when the service uses it, for
+  clients on other hosts (or requests too large for the shared memory).
+* ``StreamLane`` — a gRPC ``Session`` stream: the fallback where neither channel can be had.
+
+Every lane raises ``Transient`` when the connection is lost (the caller retries on a fresh lane)
+and the error the server reported for a refused request. A lane whose answer takes longer than its
+``patience`` asks ``alive()`` (a gRPC health check) whether the server is still there, and gives up
+with ``Transient`` when it is not: a stopped or vanished server fails calls instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import ssl
+import weakref
+from collections.abc import Callable
+
+import grpc
+import torch
+
+from ..errors import ExecutorUnavailableError, LimitExceededError, SymbiosisError
+from ..protocol import OpRequest
+from . import cuda_ipc
+from . import symbiosis_pb2 as pb
+from . import symbiosis_pb2_grpc as pb_grpc
+from .frames import PREFIX, receive_into, receive_prefix, send_frame, tensor_view
+from .keepalive import enable_tcp_keepalive
+from .shm import MAX_MESSAGE_BYTES, Area, ShmLayout, map_tensor, open_channel, receive, set_receive_timeout, unmap
+from .wire import WIRE_DTYPES, decode_tensor, describe_region, encode_call, encode_tensor, exception_for
+
+#: Status codes that mean "the server is not there right now" (or ended the session): the call is retried.
+TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Transient(ExecutorUnavailableError):
+    """The server could not be reached or hung up; the call may be retried."""
+
+
+def translate(exc: grpc.RpcError) -> SymbiosisError:
+    """The client-side exception for a failed gRPC call."""
+    if exc.code() in TRANSIENT_CODES:
+        return Transient(f"executor unavailable: {exc.code().name}: {exc.details()}")
+    return exception_for(exc.code(), exc.details() or exc.code().name)
+
+
+def _checked(result: pb.OpResult, call_id: int) -> pb.Tensor:
+    """The output message of ``result``, or the error it reports raised."""
+    if result.call_id != call_id:
+        raise SymbiosisError(f"protocol error: answer to call {result.call_id} received for call {call_id}")
+    if result.WhichOneof("outcome") == "error":
+        raise exception_for(result.error.code, result.error.message)
+    return result.y
+
+
+class StreamLane:
+    """One gRPC ``Session`` stream: one call at a time, answers in order (tensors inline)."""
+
+    kind = "grpc"
+
+    def __init__(self, stub: pb_grpc.ExecutorStub, metadata: tuple) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses = stub.Session(iter(self._requests.get, None), metadata=metadata)
+        self.broken = False  # the stream ended with an error: the next call needs a new one
+        weakref.finalize(self, self._requests.put, None)
+
+    def fits(self, request: OpRequest, output_bytes: int) -> bool:
+        return True
+
+    def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
+        msg = encode_call(request, call_id)
+        encode_tensor(request.x, msg.x)
+        self._requests.put(msg)
+        try:
+            result = next(self._responses)
+        except StopIteration:
+            self.broken = True
+            raise Transient("the server ended the session") from None
+        except grpc.RpcError as exc:
+            self.broken = True
+            raise translate(exc) from None
+        return decode_tensor(_checked(result, call_id), copy=True)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._responses.cancel()
+
+
+class _SocketLane:
+    """What both channel lanes share: waiting for answers with patience, noticing a lost connection."""
+
+    def __init__(self, sock: socket.socket, patience_s: float, alive: Callable[[], bool]) -> None:
+        self._sock = sock
+        self._patience_s = patience_s
+        self._alive = alive
+        self._msg = pb.OpCall()  # reused for every call
+        weakref.finalize(self, sock.close)
+
+    def _impatient(self) -> None:
+        """A receive timed out: go on waiting while the server is alive, else ``Transient``."""
+        if not self._alive():
+            raise Transient("the executor stopped answering (its health check failed)")
+
+    def _send(self, send: Callable[[], None]) -> None:
+        try:
+            send()
+        except OSError as exc:
+            raise Transient(f"the connection to the executor was lost: {exc}") from None
+
+    def _fill(self, view: memoryview, *, at_start: bool = False) -> bool:
+        """Fill ``view`` from the socket (see ``frames.receive_into``), waiting with patience."""
+        got, total = 0, view.nbytes
+        while got < total:
+            try:
+                n = self._sock.recv_into(view[got:], total - got)
+            except (BlockingIOError, TimeoutError):
+                self._impatient()
+                continue
+            except OSError as exc:
+                raise Transient(f"the connection to the executor was lost: {exc}") from None
+            if n == 0:
+                if at_start and got == 0:
+                    return False
+                raise Transient(f"the connection to the executor ended {got} bytes into a {total}-byte read")
+            got += n
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class ShmLane(_SocketLane):
+    """One same-host shared-memory channel (see ``transport.shm``); ``cuda``: the thread's rows live
+    on a GPU (use the channel's CUDA buffers when the executor offers them, else pinned host memory)."""
+
+    kind = "shm"
+
+    def __init__(self, reply: pb.AttachReply, *, cuda: bool, patience_s: float, alive: Callable[[], bool]) -> None:
+        self.layout = ShmLayout(reply.capacity)
+        sock, self._memory, grant = open_channel(reply.doorbell, self.layout.size)
+        super().__init__(sock, patience_s, alive)
+        set_receive_timeout(sock, patience_s)
+        self._bytes = map_tensor(self._memory)
+        self._requests = Area(self._bytes, self.layout.request_data, self.layout.capacity)
+        self._responses = Area(self._bytes, self.layout.response_data, self.layout.capacity)
+        self._buffer = bytearray(MAX_MESSAGE_BYTES)
+        parsed = pb.ChannelGrant.FromString(grant)
+        self.cuda = cuda_ipc.CudaBuffers.open(parsed.cuda) if cuda and parsed.HasField("cuda") else None
+        self._unpin = cuda_ipc.pin(self._bytes) if cuda and self.cuda is None else _nothing
+
+    def fits(self, request: OpRequest, output_bytes: int) -> bool:
+        return max(request.x.numel() * request.x.element_size(), output_bytes) <= self.layout.capacity
+
+    def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
+        x = request.x
+        if x.requires_grad:
+            x = x.detach()
+        on_device = self.cuda is not None and self.cuda.holds(x)
+        if on_device:
+            self.cuda.send(x)
+        else:
+            self._requests.tensor(self.layout.request_data, tuple(x.shape), x.dtype).copy_(x)
+        msg = encode_call(request, call_id, self._msg)
+        describe_region(x, 0 if on_device else self.layout.request_data, msg.x, device=on_device)
+        header = msg.SerializeToString()
+        self._send(lambda: self._sock.send(header))
+        while True:
+            try:
+                answer = receive(self._sock, self._buffer)
+                break
+            except BlockingIOError:
+                self._impatient()
+            except OSError as exc:
+                raise Transient(f"the shared-memory channel was lost: {exc}") from None
+        if answer is None:
+            raise Transient("the server closed the shared-memory channel")
+        y = _checked(pb.OpResult.FromString(answer), call_id)
+        if y.region.device:
+            return self.cuda.receive(y.region.offset, tuple(y.shape), _dtype(y), x.device)
+        return decode_tensor(y, regions=self._response_region, copy=True).to(x.device)
+
+    def _response_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
+        if device:
+            raise SymbiosisError("protocol error: a device region on a channel without CUDA buffers")
+        return self._responses.tensor(offset, shape, dtype)
+
+    def close(self) -> None:
+        super().close()
+        self._unpin()
+        self._bytes = self._requests = self._responses = None
+        unmap(self._memory)
+
+
+class DataLane(_SocketLane):
+    """One TCP data channel (see ``transport.frames``), TLS when ``tls`` is a context."""
+
+    kind = "tcp"
+
+    def __init__(
+        self,
+        host: str,
+        reply: pb.AttachDataReply,
+        *,
+        token: str | None,
+        tls: ssl.SSLContext | None,
+        connect_timeout_s: float,
+        patience_s: float,
+        alive: Callable[[], bool],
+    ) -> None:
+        sock = socket.create_connection((host, reply.port), timeout=connect_timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            enable_tcp_keepalive(sock, patience_s)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=host)
+            send_frame(sock, pb.DataHello(token=token or "").SerializeToString())
+            welcome = pb.DataWelcome.FromString(_receive_frame_header(sock))
+        except BaseException:
+            sock.close()
+            raise
+        if welcome.HasField("error"):
+            sock.close()
+            raise exception_for(welcome.error.code, welcome.error.message)
+        if tls is None:  # a kernel timeout: no extra system call per receive
+            sock.settimeout(None)
+            set_receive_timeout(sock, patience_s)
+        else:
+            sock.settimeout(patience_s)
+        super().__init__(sock, patience_s, alive)
+        self.max_payload = reply.max_payload_bytes
+        self._prefix = bytearray(PREFIX.size)
+
+    def fits(self, request: OpRequest, output_bytes: int) -> bool:
+        return True
+
+    def call(self, request: OpRequest, call_id: int) -> torch.Tensor:
+        x = request.x.detach().to("cpu").contiguous()
+        nbytes = x.numel() * x.element_size()
+        if nbytes > self.max_payload:
+            raise LimitExceededError(f"a tensor of {nbytes} bytes exceeds the limit of {self.max_payload} bytes per message")
+        msg = encode_call(request, call_id, self._msg)
+        describe_region(x, 0, msg.x)
+        header = msg.SerializeToString()
+        self._send(lambda: send_frame(self._sock, header, x))
+        if not self._fill(memoryview(self._prefix), at_start=True):
+            raise Transient("the server closed the data channel")
+        header_bytes, payload_bytes = PREFIX.unpack(self._prefix)
+        if header_bytes > MAX_MESSAGE_BYTES:
+            raise SymbiosisError(f"protocol error: a result header of {header_bytes} bytes")
+        data = bytearray(header_bytes)
+        self._fill(memoryview(data))
+        y = _checked(pb.OpResult.FromString(data), call_id)
+        out = torch.empty(tuple(y.shape), dtype=_dtype(y))
+        if out.numel() * out.element_size() != payload_bytes:
+            raise SymbiosisError(f"protocol error: a result of {payload_bytes} bytes for a {tuple(y.shape)} {y.dtype} tensor")
+        if payload_bytes:
+            self._fill(tensor_view(out))
+        return out.to(request.x.device)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _receive_frame_header(sock: socket.socket) -> bytes:
+    """The header of the next frame, which must carry no payload (set-up frames)."""
+    lengths = receive_prefix(sock, bytearray(PREFIX.size), 0)
+    if lengths is None:
+        raise ConnectionError("the server closed the data channel")
+    data = bytearray(lengths[0])
+    receive_into(sock, memoryview(data))
+    return bytes(data)
+
+
+def _dtype(t: pb.Tensor) -> torch.dtype:
+    dtype = WIRE_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise SymbiosisError(f"protocol error: the server sent a tensor of dtype {t.dtype!r}")
+    return dtype
+
+
