@@ -17,6 +17,7 @@ from ..errors import BadRequestError
 from ..protocol import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    PRECISION_BITS,
     Direction,
     ModelSpec,
     OpInfo,
@@ -211,8 +212,9 @@ class BaseExecutor:
     def validate(self, request: OpRequest) -> None:
         """Raise ``BadRequestError`` unless ``request`` is well-formed for its op.
 
-        A ``compute_dtype`` equal to the executor's dtype is dropped, so such requests batch with
-        those that name none.
+        A ``compute_dtype`` equal to the executor's dtype is dropped, and so is a ``weight_dtype`` that
+        rounds nothing (the weight already in it, or a wider one), so such requests batch with those
+        that name none.
         """
         op = self._ops.get(request.op)
         if op is None:
@@ -229,6 +231,8 @@ class BaseExecutor:
             self._validate_rows(info, request)
         if request.compute_dtype == self.dtype:
             request.compute_dtype = None
+        if request.weight_dtype is not None and PRECISION_BITS.get(request.weight_dtype, 0) >= PRECISION_BITS[self.dtype]:
+            request.weight_dtype = None
         if self.max_request_rows is not None and request.rows > self.max_request_rows:
             raise BadRequestError(f"op {info.name}: {request.rows} rows exceed the limit of {self.max_request_rows}")
 
@@ -244,7 +248,8 @@ class BaseExecutor:
                 f"op {info.name} ({request.direction.name.lower()}): expected rows of width {width}, "
                 f"got shape {tuple(x.shape)}"
             )
-        for what, dtype in (("dtype", x.dtype), ("out_dtype", request.out_dtype), ("compute_dtype", request.compute_dtype)):
+        dtypes = {"dtype": x.dtype, "out_dtype": request.out_dtype, "compute_dtype": request.compute_dtype, "weight_dtype": request.weight_dtype}
+        for what, dtype in dtypes.items():
             if dtype is not None and dtype not in FLOAT_DTYPES.values():
                 raise BadRequestError(f"op {info.name}: {what} {dtype} is not one of {', '.join(FLOAT_DTYPES)}")
 
@@ -252,8 +257,8 @@ class BaseExecutor:
         x = request.x
         if request.direction is not Direction.FORWARD:
             raise BadRequestError(f"op {info.name}: embeddings are frozen and have no backward")
-        if request.compute_dtype is not None or request.features is not None:
-            raise BadRequestError(f"op {info.name}: an embedding lookup takes no compute_dtype or features")
+        if request.compute_dtype is not None or request.weight_dtype is not None or request.features is not None:
+            raise BadRequestError(f"op {info.name}: an embedding lookup takes no compute_dtype, weight_dtype or features")
         if x.dim() != 1 or x.dtype not in INDEX_DTYPES:
             raise BadRequestError(f"op {info.name}: expected a 1-D tensor of token ids, got {x.dtype} {tuple(x.shape)}")
         vocab = self._ops[info.name].weight.shape[0]
@@ -273,9 +278,9 @@ class BaseExecutor:
             if self.reject_non_finite and direction is Direction.FORWARD and not _all_finite(x):
                 culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
                 raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
-            # every request of a batch shares its compute dtype and features (the scheduler's batch key)
+            # every request of a batch asks for the same product (the scheduler's batch key)
             x = _moved(x, self.device, requests[0].compute_dtype or self.dtype)
-        y = op.apply(direction, x, features=requests[0].features)
+        y = op.apply(direction, x, features=requests[0].features, weight_dtype=requests[0].weight_dtype)
         if len(requests) == 1:
             return [_deliver(y, requests[0])]
         outputs, start, y = [], 0, y.contiguous()

@@ -1,8 +1,8 @@
 """Opportunistic per-op batching by flat combining.
 
 Every caller enqueues its request. Whoever finds the executor idle becomes the *combiner*: it takes
-the most urgent queue (requests for one op and direction that agree on compute dtype and output
-features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
+the most urgent queue (requests for one op and direction that agree on the product: compute dtype,
+weight rounding, output features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
 its own request is done; then another waiter takes over. A lone
 client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
 waits for a batch to fill unless ``max_wait_s`` asks for it, and even then a batch stops waiting as
@@ -38,8 +38,8 @@ from .stats import BatchStats
 BatchRunner = Callable[[str, Direction, Sequence[OpRequest]], list[torch.Tensor]]
 
 
-#: Requests batch together when they agree on op, direction, compute dtype and output features.
-_Key = tuple[str, Direction, torch.dtype | None, tuple[int, int] | None]
+#: ``OpRequest.batch_key()``: op, direction, and what the product is (dtypes, output features).
+_Key = tuple
 _Queues = dict[_Key, list["_Pending"]]
 
 #: A client idle this long (no request queued, no answer received) no longer holds back a filling batch.
@@ -57,8 +57,7 @@ class _Pending:
 
 
 class BatchScheduler:
-    """Batches concurrent requests for the same op, direction, compute dtype and features; thread-safe;
-    see module docstring."""
+    """Batches concurrent requests with equal ``OpRequest.batch_key()``; thread-safe; see module docstring."""
 
     def __init__(
         self,
@@ -99,8 +98,7 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the executor is closed")
-            key = (request.op, request.direction, request.compute_dtype, request.features)
-            self._queues[lane].setdefault(key, []).append(pending)
+            self._queues[lane].setdefault(request.batch_key(), []).append(pending)
             if self._max_wait_s > 0:
                 self._last_seen[lane][request.client_id] = now
                 self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
