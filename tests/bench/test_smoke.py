@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "multi_adapter_decode": ["--no-vllm"],
     "coserve": [],
     "executor_efficiency": [],
+    "training_stacks": ["--stacks", "eager", "autocast", "trl-sft"],
 }
 
 
