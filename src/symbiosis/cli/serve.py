@@ -13,6 +13,7 @@ import torch
 from ..executor import BaseExecutor
 from ..executor.scheduler import ACTIVE_WINDOW_S
 from ..executor.sharding import parse_layer_range
+from .executor_args import add_quantize_argument
 from ..server import ExecutorServer, TenantRegistry
 from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
 from ..server.shm_host import DEFAULT_MAX_CHANNELS
@@ -28,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
     parser.add_argument("--device", default="cpu", help="device of the executor's weights and GEMMs")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the weights (and of the products of a --quantize'd base; default float32)")
+    add_quantize_argument(parser)
     parser.add_argument("--layers", type=parse_layer_range, metavar="A:B", help="serve only layers [A, B) (one shard of a sharded base)")
     parser.add_argument("--tenants", type=Path, metavar="FILE", help="tenants file (.toml or .json); without it the service is open")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (with --tls-key: serve TLS only)")
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         args.model_dir,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantize,
         layers=args.layers,
         max_wait_s=args.max_wait_ms / 1e3,
         max_rows=args.max_rows,

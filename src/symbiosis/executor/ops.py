@@ -29,3 +29,7 @@ class FrozenOp:
         if self.info.kind is OpKind.EMBEDDING:
             return F.embedding(x, self.weight)
         return torch.mm(x, self.weight_t if direction is Direction.FORWARD else self.weight)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this op holds (for counting resident bytes)."""
+        return [self.weight]
