@@ -85,6 +85,7 @@ class Server:
     process: subprocess.Popen
     address: str
     log: Path
+    parameter_bytes: int = 0  # the executor's frozen weights
 
     @property
     def pid(self) -> int:
@@ -129,7 +130,8 @@ def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32"
             shutil.rmtree(scratch, ignore_errors=True)
             raise RuntimeError(f"symbiosis serve did not start:\n{tail}")
         time.sleep(0.1)
-    return Server(process, json.loads(ready.read_text())["address"], log)
+    info = json.loads(ready.read_text())
+    return Server(process, info["address"], log, info.get("parameter_bytes", 0))
 
 
 def _worker_main(fn: WorkerFn, spec: dict[str, Any], barrier, results) -> None:

@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-inference-lane", action="store_true",
                         help="run inference GEMMs in the same lane as fine-tuning (ahead in the queue, but behind a running GEMM)")
     parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
-    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port} as JSON here once serving")
+    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port, parameter_bytes} as JSON here once serving")
     parser.set_defaults(func=run)
 
 
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
     print(f"serving {executor} on {server.url}" + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     if args.ready_file:
-        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port}
+        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port,
+                 "parameter_bytes": executor.parameter_bytes()}
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready_file)
