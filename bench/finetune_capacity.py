@@ -67,7 +67,7 @@ def run_side(system: str, n: int, path: Path, args) -> dict:
         "per_job_tokens_per_s": per_job, "per_job_mean_tokens_per_s": sum(per_job) / n,
         "steps": [len(r["step_ends"]) for r in run.reports], "methods": [r["method"] for r in run.reports],
         "peak_rss_sum_gib": run.peak_rss_sum / GIB, "sampled_peak_rss_sum_gib": run.sampled_peak_rss_sum / GIB,
-        "sampled_peak_pss_sum_gib": run.sampled_peak_pss_sum / GIB,
+        "sampled_peak_pss_sum_gib": run.sampled_peak_pss_sum / GIB, "sampled_peak_device_sum_gib": run.sampled_peak_device_sum / GIB,
         "process_peak_rss_gib": [r["peak_rss_bytes"] / GIB for r in run.reports],
         "first_losses": [r["losses"][0] for r in run.reports], "last_losses": [r["losses"][-1] for r in run.reports],
         "base_bytes_per_job": [r["base_bytes"] for r in run.reports], "server_parameter_bytes": server.parameter_bytes if server else 0,
@@ -140,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     path = common.model_dir(args)
     start = common.start(args)
     began = time.time()
+    # on a GPU the budget is device memory: the fits use the processes' GPU memory (nvidia-smi)
+    key = "sampled_peak_device_sum_gib" if args.device.startswith("cuda") else "peak_rss_sum_gib"
     symbiosis, baseline = [], []
     for n in args.n:
         symbiosis.append(run_side("symbiosis", n, path, args))
-        one_job = baseline[0]["peak_rss_sum_gib"] if baseline else 0.0
+        one_job = baseline[0][key] if baseline else 0.0
         if n * one_job <= args.budget_gib:  # interleaved with the Symbiosis runs, as far as the budget allows
             baseline.append(run_side("peft", n, path, args))
-    cap = {"symbiosis": capacity(symbiosis, args.budget_gib), "peft": capacity(baseline, args.budget_gib),
+    cap = {"symbiosis": capacity(symbiosis, args.budget_gib, key), "peft": capacity(baseline, args.budget_gib, key),
            "symbiosis_pss": capacity(symbiosis, args.budget_gib, "sampled_peak_pss_sum_gib"),
            "peft_pss": capacity(baseline, args.budget_gib, "sampled_peak_pss_sum_gib"),
            "runtime_gib": run_workers(idle_job, [{}]).peak_rss_sum / GIB}
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     md += common.table(["N jobs", "Symbiosis peak RSS GiB", "PEFT peak RSS GiB", "Symbiosis PSS GiB", "PEFT PSS GiB", "Symbiosis tokens/s",
                         "PEFT tokens/s", "Symbiosis tokens/s per job", "PEFT tokens/s per job"], rows)
     fit = lambda c: f"{c['fixed_gib']:.2f} GiB + {c['per_job_gib']:.2f} GiB per job"  # noqa: E731
-    md += (f"\nBudget {args.budget_gib:g} GiB, by peak RSS: Symbiosis fits N = {cap['symbiosis']['largest_n_in_budget']} "
+    md += (f"\nBudget {args.budget_gib:g} GiB, by {'GPU memory' if key.endswith('device_sum_gib') else 'peak RSS'}: Symbiosis fits N = {cap['symbiosis']['largest_n_in_budget']} "
            f"({fit(cap['symbiosis'])}), PEFT N = {cap['peft']['largest_n_in_budget']} ({fit(cap['peft'])}): "
            f"{ratio:.2f}x more adapters (target >= {args.target_ratio:g}x). By PSS: Symbiosis N = "
            f"{cap['symbiosis_pss']['largest_n_in_budget']} ({fit(cap['symbiosis_pss'])}), PEFT N = {cap['peft_pss']['largest_n_in_budget']} "

@@ -2,7 +2,8 @@
 
 Peak memory is each process's own peak resident set (``VmHWM`` from ``/proc``, read while it runs),
 summed over the processes, as the experiments report it. ``MemorySampler`` also records the peak
-of the *simultaneous* sums of RSS and of PSS (shared library pages split between processes).
+of the *simultaneous* sums of RSS and of PSS (shared library pages split between processes) and,
+where ``nvidia-smi`` runs, of the GPU memory the processes hold.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class MemorySampler:
     pids: set[int] = field(default_factory=set)
     peak_rss_sum: int = 0
     peak_pss_sum: int = 0
+    peak_device_sum: int = 0  # GPU memory of the processes (nvidia-smi), 0 without a GPU
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -76,7 +78,25 @@ class MemorySampler:
                 pss += getattr(info, "pss", info.rss)
             self.peak_rss_sum = max(self.peak_rss_sum, rss)
             self.peak_pss_sum = max(self.peak_pss_sum, pss)
+            device = gpu_memory_by_pid()
+            self.peak_device_sum = max(self.peak_device_sum, sum(device.get(pid, 0) for pid in list(self.pids)))
 
+
+def gpu_memory_by_pid() -> dict[int, int]:
+    """GPU memory (bytes) each process holds, from ``nvidia-smi``; empty without it."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    usage: dict[int, int] = {}
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and mib.strip().isdigit():
+            usage[int(pid)] = usage.get(int(pid), 0) + int(mib) * 2**20
+    return usage
 
 @dataclass
 class Server:
@@ -165,6 +185,7 @@ class WorkerRun:
     peak_rss_sum: int
     sampled_peak_rss_sum: int
     sampled_peak_pss_sum: int
+    sampled_peak_device_sum: int = 0
 
     @property
     def errors(self) -> list[str]:
@@ -196,7 +217,8 @@ def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Se
     for proc in procs:
         proc.join(60)
     run = WorkerRun(sorted(reports, key=lambda r: r["index"]), started, wall,
-                    sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum)
+                    sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum,
+                    sampler.peak_device_sum)
     if run.errors:
         raise RuntimeError("a worker failed:\n" + "\n".join(run.errors))
     return run

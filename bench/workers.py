@@ -50,10 +50,10 @@ def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device_map=spec.get("device", "cpu"))
     from peft import prepare_model_for_kbit_training
 
-    from symbiosis.executor.quantized import quantization_config
+    from symbiosis.executor.quantized import load_options
 
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device_map=spec.get("device", "cpu"),
-                                                 quantization_config=quantization_config(spec["quantize"], dtype))
+                                                 **load_options(spec["model_dir"], spec["quantize"], dtype))
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

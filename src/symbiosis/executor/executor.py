@@ -123,12 +123,13 @@ class BaseExecutor:
         ``quantization`` (``"int8"``, ``"nf4"`` / ``"4bit"``, ``"fp4"`` or a ``BitsAndBytesConfig``) holds
         the linear ops quantized by bitsandbytes, as a QLoRA user's model does (``executor.quantization``):
         4-bit products run in ``dtype``, int8 ones in the dtype of the requests, dense weights are float32.
+        A checkpoint saved quantized by bitsandbytes loads quantized without it.
         """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         torch_dtype = resolve_dtype(dtype)
-        extra = load_options(quantization, torch_dtype) if quantization is not None else {}
+        extra = load_options(path, quantization, torch_dtype) if quantization is not None else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)), **extra)
         try:
             generation_config = GenerationConfig.from_pretrained(path)

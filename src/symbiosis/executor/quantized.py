@@ -16,8 +16,10 @@ product; the quantized weight is the only resident copy, also for fused ops (see
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,14 +51,27 @@ def quantization_config(quantization: str | BitsAndBytesConfig, compute_dtype: t
     raise ValueError(f"unknown quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS + tuple(ALIASES))}")
 
 
-def load_options(quantization: str | BitsAndBytesConfig, compute_dtype: torch.dtype) -> dict[str, Any]:
-    """Extra ``from_pretrained`` arguments that load a model quantized: ``{"quantization_config": ...}``.
+def load_options(path: Path, quantization: str | BitsAndBytesConfig, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments that load the checkpoint at ``path`` quantized.
 
-    Raises ``ImportError`` with the install command when bitsandbytes is missing.
+    ``{"quantization_config": ...}``, or nothing for a checkpoint saved quantized that way already
+    (transformers loads its own config; another quantization is refused). Raises ``ImportError`` with
+    the install command when bitsandbytes is missing.
     """
     config = quantization_config(quantization, compute_dtype)
     _import_bitsandbytes()
-    return {"quantization_config": config}
+    saved = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    if saved is None:
+        return {"quantization_config": config}
+    saved_name = "int8" if saved.get("load_in_8bit") else saved.get("bnb_4bit_quant_type")
+    if saved.get("quant_method") != "bitsandbytes" or saved_name != _name(config):
+        raise ValueError(f"{path} is saved quantized ({saved.get('quant_method')} {saved_name or ''}); "
+                         f"it cannot be loaded as {_name(config)}: omit the quantization or use the unquantized checkpoint")
+    return {}
+
+
+def _name(config: BitsAndBytesConfig) -> str:
+    return "int8" if config.load_in_8bit else config.bnb_4bit_quant_type
 
 
 def _import_bitsandbytes() -> Any:

@@ -124,3 +124,16 @@ def test_symbiosis_serve_quantize(llama):
         assert all(g is not None and g.isfinite().all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     finally:
         assert server.terminate() == 0
+
+
+def test_a_checkpoint_saved_quantized_loads_quantized(llama, tmp_path):
+    """Pre-quantized checkpoints (as published for QLoRA) load with or without ``quantization``; another one is refused."""
+    reference = BaseExecutor.from_pretrained(llama, quantization="nf4")
+    monolithic(llama, quantization="nf4").save_pretrained(tmp_path)
+    for quantization in (None, "nf4"):
+        executor = BaseExecutor.from_pretrained(tmp_path, quantization=quantization)
+        assert executor.quantization == "nf4" and executor.parameter_bytes() == reference.parameter_bytes()
+        op = next(iter(_linear_ops(executor)))
+        assert torch.equal(executor._ops[op].dequantized(torch.float32), reference._ops[op].dequantized(torch.float32))
+    with pytest.raises(ValueError, match="saved quantized"):
+        BaseExecutor.from_pretrained(tmp_path, quantization="int8")
