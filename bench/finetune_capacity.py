@@ -50,13 +50,13 @@ def run_side(system: str, n: int, path: Path, args) -> dict:
     quantize = None if args.quantize == "none" else args.quantize
     server = start_server(path, device=args.device, dtype=args.base_dtype, threads=args.server_threads, timeout_s=1800.0,
                           options=["--quantize", quantize] if quantize else []) if system == "symbiosis" else None
-    methods = QLORA_METHODS if quantize else FINETUNE_METHODS
+    methods = args.methods or (QLORA_METHODS if quantize else FINETUNE_METHODS)
     try:
         specs = [{"system": system, "target": server and server.address, "model_dir": str(path), "device": args.device,
                   "dtype": args.base_dtype, "quantize": quantize, "embeddings": args.embeddings,
                   "method": methods[i % len(methods)], "threads": job_threads(system, n, args), "steps": args.min_steps,
                   "duration_s": args.duration, "batch": args.batch, "seq_len": args.seq_len} for i in range(n)]
-        run = run_workers(train_job, specs, extra_pids=[server.pid] if server else [])
+        run = run_workers(train_job, specs, extra_pids=[server.pid] if server else [], reset_peaks_at_start=args.peaks_after_load)
     finally:
         if server is not None:
             server.stop()
@@ -67,7 +67,8 @@ def run_side(system: str, n: int, path: Path, args) -> dict:
         "per_job_tokens_per_s": per_job, "per_job_mean_tokens_per_s": sum(per_job) / n,
         "steps": [len(r["step_ends"]) for r in run.reports], "methods": [r["method"] for r in run.reports],
         "peak_rss_sum_gib": run.peak_rss_sum / GIB, "sampled_peak_rss_sum_gib": run.sampled_peak_rss_sum / GIB,
-        "sampled_peak_pss_sum_gib": run.sampled_peak_pss_sum / GIB, "sampled_peak_device_sum_gib": run.sampled_peak_device_sum / GIB,
+        "sampled_peak_pss_sum_gib": run.sampled_peak_pss_sum / GIB,
+        "load_peak_rss_sum_gib": None if run.load_peak_rss_sum is None else run.load_peak_rss_sum / GIB, "sampled_peak_device_sum_gib": run.sampled_peak_device_sum / GIB,
         "process_peak_rss_gib": [r["peak_rss_bytes"] / GIB for r in run.reports],
         "first_losses": [r["losses"][0] for r in run.reports], "last_losses": [r["losses"][-1] for r in run.reports],
         "base_bytes_per_job": [r["base_bytes"] for r in run.reports], "server_parameter_bytes": server.parameter_bytes if server else 0,
@@ -89,8 +90,16 @@ def capacity(rows: list[dict], budget_gib: float, key: str = "peak_rss_sum_gib")
     else:
         per_job, fixed = mem[0] / ns[0], 0.0
     fits = [int(r["n"]) for r in rows if r[key] <= budget_gib]
-    return {"fixed_gib": float(fixed), "per_job_gib": float(per_job), "largest_n_in_budget": max(0, math.floor((budget_gib - fixed) / per_job)),
+    largest = max(0, math.floor((budget_gib - fixed) / per_job)) if per_job > 0 else None  # None: no memory grows with N
+    return {"fixed_gib": float(fixed), "per_job_gib": float(per_job), "largest_n_in_budget": largest,
             "largest_measured_n_in_budget": max(fits, default=0)}
+
+
+def adapter_ratio(symbiosis: dict, peft: dict) -> float:
+    """Largest N of Symbiosis over the baseline's (at least 1); NaN where a fit has no per-job memory."""
+    if symbiosis["largest_n_in_budget"] is None or peft["largest_n_in_budget"] is None:
+        return math.nan
+    return symbiosis["largest_n_in_budget"] / max(peft["largest_n_in_budget"], 1)
 
 
 def crossover(sym: dict, peft: dict, base_gib: float, peft_base_gib: float, budget_gib: float, target: float) -> dict:
@@ -128,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="hold the base quantized on both sides (Symbiosis: serve --quantize; PEFT: QLoRA processes)")
     p.add_argument("--embeddings", choices=["client", "executor"], default="client",
                    help="where Symbiosis clients look up token embeddings (executor: the client holds nothing of the base's size)")
+    p.add_argument("--methods", nargs="+", choices=FINETUNE_METHODS,
+                   help="PEFT methods of the jobs, in turn (default: all eight; with --quantize those PEFT puts on quantized layers)")
+    p.add_argument("--peaks-after-load", action="store_true",
+                   help="memory peaks from the common start, when every process has loaded (the load's peaks are reported apart)")
     p.add_argument("--target-ratio", type=float, default=TARGET_ADAPTER_RATIO, help="adapter ratio the crossover analysis aims at")
     args = p.parse_args(argv)
     args.base_dtype = args.base_dtype or args.dtype
@@ -152,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
            "symbiosis_pss": capacity(symbiosis, args.budget_gib, "sampled_peak_pss_sum_gib"),
            "peft_pss": capacity(baseline, args.budget_gib, "sampled_peak_pss_sum_gib"),
            "runtime_gib": run_workers(idle_job, [{}]).peak_rss_sum / GIB}
-    ratio = cap["symbiosis"]["largest_n_in_budget"] / max(cap["peft"]["largest_n_in_budget"], 1)
-    ratio_pss = cap["symbiosis_pss"]["largest_n_in_budget"] / max(cap["peft_pss"]["largest_n_in_budget"], 1)
+    ratio = adapter_ratio(cap["symbiosis"], cap["peft"])
+    ratio_pss = adapter_ratio(cap["symbiosis_pss"], cap["peft_pss"])
     base_gib = symbiosis[0]["server_parameter_bytes"] / GIB
     peft_base_gib = baseline[0]["base_bytes_per_job"][0] / GIB
     cross = crossover(cap["symbiosis"], cap["peft"], base_gib, peft_base_gib, args.budget_gib, args.target_ratio)
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint_dtype": common.checkpoint_dtype(path),
         "config": {k: getattr(args, k) for k in ("n", "budget_gib", "duration", "min_steps", "batch", "seq_len", "threads",
                                                            "server_threads", "malloc_mmap_threshold", "base_dtype", "quantize",
-                                                           "embeddings", "target_ratio")},
+                                                           "embeddings", "target_ratio", "methods", "peaks_after_load")},
         "symbiosis": symbiosis, "peft": baseline, "capacity": cap, "crossover": cross,
         "targets": {"adapter_ratio_min": args.target_ratio, "adapter_ratio": ratio, "adapter_ratio_met": ratio >= args.target_ratio,
                     "adapter_ratio_pss": ratio_pss,
@@ -176,10 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         b = by_n.get(r["n"])
         rows.append([r["n"], r["peak_rss_sum_gib"], b and b["peak_rss_sum_gib"], r["sampled_peak_pss_sum_gib"], b and b["sampled_peak_pss_sum_gib"],
                      r["aggregate_tokens_per_s"], b and b["aggregate_tokens_per_s"], r["per_job_mean_tokens_per_s"], b and b["per_job_mean_tokens_per_s"]])
-    md = (f"Base: {common.parameter_count(path) / 1e6:.0f}M parameters, checkpoint {result['checkpoint_dtype']}, loaded as "
-          f"{args.base_dtype}{'' if args.quantize == 'none' else ', quantized ' + args.quantize} on both sides; held by the executor: "
-          f"{base_gib:.2f} GiB, by each PEFT process: {peft_base_gib:.2f} GiB.\n\n")
-    md += common.table(["N jobs", "Symbiosis peak RSS GiB", "PEFT peak RSS GiB", "Symbiosis PSS GiB", "PEFT PSS GiB", "Symbiosis tokens/s",
+    md = common.table(["N jobs", "Symbiosis peak RSS GiB", "PEFT peak RSS GiB", "Symbiosis PSS GiB", "PEFT PSS GiB", "Symbiosis tokens/s",
                         "PEFT tokens/s", "Symbiosis tokens/s per job", "PEFT tokens/s per job"], rows)
     fit = lambda c: f"{c['fixed_gib']:.2f} GiB + {c['per_job_gib']:.2f} GiB per job"  # noqa: E731
     md += (f"\nBudget {args.budget_gib:g} GiB, by {'GPU memory' if key.endswith('device_sum_gib') else 'peak RSS'}: Symbiosis fits N = {cap['symbiosis']['largest_n_in_budget']} "
@@ -192,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
            f"a client {cross['client_gib']:.2f} GiB, a PEFT job's own {cross['peft_job_own_gib']:.2f} GiB), sharing the base pays from a base of "
            f"{_gib(cross['crossover_base_gib'])} as loaded here and reaches {args.target_ratio:g}x from {_gib(cross['target_base_gib'])} "
            f"in {args.budget_gib:g} GiB (best {cross['best_ratio']:.1f}x at {cross['best_ratio_base_gib']:.2f} GiB).\n")
+
+    md += (f"\nBase: {common.parameter_count(path) / 1e6:.0f}M parameters, checkpoint {result['checkpoint_dtype']}, loaded as "
+          f"{args.base_dtype}{'' if args.quantize == 'none' else ', quantized ' + args.quantize} on both sides; held by the executor: "
+          f"{base_gib:.2f} GiB, by each PEFT process: {peft_base_gib:.2f} GiB.\n")
 
     def draw_memory(out: Path) -> Path:
         return common.chart(out / "finetune_capacity_memory.png", "peak memory (sum of processes' peak RSS)", "concurrent jobs N", "GiB",

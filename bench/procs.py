@@ -44,6 +44,18 @@ def peak_rss(pid: int | None = None) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+def reset_peaks(pids: Sequence[int]) -> list[int]:
+    """Each process's peak RSS so far; then reset its peak (VmHWM) to its current RSS (``/proc/PID/clear_refs``)."""
+    peaks = []
+    for pid in pids:
+        peaks.append(peak_rss(pid))
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError as exc:
+            raise RuntimeError(f"cannot reset the peak RSS of process {pid} (Linux, same user or root): {exc}") from exc
+    return peaks
+
+
 @dataclass
 class MemorySampler:
     """Samples the summed RSS and PSS of a set of processes every ``interval_s`` on a thread; keeps the peaks."""
@@ -66,20 +78,29 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
 
+    def reset(self) -> None:
+        """Forget the peaks so far and start again from a sample now."""
+        self.peak_rss_sum = self.peak_pss_sum = self.peak_device_sum = 0
+        self.sample()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            rss = pss = 0
-            for pid in list(self.pids):
-                try:
-                    info = psutil.Process(pid).memory_full_info()
-                except psutil.Error:
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss_sum = max(self.peak_rss_sum, rss)
-            self.peak_pss_sum = max(self.peak_pss_sum, pss)
-            device = gpu_memory_by_pid()
-            self.peak_device_sum = max(self.peak_device_sum, sum(device.get(pid, 0) for pid in list(self.pids)))
+            self.sample()
+
+    def sample(self) -> None:
+        """Add one sample now."""
+        rss = pss = 0
+        for pid in list(self.pids):
+            try:
+                info = psutil.Process(pid).memory_full_info()
+            except psutil.Error:
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        device = gpu_memory_by_pid()
+        self.peak_rss_sum = max(self.peak_rss_sum, rss)
+        self.peak_pss_sum = max(self.peak_pss_sum, pss)
+        self.peak_device_sum = max(self.peak_device_sum, sum(device.get(pid, 0) for pid in list(self.pids)))
 
 
 def gpu_memory_by_pid() -> dict[int, int]:
@@ -186,16 +207,21 @@ class WorkerRun:
     sampled_peak_rss_sum: int
     sampled_peak_pss_sum: int
     sampled_peak_device_sum: int = 0
+    load_peak_rss_sum: int | None = None
 
     @property
     def errors(self) -> list[str]:
         return [r["error"] for r in self.reports if "error" in r]
 
 
-def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Sequence[int] = (), timeout_s: float = 1800.0) -> WorkerRun:
+def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Sequence[int] = (), timeout_s: float = 1800.0,
+                reset_peaks_at_start: bool = False) -> WorkerRun:
     """Start one process per spec running ``fn``; all start measuring together once every one is ready.
 
-    ``extra_pids`` (e.g. the server) count towards the memory sums. Raises if a worker fails.
+    ``extra_pids`` (e.g. the server) count towards the memory sums. With ``reset_peaks_at_start``
+    the peaks (each process's VmHWM and the sampled sums) cover only the time from the common start,
+    when every process has loaded; ``load_peak_rss_sum`` keeps the sum of the peaks before it
+    (loading, whose file-backed pages are reclaimable page cache). Raises if a worker fails.
     """
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(specs) + 1), ctx.Queue()
@@ -209,6 +235,9 @@ def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Se
         except threading.BrokenBarrierError:
             pass
         started = time.time()
+        load_peaks = reset_peaks([*extra_pids, *(proc.pid for proc in procs)]) if reset_peaks_at_start else None
+        if load_peaks is not None:
+            sampler.reset()
         reports = []
         for _ in procs:
             reports.append(results.get(timeout=timeout_s))
@@ -218,7 +247,7 @@ def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Se
         proc.join(60)
     run = WorkerRun(sorted(reports, key=lambda r: r["index"]), started, wall,
                     sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum,
-                    sampler.peak_device_sum)
+                    sampler.peak_device_sum, None if load_peaks is None else sum(load_peaks))
     if run.errors:
         raise RuntimeError("a worker failed:\n" + "\n".join(run.errors))
     return run
