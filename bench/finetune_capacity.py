@@ -29,6 +29,7 @@ N the baseline can run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -106,21 +107,23 @@ def crossover(sym: dict, peft: dict, base_gib: float, peft_base_gib: float, budg
     """How the adapter ratio grows with the base's size, from the fitted costs with the base taken out.
 
     Symbiosis: (fixed - base) + base once, per-job as fitted (clients hold no base); PEFT: (per-job -
-    its base copy) + base per job. Ratio(B) = N_symbiosis(B) / N_peft(B), N continuous, in this budget.
-    Returns the smallest base (GiB, as loaded here) with ratio >= 1 and >= ``target``, and the best ratio.
+    its base copy) + base per job. ratio(B) = whole Symbiosis jobs / whole PEFT jobs (at least 1) in
+    this budget, as ``adapter_ratio`` counts. Returns the smallest base (GiB, held as here) with more
+    adapters than the baseline and with ``target`` times as many, and the best ratio.
     """
     server_own, client = sym["fixed_gib"] - base_gib, sym["per_job_gib"]
     job_own = peft["per_job_gib"] - peft_base_gib
     sizes = np.linspace(0.0, budget_gib, 2401)[1:]
-    ratios = ((budget_gib - server_own - sizes) / client) / (budget_gib / (job_own + sizes) + 1e-12)
-    ratios = np.where((budget_gib - server_own - sizes > 0) & (job_own + sizes <= budget_gib), ratios, 0.0)
+    n_symbiosis = np.floor(np.maximum(budget_gib - server_own - sizes, 0.0) / client)
+    n_peft = np.floor(budget_gib / (job_own + sizes))
+    ratios = n_symbiosis / np.maximum(n_peft, 1)
 
-    def first(at_least: float) -> float | None:
-        hits = np.nonzero(ratios >= at_least)[0]
+    def first(above: float, strictly: bool = False) -> float | None:
+        hits = np.nonzero(ratios > above if strictly else ratios >= above)[0]
         return float(sizes[hits[0]]) if len(hits) else None
 
     return {"server_own_gib": server_own, "client_gib": client, "peft_job_own_gib": job_own, "base_gib": base_gib,
-            "crossover_base_gib": first(1.0), "target_base_gib": first(target), "best_ratio": float(ratios.max()),
+            "crossover_base_gib": first(1.0, strictly=True), "target_base_gib": first(target), "best_ratio": float(ratios.max()),
             "best_ratio_base_gib": float(sizes[int(ratios.argmax())])}
 
 
@@ -142,7 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peaks-after-load", action="store_true",
                    help="memory peaks from the common start, when every process has loaded (the load's peaks are reported apart)")
     p.add_argument("--target-ratio", type=float, default=TARGET_ADAPTER_RATIO, help="adapter ratio the crossover analysis aims at")
+    p.add_argument("--reanalyse", type=Path, metavar="JSON",
+                   help="measure nothing: fit and report again the runs stored in a finetune_capacity.json (written to --out)")
     args = p.parse_args(argv)
+    if args.reanalyse is not None:
+        stored = json.loads(args.reanalyse.read_text())
+        for name, value in stored["config"].items():
+            setattr(args, name, value)
+        args.device = stored.get("device", args.device)
+        report(args, Path(stored["model_dir"]), stored["load_at_start"], stored["symbiosis"], stored["peft"],
+               stored["capacity"]["runtime_gib"], stored["elapsed_s"])
+        return 0
     args.base_dtype = args.base_dtype or args.dtype
     if args.min_steps < 1:
         p.error("--min-steps must be >= 1")
@@ -161,19 +174,29 @@ def main(argv: list[str] | None = None) -> int:
         one_job = baseline[0][key] if baseline else 0.0
         if n * one_job <= args.budget_gib:  # interleaved with the Symbiosis runs, as far as the budget allows
             baseline.append(run_side("peft", n, path, args))
+    report(args, path, start, symbiosis, baseline, run_workers(idle_job, [{}]).peak_rss_sum / GIB, time.time() - began)
+    return 0
+
+
+def report(args, path: Path, start: dict, symbiosis: list[dict], baseline: list[dict], runtime_gib: float, elapsed_s: float) -> None:
+    """Fit both sides' memory, find the largest N in the budget and the crossover base size; write JSON, table, charts."""
+    key = "sampled_peak_device_sum_gib" if args.device.startswith("cuda") else "peak_rss_sum_gib"
     cap = {"symbiosis": capacity(symbiosis, args.budget_gib, key), "peft": capacity(baseline, args.budget_gib, key),
            "symbiosis_pss": capacity(symbiosis, args.budget_gib, "sampled_peak_pss_sum_gib"),
            "peft_pss": capacity(baseline, args.budget_gib, "sampled_peak_pss_sum_gib"),
-           "runtime_gib": run_workers(idle_job, [{}]).peak_rss_sum / GIB}
+           "runtime_gib": runtime_gib}
     ratio = adapter_ratio(cap["symbiosis"], cap["peft"])
     ratio_pss = adapter_ratio(cap["symbiosis_pss"], cap["peft_pss"])
     base_gib = symbiosis[0]["server_parameter_bytes"] / GIB
     peft_base_gib = baseline[0]["base_bytes_per_job"][0] / GIB
     cross = crossover(cap["symbiosis"], cap["peft"], base_gib, peft_base_gib, args.budget_gib, args.target_ratio)
+    per_parameter = base_gib * GIB / common.parameter_count(path)  # bytes per parameter of the base as the executor holds it
+    cross.update({f"{k.removesuffix('_gib')}_parameters": None if cross[k] is None else cross[k] * GIB / per_parameter
+                  for k in ("crossover_base_gib", "target_base_gib", "best_ratio_base_gib")}, base_bytes_per_parameter=per_parameter)
     by_n = {r["n"]: r for r in baseline}
     throughput_ok = all(r["aggregate_tokens_per_s"] >= by_n[r["n"]]["aggregate_tokens_per_s"] for r in symbiosis if r["n"] in by_n)
     result = {
-        "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
+        "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start, "device": args.device,
         "checkpoint_dtype": common.checkpoint_dtype(path),
         "config": {k: getattr(args, k) for k in ("n", "budget_gib", "duration", "min_steps", "batch", "seq_len", "threads",
                                                            "server_threads", "malloc_mmap_threshold", "base_dtype", "quantize",
@@ -182,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"adapter_ratio_min": args.target_ratio, "adapter_ratio": ratio, "adapter_ratio_met": ratio >= args.target_ratio,
                     "adapter_ratio_pss": ratio_pss,
                     "throughput_at_least_baseline_met": throughput_ok},
-        "elapsed_s": time.time() - began,
+        "elapsed_s": elapsed_s,
     }
     rows = []
     for r in symbiosis:
@@ -199,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
            f"({fit(cap['peft_pss'])}): {ratio_pss:.2f}x. Aggregate tokens/s >= PEFT at every N it ran: "
            f"{'yes' if throughput_ok else 'no'}. A process that only imports torch, transformers, PEFT and Symbiosis peaks at "
            f"{cap['runtime_gib']:.2f} GiB RSS.\n\nWith the base taken out of the fitted costs (server's own {cross['server_own_gib']:.2f} GiB, "
-           f"a client {cross['client_gib']:.2f} GiB, a PEFT job's own {cross['peft_job_own_gib']:.2f} GiB), sharing the base pays from a base of "
-           f"{_gib(cross['crossover_base_gib'])} as loaded here and reaches {args.target_ratio:g}x from {_gib(cross['target_base_gib'])} "
+           f"a client {cross['client_gib']:.2f} GiB, a PEFT job's own {cross['peft_job_own_gib']:.2f} GiB), sharing the base gives more adapters than the baseline from a base of "
+           f"{_gib(cross['crossover_base_gib'], cross['crossover_base_parameters'])} as loaded here and reaches {args.target_ratio:g}x from "
+           f"{_gib(cross['target_base_gib'], cross['target_base_parameters'])} "
            f"in {args.budget_gib:g} GiB (best {cross['best_ratio']:.1f}x at {cross['best_ratio_base_gib']:.2f} GiB).\n")
 
     md += (f"\nBase: {common.parameter_count(path) / 1e6:.0f}M parameters, checkpoint {result['checkpoint_dtype']}, loaded as "
@@ -219,11 +243,15 @@ def main(argv: list[str] | None = None) -> int:
                              "PEFT (a base per job)": ([r["n"] for r in baseline], [r["aggregate_tokens_per_s"] for r in baseline])}, logx=True)
 
     common.write(args, "finetune_capacity", result, md, [draw_memory, draw_throughput])
-    return 0
 
 
-def _gib(value: float | None) -> str:
-    return "never (in this budget)" if value is None else f"{value:.2f} GiB"
+def _gib(value: float | None, parameters: float | None = None) -> str:
+    if value is None:
+        return "never (in this budget)"
+    if parameters is None:
+        return f"{value:.2f} GiB"
+    count = f"{parameters / 1e9:.1f}B" if parameters >= 1e9 else f"{parameters / 1e6:.0f}M"
+    return f"{value:.2f} GiB (~{count} parameters held this way)"
 
 
 if __name__ == "__main__":

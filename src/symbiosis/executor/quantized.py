@@ -200,22 +200,27 @@ class QuantizedOp:
         """The dense weight (a new tensor, in the compute dtype or float32)."""
         return self.dequantized(self.compute_dtype or torch.float32)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The op's ``[out, in]`` weight in ``dtype``, built for one product."""
+    def dequantized(self, dtype: torch.dtype, features: tuple[int, int] | None = None) -> torch.Tensor:
+        """The op's ``[out, in]`` weight in ``dtype`` (only rows ``features = (start, end)``), built for one product."""
+        start, end = features or (0, self.info.out_features)
         if len(self.parts) == 1:
-            return self.parts[0].dequantize(dtype)
-        dense = torch.empty(self.info.out_features, self.info.in_features, dtype=dtype, device=self.parts[0].data.device)
-        start = 0
-        for part in self.parts:
-            rows = part.shape[0]
-            dense[start:start + rows].copy_(part.dequantize(dtype))
-            start += rows
+            dense = self.parts[0].dequantize(dtype)
+            return dense if features is None else dense[start:end]
+        dense = torch.empty(end - start, self.info.in_features, dtype=dtype, device=self.parts[0].data.device)
+        first = 0
+        for part in self.parts:  # each member's rows that fall in [start, end)
+            last = first + part.shape[0]
+            if first < end and last > start:
+                lo, hi = max(first, start), min(last, end)
+                dense[lo - start:hi - start].copy_(part.dequantize(dtype)[lo - first:hi - first])
+            first = last
         return dense
 
-    def apply(self, direction: Direction, x: torch.Tensor) -> torch.Tensor:
-        """Forward ``x·Wᵀ`` / backward ``grad_y·W`` on 2-D rows ``x``, in the compute dtype; the result in ``x``'s dtype."""
+    def apply(self, direction: Direction, x: torch.Tensor, *, features: tuple[int, int] | None = None) -> torch.Tensor:
+        """Forward ``x·Wᵀ`` / backward ``grad_y·W`` on 2-D rows ``x`` (with rows ``features`` of W only), in
+        the compute dtype; the result in ``x``'s dtype."""
         dtype = self.compute_dtype or x.dtype
-        weight = self.dequantized(dtype)
+        weight = self.dequantized(dtype, features)
         y = torch.mm(x.to(dtype), weight.t() if direction is Direction.FORWARD else weight)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

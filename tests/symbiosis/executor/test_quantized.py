@@ -65,6 +65,17 @@ def test_products_go_through_the_dequantized_weight_in_the_input_dtype(quantized
     torch.testing.assert_close(half.float(), expected, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("features", [(0, 64), (40, 100), (70, 128)])
+def test_products_with_a_range_of_the_fused_weight(quantized, features):
+    """``features``: only rows [start, end) of W, across the members' boundaries of a fused op."""
+    op = next(op for op in _linear_ops(quantized).values() if op.info.members)
+    x = torch.randn(3, op.info.in_features, generator=torch.Generator().manual_seed(2))
+    expected = x @ op.dequantized(torch.float32)[features[0]:features[1]].t()
+    assert torch.equal(op.apply(Direction.FORWARD, x, features=features), expected)
+    grad = torch.randn(3, features[1] - features[0], generator=torch.Generator().manual_seed(3))
+    assert torch.equal(op.apply(Direction.BACKWARD, grad, features=features), grad @ op.dequantized(torch.float32)[features[0]:features[1]])
+
+
 def test_rows_never_mix_in_a_batch(quantized):
     """A client's rows give the same bits whoever shares its GEMM (no batch-wide activation quantization)."""
     op = next(iter(_linear_ops(quantized).values()))
