@@ -108,23 +108,33 @@ def crossover(sym: dict, peft: dict, base_gib: float, peft_base_gib: float, budg
 
     Symbiosis: (fixed - base) + base once, per-job as fitted (clients hold no base); PEFT: (per-job -
     its base copy) + base per job. ratio(B) = whole Symbiosis jobs / whole PEFT jobs (at least 1) in
-    this budget, as ``adapter_ratio`` counts. Returns the smallest base (GiB, held as here) with more
-    adapters than the baseline and with ``target`` times as many, and the best ratio.
+    a budget, as ``adapter_ratio`` counts. Returns, for this budget, the smallest base (GiB, held as
+    here) with more adapters than the baseline and with ``target`` times as many, and the best ratio;
+    and the smallest budget (up to 16x this one) in which some base reaches ``target``, with that base.
     """
     server_own, client = sym["fixed_gib"] - base_gib, sym["per_job_gib"]
     job_own = peft["per_job_gib"] - peft_base_gib
-    sizes = np.linspace(0.0, budget_gib, 2401)[1:]
-    n_symbiosis = np.floor(np.maximum(budget_gib - server_own - sizes, 0.0) / client)
-    n_peft = np.floor(budget_gib / (job_own + sizes))
-    ratios = n_symbiosis / np.maximum(n_peft, 1)
+
+    def ratios(budget: float) -> tuple[np.ndarray, np.ndarray]:
+        sizes = np.linspace(0.0, budget, 2401)[1:]
+        n_symbiosis = np.floor(np.maximum(budget - server_own - sizes, 0.0) / client)
+        return sizes, n_symbiosis / np.maximum(np.floor(budget / (job_own + sizes)), 1)
+
+    sizes, here = ratios(budget_gib)
 
     def first(above: float, strictly: bool = False) -> float | None:
-        hits = np.nonzero(ratios > above if strictly else ratios >= above)[0]
+        hits = np.nonzero(here > above if strictly else here >= above)[0]
         return float(sizes[hits[0]]) if len(hits) else None
 
+    reach = {"target_budget_gib": None, "target_budget_base_gib": None}
+    for budget in np.arange(budget_gib, 16 * budget_gib, budget_gib / 16):
+        grid, r = ratios(float(budget))
+        if r.max() >= target:
+            reach = {"target_budget_gib": float(budget), "target_budget_base_gib": float(grid[int(np.argmax(r >= target))])}
+            break
     return {"server_own_gib": server_own, "client_gib": client, "peft_job_own_gib": job_own, "base_gib": base_gib,
-            "crossover_base_gib": first(1.0, strictly=True), "target_base_gib": first(target), "best_ratio": float(ratios.max()),
-            "best_ratio_base_gib": float(sizes[int(ratios.argmax())])}
+            "crossover_base_gib": first(1.0, strictly=True), "target_base_gib": first(target), "best_ratio": float(here.max()),
+            "best_ratio_base_gib": float(sizes[int(here.argmax())]), **reach}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,9 +200,11 @@ def report(args, path: Path, start: dict, symbiosis: list[dict], baseline: list[
     base_gib = symbiosis[0]["server_parameter_bytes"] / GIB
     peft_base_gib = baseline[0]["base_bytes_per_job"][0] / GIB
     cross = crossover(cap["symbiosis"], cap["peft"], base_gib, peft_base_gib, args.budget_gib, args.target_ratio)
-    per_parameter = base_gib * GIB / common.parameter_count(path)  # bytes per parameter of the base as the executor holds it
-    cross.update({f"{k.removesuffix('_gib')}_parameters": None if cross[k] is None else cross[k] * GIB / per_parameter
-                  for k in ("crossover_base_gib", "target_base_gib", "best_ratio_base_gib")}, base_bytes_per_parameter=per_parameter)
+    # bytes per parameter of a dense base as the executor holds it (a quantized base's float32 embeddings do not scale so)
+    per_parameter = base_gib * GIB / common.parameter_count(path) if args.quantize == "none" else None
+    cross.update({f"{k.removesuffix('_gib')}_parameters": None if cross[k] is None or per_parameter is None else cross[k] * GIB / per_parameter
+                  for k in ("crossover_base_gib", "target_base_gib", "best_ratio_base_gib", "target_budget_base_gib")},
+                 base_bytes_per_parameter=per_parameter)
     by_n = {r["n"]: r for r in baseline}
     throughput_ok = all(r["aggregate_tokens_per_s"] >= by_n[r["n"]]["aggregate_tokens_per_s"] for r in symbiosis if r["n"] in by_n)
     result = {
@@ -225,7 +237,9 @@ def report(args, path: Path, start: dict, symbiosis: list[dict], baseline: list[
            f"a client {cross['client_gib']:.2f} GiB, a PEFT job's own {cross['peft_job_own_gib']:.2f} GiB), sharing the base gives more adapters than the baseline from a base of "
            f"{_gib(cross['crossover_base_gib'], cross['crossover_base_parameters'])} as loaded here and reaches {args.target_ratio:g}x from "
            f"{_gib(cross['target_base_gib'], cross['target_base_parameters'])} "
-           f"in {args.budget_gib:g} GiB (best {cross['best_ratio']:.1f}x at {cross['best_ratio_base_gib']:.2f} GiB).\n")
+           f"in {args.budget_gib:g} GiB (best {cross['best_ratio']:.1f}x at {cross['best_ratio_base_gib']:.2f} GiB); {args.target_ratio:g}x needs "
+           + (f"a budget of {cross['target_budget_gib']:g} GiB and a base of "
+              f"{_gib(cross['target_budget_base_gib'], cross['target_budget_base_parameters'])}.\n" if cross["target_budget_gib"] else "more than 16x this budget.\n"))
 
     md += (f"\nBase: {common.parameter_count(path) / 1e6:.0f}M parameters, checkpoint {result['checkpoint_dtype']}, loaded as "
           f"{args.base_dtype}{'' if args.quantize == 'none' else ', quantized ' + args.quantize} on both sides; held by the executor: "
