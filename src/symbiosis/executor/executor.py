@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import BadRequestError
@@ -29,6 +29,7 @@ from ..protocol import (
 )
 from .discovery import find_fusion_groups, find_linear_ops, linear_weight
 from .ops import FrozenOp
+from .quantized import QuantizedOp, from_conv1d, is_quantized_linear, load_options, prepare_quantized_base
 from .scheduler import BatchScheduler
 from .sharding import owned_ops
 from .stats import BatchStats
@@ -76,12 +77,14 @@ class BaseExecutor:
         layers: tuple[int, int] | None = None,
         active_window_s: float | None = None,
     ) -> None:
+        self.quantization = prepare_quantized_base(model)  # "int8", "nf4", "fp4" or None (dense)
         model.eval().requires_grad_(False)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.device = next(model.parameters()).device
         self.max_request_rows = max_request_rows
         self.reject_non_finite = reject_non_finite
         self._config = model.config.to_dict()
+        self._config.pop("quantization_config", None)  # clients hold no base weights, quantized or not
         self._generation_config = (generation_config or model.generation_config or GenerationConfig()).to_dict()
         modules = find_linear_ops(model)
         groups = find_fusion_groups(model, modules) if fuse else []
@@ -108,14 +111,27 @@ class BaseExecutor:
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", **options: Any
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        quantization: str | BitsAndBytesConfig | None = None,
+        **options: Any,
     ) -> BaseExecutor:
-        """Load a causal LM from a local Hugging Face directory through transformers' own loading."""
+        """Load a causal LM from a local Hugging Face directory through transformers' own loading.
+
+        ``quantization`` (``"int8"``, ``"nf4"`` / ``"4bit"``, ``"fp4"`` or a ``BitsAndBytesConfig``) holds
+        the linear ops quantized by bitsandbytes, as a QLoRA user's model does (``executor.quantization``):
+        4-bit products run in ``dtype``, int8 ones in the dtype of the requests, dense weights are float32.
+        A checkpoint saved quantized by bitsandbytes loads quantized without it.
+        """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         torch_dtype = resolve_dtype(dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)))
+        extra = load_options(path, quantization, torch_dtype) if quantization is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)), **extra)
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
@@ -140,19 +156,28 @@ class BaseExecutor:
         return cls(model.to(device), **options)
 
     def _add_linear_ops(self, modules: dict[str, nn.Module], groups: list[tuple[str, ...]]) -> None:
-        self._conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D)}
+        self._conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D) or from_conv1d(module)}
         for name, module in modules.items():
+            if is_quantized_linear(module):
+                self._ops[name] = QuantizedOp.of(OpInfo(name, OpKind.LINEAR, module.in_features, module.out_features), module)
+                continue
             weight = linear_weight(module)
             self._ops[name] = FrozenOp(OpInfo(name, OpKind.LINEAR, weight.shape[1], weight.shape[0]), weight)
         for members in groups:
-            fused = torch.cat([self._ops[m].weight for m in members])
-            widths = tuple(self._ops[m].info.out_features for m in members)
+            ops = [self._ops[m] for m in members]
+            widths = tuple(op.info.out_features for op in ops)
             name = fused_op_name(members)
-            info = OpInfo(name, OpKind.LINEAR, fused.shape[1], fused.shape[0], members, widths)
-            self._ops[name] = FrozenOp(info, fused)
-            # members become row views of the fused weight, so the fused copy is the only copy
-            for member, rows in zip(members, fused.split(widths), strict=True):
-                self._ops[member] = FrozenOp(self._ops[member].info, rows)
+            info = OpInfo(name, OpKind.LINEAR, ops[0].info.in_features, sum(widths), members, widths)
+            if all(isinstance(op, QuantizedOp) for op in ops):
+                self._ops[name] = QuantizedOp.fused(info, ops)  # it holds the members' own quantized weights
+            elif any(isinstance(op, QuantizedOp) for op in ops):
+                continue  # quantized and dense members: served one by one
+            else:
+                fused = torch.cat([op.weight for op in ops])
+                self._ops[name] = FrozenOp(info, fused)
+                # members become row views of the fused weight, so the fused copy is the only copy
+                for member, rows in zip(members, fused.split(widths), strict=True):
+                    self._ops[member] = FrozenOp(self._ops[member].info, rows)
             self._fusion_groups[members[0]] = name
 
     def _add_embedding_op(self, model: PreTrainedModel) -> None:
@@ -302,7 +327,7 @@ class BaseExecutor:
     def parameter_bytes(self) -> int:
         """Bytes of frozen weights held (each storage counted once)."""
         seen, total = set(), 0
-        for t in [op.weight for op in self._ops.values()] + list(self._tensors.values()):
+        for t in [t for op in self._ops.values() for t in op.held_tensors()] + list(self._tensors.values()):
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
@@ -313,7 +338,8 @@ class BaseExecutor:
         linear = sum(op.info.kind is OpKind.LINEAR and not op.info.members for op in self._ops.values())
         return (
             f"BaseExecutor({self._config.get('model_type')}, {linear} linear ops, "
-            f"{len(self._fusion_groups)} fused groups, dtype={dtype_name(self.dtype)}, device={self.device}, "
+            f"{len(self._fusion_groups)} fused groups, dtype={dtype_name(self.dtype)}, "
+            f"{f'quantization={self.quantization}, ' if self.quantization else ''}device={self.device}, "
             f"{self.parameter_bytes() / 2**20:.1f} MiB)"
         )
 

@@ -47,3 +47,7 @@ class FrozenOp:
             weight = weight.to(weight_dtype)
         weight = weight.to(x.dtype)
         return torch.mm(x, weight.t() if direction is Direction.FORWARD else weight)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this op holds (for counting resident bytes)."""
+        return [self.weight]
