@@ -1,4 +1,4 @@
-"""Experiment 7 — the training stacks users run: what each costs on a client and on the monolithic model.
+"""Experiment 8 — the training stacks users run: what each costs on a client and on the monolithic model.
 
 One LoRA adapter (r=8 on every linear layer, same seed) fine-tuned with AdamW on batches of
 ``--batch`` x ``--seq-len`` tokens, on the monolithic model (transformers + PEFT) and on a split
