@@ -70,12 +70,15 @@ OFFLINE = {
     "dpo": ("DPOConfig", "DPOTrainer", lambda: [
         {"prompt": f"Count on from {i}:", "chosen": f" {i + 1} {i + 2} {i + 3}", "rejected": f" {i - 1} {i}"} for i in range(8)
     ]),
+    "kto": ("KTOConfig", "KTOTrainer", lambda: [
+        {"prompt": f"Count on from {i}:", "completion": f" {i + 1} {i + 2}" if i % 2 else f" {i - 1}", "label": bool(i % 2)} for i in range(8)
+    ]),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(OFFLINE))
 def test_offline_trainers(base, executor, tmp_path, kind):
-    """SFT, and DPO (its reference model is the client with its adapter disabled, as TRL does for PEFT models)."""
+    """SFT; DPO and KTO (their reference model is the client with its adapter disabled, as TRL does for PEFT models)."""
     config_class, trainer_class, rows = OFFLINE[kind]
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = Dataset.from_list(rows())
@@ -87,7 +90,8 @@ def test_offline_trainers(base, executor, tmp_path, kind):
     assert_same_training(make, base, executor, tmp_path)
 
 
-def test_grpo_generates_and_learns_from_a_reward(base, executor, tmp_path):
+@pytest.mark.parametrize("kind", ["GRPO", "RLOO"])
+def test_online_rl_generates_and_learns_from_a_reward(base, executor, tmp_path, kind):
     """Online RL: completions sampled with ``generate()`` on the client, scored by a reward function."""
     tokenizer = AutoTokenizer.from_pretrained(base)
     data = Dataset.from_list([{"prompt": f"Say a word about {topic}:"} for topic in ("cats", "rain", "maps", "tea")])
@@ -96,10 +100,12 @@ def test_grpo_generates_and_learns_from_a_reward(base, executor, tmp_path):
         return [-float(len(text)) for text in completions]
 
     def make(model, out):
-        args = trl.GRPOConfig(
+        args = getattr(trl, f"{kind}Config")(
             output_dir=str(out), per_device_train_batch_size=4, num_generations=4, max_completion_length=8, beta=0.04, **COMMON
         )
-        return trl.GRPOTrainer(model=model, reward_funcs=shortness, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora())
+        return getattr(trl, f"{kind}Trainer")(
+            model=model, reward_funcs=shortness, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora()
+        )
 
     assert_same_training(make, base, executor, tmp_path)
 
