@@ -3,7 +3,7 @@
 Proxies carry it as their ``weight`` so that PEFT (which creates adapters on the weight's device and
 dtype) wraps them unchanged. Code that uses a base weight the way a weight is used — in a product:
 ``F.linear(x, module.weight)``, ``x @ W.T``, ``torch.mm(x, W[a:b].t(), out=...)``, ``acc.addmm_(g,
-W[a:b])``, as fused and chunked LM-head losses do (TRL's; Liger's) — gets the right
+W[a:b])``, as fused and chunked LM-head losses such as TRL's do — gets the right
 answer: the executor computes the product, and autograd differentiates it like any product (the
 gradient with respect to the other operand is again a product with the weight). Anything that needs
 the weight's values on the client — merging an adapter into it, DoRA's weight norm, weight-based
