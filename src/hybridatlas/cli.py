@@ -25,6 +25,13 @@ def _csv_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def _number(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise AtlasInputError(flag, f"expected onprem, cloud or a number, got {text!r}") from None
+
+
 def _pairs(text: str, flag: str) -> dict[str, float]:
     """'a=1,b=2' -> {'a': 1.0, 'b': 2.0}; API names may contain '/' but not ',' or '='."""
     out = {}
@@ -69,6 +76,8 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--pin-onprem", help="components that must stay on-prem (comma-separated)")
     knobs.add_argument("--pin-cloud", help="components that must move (comma-separated)")
     knobs.add_argument("--critical", help="critical APIs (comma-separated)")
+    knobs.add_argument("--ingress", help="where users' traffic enters: onprem (default), cloud, or the cloud share "
+                       "of requests (0-1)")
     knobs.add_argument("--rtt-ms", type=float, help="WAN round-trip time")
     knobs.add_argument("--bandwidth-gbps", type=float, help="WAN bandwidth")
 
@@ -89,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> AtlasConfig:
     put("live", "jaeger_limit", args.jaeger_limit)
     if args.budget is not None:
         overrides["budget_per_month"] = args.budget
+    if args.ingress is not None:
+        overrides["ingress"] = args.ingress if args.ingress in ("onprem", "cloud") else _number(args.ingress, "--ingress")
     base = AtlasConfig.load(args.config)
     if args.pin_onprem:
         put("placement", "pinned_onprem", base.pinned_onprem + _csv_list(args.pin_onprem))
@@ -197,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     models = _models(args)
     evaluator = PlanEvaluator(models, str(models.config.search.get("latency_apis", "all")))
     cloud = _csv_list(args.cloud)
-    plan = describe_plan(evaluator, evaluator.bits_for(cloud), ["what-if"])
+    plan = describe_plan(evaluator, None, ["what-if"], cloud + sorted(models.pinned_cloud - set(cloud)))
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

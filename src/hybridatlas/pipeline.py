@@ -87,7 +87,7 @@ def _pins(components: list[str], kinds: dict[str, str], config: AtlasConfig) -> 
         if c in config.pinned_onprem:
             onprem[c] = "placement.pinned_onprem"
         elif c == config.gateway:
-            onprem[c] = "gateway (always on-prem)"
+            onprem[c] = "gateway (placed by the ingress option)"
         elif kinds[c] in config.pinned_onprem_kinds:
             onprem[c] = f"placement.pinned_onprem_kinds (kind '{kinds[c]}')"
     cloud = set(config.pinned_cloud)
@@ -148,7 +148,7 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
         warn_data("telemetry", "no resource series: utilisation, capacity constraints and compute cost are zero")
     else:
         check_forecast(components, forecast, config.gateway)
-    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs)
+    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs, kinds)
     unknown_critical = sorted(set(config.critical_apis) - set(graphs))
     if unknown_critical:
         raise AtlasInputError("availability.critical_apis", f"unknown API(s) {unknown_critical}; known: {sorted(graphs)}")
@@ -178,4 +178,5 @@ def build_cost_model(components: list[str], stateful: set[str], forecast: dict[s
         memory_gib=demand_vector(forecast, components, "memory_gib"), volume_gib=volume,
         edge_source=np.array([index[e[0]] for e in edges], dtype=np.int64),
         edge_destination=np.array([index[e[1]] for e in edges], dtype=np.int64),
-        edge_request_bytes_per_s=request, edge_response_bytes_per_s=response, config=config)
+        edge_request_bytes_per_s=request, edge_response_bytes_per_s=response, config=config,
+        gateway_index=index.get(config.gateway))

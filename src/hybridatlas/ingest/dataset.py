@@ -12,7 +12,7 @@ from hybridatlas.config import AtlasConfig
 from hybridatlas.errors import AtlasInputError, warn_data
 from hybridatlas.ingest.csvfiles import load_api_calls_csv, load_edge_bytes_csv, load_resources_csv
 from hybridatlas.ingest.files import read_json
-from hybridatlas.ingest.jaeger import Trace, load_traces
+from hybridatlas.ingest.traces import Trace, load_traces
 from hybridatlas.ingest.live import JaegerClient, PrometheusClient
 from hybridatlas.ingest.prometheus import component_key, edge_key, label_key, load_query_range
 from hybridatlas.ingest.series import SeriesTable

@@ -1,7 +1,9 @@
 """Traces -> per-API call graphs of components.
 
-A span's component is its process's `container.name`. A client span whose operation matches a
-database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component.
+A span's component is the workload that recorded it. A client span whose operation matches a
+database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component; a
+client span that names its peer (OpenTelemetry peer.service / server.address, Zipkin remoteEndpoint)
+and has no child in another component is a call to that peer (a store, or an untraced service).
 Children listed in `async_operations`, or that end after their parent (by more than
 `background_overhang_us`), are background work.
 """
@@ -15,7 +17,7 @@ from typing import Iterator
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.errors import warn_data
-from hybridatlas.ingest.jaeger import Span, Trace
+from hybridatlas.ingest.traces import Span, Trace
 
 Edge = tuple[str, str]
 
@@ -26,12 +28,16 @@ class DatabaseMapper:
     def __init__(self, rules: list[dict[str, str]]) -> None:
         self.rules = rules
 
-    def target(self, caller: str, operation: str) -> str | None:
-        """The database a client span calls, or None if the span is not a database call."""
+    def target(self, span: Span) -> str | None:
+        """The untraced component (database, queue, service) a client span calls, or None."""
+        caller, operation = span.component, span.operation
         for rule in self.rules:
             if fnmatchcase(caller, rule["caller"]) and operation.startswith(rule["operation_prefix"]):
                 service = caller[: -len("-service")] if caller.endswith("-service") else caller
                 return rule["component"].replace("{service}", service)
+        if span.kind in ("client", "producer") and span.peer and span.peer != caller and \
+                all(child.component == caller for child in span.children):
+            return span.peer
         return None
 
 
@@ -54,14 +60,14 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
     root) and, for a database client span, the call to the database. A span whose parent is a
     database client span (a message-queue consumer) is itself a client of that database."""
     hops = []
-    parent_target = mapper.target(parent.component, parent.operation) if parent is not None else None
+    parent_target = mapper.target(parent) if parent is not None else None
     if parent_target is not None:
         hops.append(Hop((span.component, parent_target), span.operation))
     else:
         caller = parent.component if parent is not None else gateway
         if caller != span.component:
             hops.append(Hop((caller, span.component), span.operation))
-    database = mapper.target(span.component, span.operation)
+    database = mapper.target(span)
     if database is not None:
         hops.append(Hop((span.component, database), span.operation))
     return hops

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from hybridatlas.config import AtlasConfig
-from hybridatlas.ingest.jaeger import Span, Trace
+from hybridatlas.ingest.traces import Span, Trace
 from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops
 from hybridatlas.models.footprint import Footprint
 
@@ -104,15 +104,19 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
 HopCost = Callable[[str, Hop], float]
 
 
-def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph]) -> HopCost:
-    """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth."""
+def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
+                kinds: dict[str, str] | None = None) -> HopCost:
+    """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth,
+    round trips from the first rule matching the operation and the callee's kind."""
+    kinds = kinds or {}
+
     def cost(api: str, hop: Hop) -> float:
         request = response = 0.0
         calls = graphs[api].calls.get(hop.edge, 0.0) if api in graphs else 0.0
         if footprint is not None and calls > 0:
             total_request, total_response = footprint.bytes_per_request(api, hop.edge)
             request, response = total_request / calls, total_response / calls
-        rule = config.round_trip_rule(hop.operation)
+        rule = config.round_trip_rule(hop.operation, kinds.get(hop.edge[1]) or config.kind_of(hop.edge[1]))
         round_trips = rule.round_trips(max(request, response))
         return round_trips * config.rtt_ms + (request + response) / config.bandwidth_bytes_per_s * 1e3
     return cost
@@ -121,8 +125,11 @@ def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[s
 class LatencyModel:
     """Vectorised replay of all representative traces for a batch of placements."""
 
-    def __init__(self, api_traces: list[ApiTraces], components: list[str], hop_cost: HopCost) -> None:
+    def __init__(self, api_traces: list[ApiTraces], components: list[str], hop_cost: HopCost,
+                 gateway: str | None = None, ingress_cloud_share: float = 0.0) -> None:
         self.apis = [group.api for group in api_traces]
+        self.gateway_index = components.index(gateway) if gateway in components else None
+        self.ingress_cloud_share = ingress_cloud_share
         self.groups = api_traces
         self.components = components
         self._pad = len(components)
@@ -187,11 +194,19 @@ class LatencyModel:
                                 np.asarray(stage_starts, dtype=np.int64), np.asarray(parent_starts, dtype=np.int64),
                                 np.asarray(parents_local, dtype=np.int64)))
 
-    def added_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x representatives) latency each representative trace gains; `cloud` is (plans x components) bool."""
+    def added_ms(self, cloud: np.ndarray, gateway_in_cloud: bool = False, include_ingress: bool = True) -> np.ndarray:
+        """(plans x representatives) latency each representative trace gains; `cloud` is (plans x components) bool.
+
+        The gateway sits on the side `gateway_in_cloud` says. Without `include_ingress` the gateway ->
+        entry-service hop is left out: the latency from the entry span on, as traces measure it."""
         plans = cloud.shape[0]
         side = np.concatenate([cloud.astype(bool), np.zeros((plans, 1), dtype=bool)], axis=1)
-        delay = (side[:, self.src1] != side[:, self.dst1]) * self.cost1
+        if self.gateway_index is not None:
+            side[:, self.gateway_index] = gateway_in_cloud
+        cost1 = self.cost1
+        if not include_ingress and self.gateway_index is not None:
+            cost1 = np.where(self.src1 == self.gateway_index, 0.0, cost1).astype(np.float32)
+        delay = (side[:, self.src1] != side[:, self.dst1]) * cost1
         delay += (side[:, self.src2] != side[:, self.dst2]) * self.cost2
         value = np.empty_like(delay)
         for start, stop, child_cols, stage_starts, parent_starts, parents_local in self.levels:
@@ -206,24 +221,48 @@ class LatencyModel:
         out[:, has_root] = value[:, self.root_cols[has_root]]
         return out
 
-    def mean_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x APIs) predicted mean latency."""
-        return self.baseline_mean_ms + self.added_ms(cloud).astype(np.float64) @ self.rep_weights
+    def _ingress_mix(self, cloud: np.ndarray, include_ingress: bool) -> list[tuple[float, np.ndarray]]:
+        """(weight, added_ms) for each gateway side users' traffic enters through."""
+        share = self.ingress_cloud_share
+        sides = [(1.0 - share, False), (share, True)] if 0.0 < share < 1.0 else [(1.0, share >= 1.0)]
+        return [(weight, self.added_ms(cloud, in_cloud, include_ingress).astype(np.float64)) for weight, in_cloud in sides]
 
-    def p95_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x APIs) predicted p95 latency over every measured trace."""
-        added = self.added_ms(cloud).astype(np.float64)
+    def mean_ms(self, cloud: np.ndarray, include_ingress: bool = True) -> np.ndarray:
+        """(plans x APIs) predicted mean latency as users see it from the gateway (with `include_ingress`)
+        or from the entry span on (without)."""
+        return self.baseline_mean_ms + sum(w * added for w, added in self._ingress_mix(cloud, include_ingress)) @ self.rep_weights
+
+    def p95_ms(self, cloud: np.ndarray, include_ingress: bool = True) -> np.ndarray:
+        """(plans x APIs) predicted p95 latency over every measured trace (and every ingress side, weighted)."""
+        mix = self._ingress_mix(cloud, include_ingress)
         out = np.empty((cloud.shape[0], len(self.apis)))
         for a, group in enumerate(self.groups):
-            out[:, a] = np.percentile(group.measured_ms[None, :] + added[:, self._trace_rep[a]], P95, axis=1)
+            samples = np.concatenate([group.measured_ms[None, :] + added[:, self._trace_rep[a]] for _, added in mix], axis=1)
+            weights = np.concatenate([np.full(len(group.measured_ms), w) for w, _ in mix])
+            out[:, a] = [weighted_percentile(row, weights, P95) for row in samples]
         return out
 
 
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """Percentile of weighted samples, linear between order statistics like np.percentile for equal weights."""
+    keep = weights > 0
+    values, weights = values[keep], weights[keep]
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order], np.cumsum(weights[order])
+    if len(values) == 1:
+        return float(values[0])
+    positions = (cumulative - weights[order]) / (cumulative[-1] - weights[order][-1]) if np.allclose(weights, weights[0]) \
+        else (cumulative - 0.5 * weights[order]) / cumulative[-1]
+    return float(np.interp(q / 100.0, positions, values))
+
+
 def build_latency_model(traces: list[Trace], components: list[str], config: AtlasConfig,
-                        footprint: Footprint | None, graphs: dict[str, ApiCallGraph]) -> LatencyModel:
+                        footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
+                        kinds: dict[str, str] | None = None) -> LatencyModel:
     """Group traces per API and compile the replay program."""
     by_api: dict[str, list[Trace]] = defaultdict(list)
     for trace in traces:
         by_api[trace.api].append(trace)
     groups = [group_traces(api, by_api[api], config) for api in sorted(by_api)]
-    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs))
+    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs, kinds), config.gateway,
+                        config.ingress_cloud_share)
