@@ -50,9 +50,16 @@ class Hop:
 
 
 def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
-    """Async consumer spans and children that outlive their parent do not add to its latency."""
-    return (any(fnmatchcase(child.operation, pattern) for pattern in config.async_operations)
-            or child.end_us > parent.end_us + config.background_overhang_us)
+    """Async consumer spans and children that outlive their parent do not add to its latency.
+
+    The server side of an RPC (a server span under a client span) is never background, even when it
+    ends after its client span: the server ends its span after writing the response, which the client
+    may already have read, and clocks of different hosts disagree."""
+    if any(fnmatchcase(child.operation, pattern) for pattern in config.async_operations) or child.kind == "consumer":
+        return True
+    if child.kind == "server" and parent.kind == "client":
+        return False
+    return child.end_us > parent.end_us + config.background_overhang_us
 
 
 def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper) -> list[Hop]:
