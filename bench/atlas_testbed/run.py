@@ -50,11 +50,10 @@ SIZES = {"small": {"requests": 10, "placements": ["stores-in-cloud", "entry-in-c
          "full": {"requests": 40, "placements": list(PLACEMENTS)}}
 
 
-def atlas_config(rtt_ms: float, rate_mbit: float, ingress: str) -> AtlasConfig:
+def config_overrides(rtt_ms: float, rate_mbit: float, ingress: str) -> dict:
     """Atlas's configuration for the testbed: its gateway, nothing pinned but the gateway, its WAN."""
-    return AtlasConfig.load(overrides={
-        "gateway": GATEWAY, "ingress": ingress, "wan": {"rtt_ms": rtt_ms, "bandwidth_gbps": rate_mbit / 1e3},
-        "placement": {"pinned_onprem": [GATEWAY], "pinned_onprem_kinds": []}})
+    return {"gateway": GATEWAY, "ingress": ingress, "wan": {"rtt_ms": rtt_ms, "bandwidth_gbps": rate_mbit / 1e3},
+            "placement": {"pinned_onprem": [GATEWAY], "pinned_onprem_kinds": []}}
 
 
 def _wait_port(address: str, port: int, wan: EmulatedWan, side: str, timeout_s: float = 10.0) -> None:
@@ -187,7 +186,7 @@ def compare(onprem: Path, runs: dict[str, Path], rtt_ms: float, rate_mbit: float
         telemetry = load_directory(onprem)
         for name, run in runs.items():
             placement = json.loads((run / "topology.json").read_text())
-            models = build_models(telemetry, atlas_config(rtt_ms, rate_mbit, placement["ingress"]))
+            models = build_models(telemetry, AtlasConfig.load(overrides=config_overrides(rtt_ms, rate_mbit, placement["ingress"])))
             report = validate(models, load_traces([run / "traces"]), placement["cloud"])
             client = client_means(run)
             user_view = models.latency.mean_ms(
@@ -232,6 +231,7 @@ def main() -> None:
         onprem = measure(wan, [], "onprem", size["requests"], out / "onprem")
         runs = {name: measure(wan, PLACEMENTS[name][0], PLACEMENTS[name][1], size["requests"], out / name) for name in chosen}
         mode = wan.mode
+    (out / "atlas-config.json").write_text(json.dumps(config_overrides(args.rtt_ms, args.rate_mbit, "onprem"), indent=1))
     results = compare(onprem, runs, args.rtt_ms, args.rate_mbit)
     meta = {"machine": f"{os.cpu_count()} CPU cores, {socket.gethostname()}", "wan_mode": mode, "rtt_ms": args.rtt_ms,
             "rate_mbit": args.rate_mbit, "requests": size["requests"]}

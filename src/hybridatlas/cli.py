@@ -1,4 +1,4 @@
-"""Command line: `hybridatlas advise | evaluate | inspect | watch | synth`."""
+"""Command line: `hybridatlas advise | evaluate | validate | calibrate | inspect | watch | synth`."""
 
 from __future__ import annotations
 
@@ -283,6 +283,61 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from hybridatlas.ingest.traces import load_traces
+    from hybridatlas.report.table import short_api
+    from hybridatlas.validate import validate
+
+    report = validate(_models(args), load_traces(args.measured), _csv_list(args.cloud))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    table = Table(title=f"Measured vs predicted mean latency from the entry span on (cloud: {args.cloud or '-'})")
+    for column in ("API", "on-prem ms", "measured ms", "predicted ms", "error", "traces"):
+        table.add_column(column)
+    for api, row in report["apis"].items():
+        table.add_row(short_api(api), f"{row['onprem_mean_ms']:.2f}", f"{row['measured_mean_ms']:.2f}",
+                      f"{row['predicted_mean_ms']:.2f}", f"{100 * row['error']:+.1f}%", str(row["measured_traces"]))
+    console.print(table)
+    console.print(f"mean |error| {100 * report['mean_abs_error']:.1f}%, worst {100 * report['max_abs_error']:.1f}%")
+    for pin in report["pin_violations"]:
+        console.print(f"[yellow]note:[/yellow] the measured placement breaks a pin: {pin}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    if args.source == "stores":
+        from hybridatlas.calibrate.stores import measure
+
+        result = measure(args.rtt_ms or 20.0, args.rate_mbit, [int(s) for s in _csv_list(args.sizes)] or None,
+                         args.reps, args.idle_s)
+    else:
+        from hybridatlas.calibrate.traces import learn_round_trips
+        from hybridatlas.ingest.traces import load_traces
+        from hybridatlas.pipeline import build_models
+
+        if not args.measured:
+            raise AtlasInputError("calibrate traces", "needs --measured traces and --cloud (the placement they ran under)")
+        config = config_from_args(args)
+        telemetry = telemetry_from_args(args, config)
+        models = build_models(telemetry, config, expected_rates(args, telemetry))
+        result = learn_round_trips(models, telemetry.traces, load_traces(args.measured), _csv_list(args.cloud))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        print(text)
+        return 0
+    for rule in result["round_trips"]:
+        curve = rule.get("points") or rule.get("base")
+        console.print(f"{rule['kind']:>10} {rule['operation']:<24} round trips {curve}  ({rule['why']})")
+    if args.out:
+        console.print(f"wrote {args.out}: pass it with --config (its round_trips replace the default rules)")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace, console: Console) -> int:
     from hybridatlas.synthetic import generate
 
@@ -321,6 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
     watch_p.add_argument("--iterations", type=int, default=12, help="number of live checks")
     watch_p.add_argument("--json", action="store_true", help="one JSON object per window")
     watch_p.set_defaults(func=cmd_watch)
+    validate_p = sub.add_parser("validate", help="measured traces under a placement vs Atlas's prediction, per API")
+    add_data_options(validate_p)
+    validate_p.add_argument("--measured", nargs="+", required=True, help="traces measured under the placement")
+    validate_p.add_argument("--cloud", required=True, help="components that ran in the cloud (comma-separated)")
+    validate_p.add_argument("--json", action="store_true")
+    validate_p.set_defaults(func=cmd_validate)
+    calibrate_p = sub.add_parser("calibrate", help="round trips per operation: measured on stores, or learned from traces")
+    calibrate_p.add_argument("source", choices=["stores", "traces"],
+                             help="stores: time real Redis/memcached/HTTP clients over an emulated WAN (root); "
+                                  "traces: learn from traces measured under a placement (--measured, --cloud)")
+    add_data_options(calibrate_p)
+    calibrate_p.add_argument("--measured", nargs="+", help="traces measured under the placement (traces)")
+    calibrate_p.add_argument("--cloud", default="", help="components that ran in the cloud (traces)")
+    calibrate_p.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (stores)")
+    calibrate_p.add_argument("--sizes", default="", help="payload bytes to probe, comma-separated (stores)")
+    calibrate_p.add_argument("--reps", type=int, default=5, help="timed repetitions per operation and size (stores)")
+    calibrate_p.add_argument("--idle-s", type=float, default=0.3, help="idle time before each timed operation (stores)")
+    calibrate_p.add_argument("--out", help="write the result as a config file here")
+    calibrate_p.add_argument("--json", action="store_true")
+    calibrate_p.set_defaults(func=cmd_calibrate)
     synth_p = sub.add_parser("synth", help="write synthetic telemetry in the real formats")
     synth_p.add_argument("--out", required=True)
     synth_p.add_argument("--seed", type=int, default=0)

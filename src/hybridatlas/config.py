@@ -51,8 +51,10 @@ class RoundTripRule:
 
     With `points` ((payload bytes, round trips) pairs measured by `hybridatlas calibrate`), the value
     is interpolated in log(payload) between points, held below the first and extended along the last
-    segment's per-byte slope beyond the last. Otherwise base + ceil(payload / per_chunk_bytes), or
-    base alone. `operation` globs the span's operation, `kind` the callee's kind.
+    segment's per-byte slope beyond the last. `points` hold for a connection that sat idle longer than
+    TCP's retransmission timeout (slow start restarts), `warm_points` for one in use (its congestion
+    window open). Otherwise base + ceil(payload / per_chunk_bytes), or base alone. `operation` globs
+    the span's operation, `kind` the callee's kind.
     """
 
     operation: str
@@ -60,8 +62,11 @@ class RoundTripRule:
     base: float
     per_chunk_bytes: float | None = None
     points: tuple[tuple[float, float], ...] = ()
+    warm_points: tuple[tuple[float, float], ...] = ()
 
-    def round_trips(self, payload_bytes: float) -> float:
+    def round_trips(self, payload_bytes: float, warm: bool = False) -> float:
+        if warm and self.warm_points:
+            return _interpolate(self.warm_points, payload_bytes)
         if self.points:
             return _interpolate(self.points, payload_bytes)
         if not self.per_chunk_bytes:
@@ -137,13 +142,14 @@ class AtlasConfig:
             raise AtlasInputError(source, "cost.headroom must be >= 0")
         parse_ingress(self.raw.get("ingress", "onprem"), f"{source}: ingress")
         for rule in self.raw["round_trips"]:
-            points = rule.get("points") or []
-            if "base" not in rule and not points:
+            if "base" not in rule and not rule.get("points"):
                 raise AtlasInputError(source, f"round_trips entry {rule} needs 'base' or 'points'")
-            if any(len(p) != 2 or p[0] <= 0 or p[1] < 0 for p in points) or \
-                    any(a[0] >= b[0] for a, b in zip(points, points[1:])):
-                raise AtlasInputError(source, f"round_trips entry {rule.get('operation')}: points must be [payload bytes > 0, "
-                                      "round trips >= 0] pairs in increasing payload order")
+            for key in ("points", "warm_points"):
+                points = rule.get(key) or []
+                if any(len(p) != 2 or p[0] <= 0 or p[1] < 0 for p in points) or \
+                        any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+                    raise AtlasInputError(source, f"round_trips entry {rule.get('operation')}: {key} must be [payload bytes "
+                                          "> 0, round trips >= 0] pairs in increasing payload order")
         limit = self.raw["live"]["jaeger_limit"]
         if not isinstance(limit, int) or limit < 1:
             raise AtlasInputError(source, f"live.jaeger_limit must be a whole number >= 1, got {limit!r}")
@@ -152,6 +158,11 @@ class AtlasConfig:
     @property
     def rtt_ms(self) -> float:
         return float(self.raw["wan"]["rtt_ms"])
+
+    @property
+    def idle_after_s(self) -> float:
+        """A connection unused this long restarts slow start: TCP's minimum retransmission timeout + RTT."""
+        return float(self.raw["wan"].get("rto_min_ms", 200.0)) / 1e3 + self.rtt_ms / 1e3
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -188,7 +199,8 @@ class AtlasConfig:
         for rule in self.raw["round_trips"]:
             if fnmatch.fnmatchcase(operation, rule.get("operation", "*")) and fnmatch.fnmatchcase(kind, rule.get("kind", "*")):
                 return RoundTripRule(rule.get("operation", "*"), rule.get("kind", "*"), float(rule.get("base", 1.0)),
-                                     rule.get("per_chunk_bytes"), tuple(tuple(map(float, p)) for p in rule.get("points") or ()))
+                                     rule.get("per_chunk_bytes"), tuple(tuple(map(float, p)) for p in rule.get("points") or ()),
+                                     tuple(tuple(map(float, p)) for p in rule.get("warm_points") or ()))
         return RoundTripRule("*", "*", 1.0)
 
     @property

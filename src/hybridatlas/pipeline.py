@@ -148,7 +148,7 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
         warn_data("telemetry", "no resource series: utilisation, capacity constraints and compute cost are zero")
     else:
         check_forecast(components, forecast, config.gateway)
-    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs, kinds)
+    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs, kinds, rates)
     unknown_critical = sorted(set(config.critical_apis) - set(graphs))
     if unknown_critical:
         raise AtlasInputError("availability.critical_apis", f"unknown API(s) {unknown_critical}; known: {sorted(graphs)}")

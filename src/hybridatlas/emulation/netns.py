@@ -73,12 +73,15 @@ def netem_available() -> bool:
 class EmulatedWan:
     """Context manager: namespaces `netns[side]`, addresses `ADDRESSES[side]`, WAN of `rtt_ms` and `rate_mbit`.
 
-    `mode` is "netem", "delayline" or "auto" (netem when the kernel has it).
+    `mode` is "netem", "delayline" or "auto" (netem when the kernel has it). `congestion_control` is set
+    on the routes across the WAN (default cubic, Linux's default; None keeps the host's), since round
+    trips of large transfers depend on it (slow start, restart after idle).
     """
 
     rtt_ms: float
     rate_mbit: float = 1000.0
     mode: str = "auto"
+    congestion_control: str | None = "cubic"
 
     def __post_init__(self) -> None:
         if self.rtt_ms < 0 or self.rate_mbit < 0:
@@ -129,6 +132,8 @@ class EmulatedWan:
             ns = self.netns[side]
             _ip("-n", ns, "addr", "add", ADDRESSES[side], "peer", ADDRESSES[other], "dev", DEVICE)
             _ip("-n", ns, "link", "set", DEVICE, "up")
+            if self.congestion_control:
+                _ip("-n", ns, "route", "replace", ADDRESSES[other], "dev", DEVICE, "congctl", self.congestion_control)
 
     def close(self) -> None:
         """Stop the link and delete both namespaces (idempotent)."""

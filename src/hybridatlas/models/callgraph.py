@@ -43,10 +43,12 @@ class DatabaseMapper:
 
 @dataclass(frozen=True)
 class Hop:
-    """One component-to-component call carried by a span: `edge` = (caller, callee)."""
+    """One component-to-component call carried by a span: `edge` = (caller, callee). `warm`: the same
+    caller called the same callee shortly before in the same request, so the connection is in use."""
 
     edge: Edge
     operation: str
+    warm: bool = False
 
 
 def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
@@ -62,22 +64,40 @@ def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
     return child.end_us > parent.end_us + config.background_overhang_us
 
 
-def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper) -> list[Hop]:
+def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper,
+              warm: frozenset[tuple[str, Edge]] = frozenset()) -> list[Hop]:
     """Calls a span stands for: the RPC into its component (from the parent, or the gateway for the
     root) and, for a database client span, the call to the database. A span whose parent is a
     database client span (a message-queue consumer) is itself a client of that database."""
     hops = []
     parent_target = mapper.target(parent) if parent is not None else None
     if parent_target is not None:
-        hops.append(Hop((span.component, parent_target), span.operation))
+        edge = (span.component, parent_target)
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
     else:
         caller = parent.component if parent is not None else gateway
         if caller != span.component:
-            hops.append(Hop((caller, span.component), span.operation))
+            edge = (caller, span.component)
+            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
     database = mapper.target(span)
     if database is not None:
-        hops.append(Hop((span.component, database), span.operation))
+        edge = (span.component, database)
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
     return hops
+
+
+def warm_calls(trace: Trace, config: AtlasConfig, mapper: DatabaseMapper) -> frozenset[tuple[str, Edge]]:
+    """(span id, edge) of calls that follow another call on the same edge in the same request by less
+    than config.idle_after_s: their connection is in use, its congestion window open."""
+    last_end: dict[Edge, int] = {}
+    warm = set()
+    for span, parent, _ in sorted(walk(trace, config), key=lambda item: item[0].start_us):
+        for hop in span_hops(span, parent, config.gateway, mapper):
+            previous = last_end.get(hop.edge)
+            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6:
+                warm.add((span.span_id, hop.edge))
+            last_end[hop.edge] = max(previous or 0, span.end_us)
+    return frozenset(warm)
 
 
 def walk(trace: Trace, config: AtlasConfig) -> Iterator[tuple[Span, Span | None, bool]]:

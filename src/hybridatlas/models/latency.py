@@ -22,7 +22,7 @@ import numpy as np
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.ingest.traces import Span, Trace
-from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops
+from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops, warm_calls
 from hybridatlas.models.footprint import Footprint
 
 P95 = 95.0
@@ -37,7 +37,7 @@ class ReplayNode:
     stages: list[list["ReplayNode"]] = field(default_factory=list)
 
     def signature(self) -> tuple:
-        hops = tuple((hop.edge, hop.operation) for hop in self.hops)
+        hops = tuple((hop.edge, hop.operation, hop.warm) for hop in self.hops)
         return hops, tuple(tuple(sorted(child.signature() for child in stage)) for stage in self.stages)
 
 
@@ -56,17 +56,18 @@ def split_stages(children: list[Span]) -> list[list[Span]]:
 
 
 def compile_span(span: Span, parent: Span | None, slack_us: float, config: AtlasConfig,
-                 mapper: DatabaseMapper) -> ReplayNode | None:
-    """ReplayNode for a span, or None if no call in its subtree can cross the boundary."""
+                 mapper: DatabaseMapper, warm: frozenset = frozenset()) -> ReplayNode | None:
+    """ReplayNode for a span, or None if no call in its subtree can cross the boundary; `warm` holds
+    the (span id, edge) calls made on a connection in use (see callgraph.warm_calls)."""
     foreground = [c for c in span.children if not is_background(c, span, config)]
     stages = []
     for stage in split_stages(foreground):
         stage_end = max(child.end_us for child in stage)
-        nodes = [compile_span(child, span, stage_end - child.end_us, config, mapper) for child in stage]
+        nodes = [compile_span(child, span, stage_end - child.end_us, config, mapper, warm) for child in stage]
         kept = [node for node in nodes if node is not None]
         if kept:
             stages.append(kept)
-    hops = span_hops(span, parent, config.gateway, mapper)
+    hops = span_hops(span, parent, config.gateway, mapper, warm)
     if not hops and not stages:
         return None
     return ReplayNode(hops, float(slack_us), stages)
@@ -87,7 +88,7 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
     """Group an API's traces by replay shape; each shape's representative is its median-latency trace."""
     mapper = DatabaseMapper(config.database_rules)
     measured = np.array([trace.duration_ms for trace in traces])
-    compiled = [compile_span(trace.root, None, 0.0, config, mapper) for trace in traces]
+    compiled = [compile_span(trace.root, None, 0.0, config, mapper, warm_calls(trace, config, mapper)) for trace in traces]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, node in enumerate(compiled):
         groups[node.signature() if node else ()].append(i)
@@ -104,11 +105,22 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
 HopCost = Callable[[str, Hop], float]
 
 
+def busy_edges(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> set:
+    """Edges whose forecast calls arrive more often than every `idle_after_s`: their connections stay warm."""
+    per_edge: dict = defaultdict(float)
+    for api, graph in graphs.items():
+        for edge, calls in graph.calls.items():
+            per_edge[edge] += rates.get(api, 0.0) * calls
+    return {edge for edge, rate in per_edge.items() if rate * idle_after_s >= 1.0}
+
+
 def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
-                kinds: dict[str, str] | None = None) -> HopCost:
+                kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> HopCost:
     """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth,
-    round trips from the first rule matching the operation and the callee's kind."""
+    round trips from the first rule matching the operation and the callee's kind, on the warm curve for
+    calls on a connection in use (an earlier call in the request, or a busy edge under the forecast)."""
     kinds = kinds or {}
+    busy = busy_edges(graphs, rates or {}, config.idle_after_s)
 
     def cost(api: str, hop: Hop) -> float:
         request = response = 0.0
@@ -117,7 +129,7 @@ def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[s
             total_request, total_response = footprint.bytes_per_request(api, hop.edge)
             request, response = total_request / calls, total_response / calls
         rule = config.round_trip_rule(hop.operation, kinds.get(hop.edge[1]) or config.kind_of(hop.edge[1]))
-        round_trips = rule.round_trips(max(request, response))
+        round_trips = rule.round_trips(max(request, response), warm=hop.warm or hop.edge in busy)
         return round_trips * config.rtt_ms + (request + response) / config.bandwidth_bytes_per_s * 1e3
     return cost
 
@@ -258,11 +270,11 @@ def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> fl
 
 def build_latency_model(traces: list[Trace], components: list[str], config: AtlasConfig,
                         footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
-                        kinds: dict[str, str] | None = None) -> LatencyModel:
+                        kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> LatencyModel:
     """Group traces per API and compile the replay program."""
     by_api: dict[str, list[Trace]] = defaultdict(list)
     for trace in traces:
         by_api[trace.api].append(trace)
     groups = [group_traces(api, by_api[api], config) for api in sorted(by_api)]
-    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs, kinds), config.gateway,
+    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs, kinds, rates), config.gateway,
                         config.ingress_cloud_share)
