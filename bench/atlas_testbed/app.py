@@ -166,6 +166,7 @@ def media_upload(svc: Service, body: bytes) -> dict:
         pipe.execute()
     with svc.store_span("media-redis", "redis", "HSET"):
         store.hset(f"fs.files:{media}", mapping={"length": len(body), "chunks": len(chunks)})
+    with svc.store_span("media-redis", "redis", "EXPIRE"):
         store.expire(f"fs.files:{media}", 120)
     return {"media": media, "chunks": len(chunks)}
 

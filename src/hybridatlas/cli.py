@@ -55,7 +55,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--edge-bytes-csv", help="long CSV: timestamp,source,destination,request_bytes,response_bytes")
     group.add_argument("--api-calls", help="wide CSV of per-API call counts (default: counted from trace roots)")
     group.add_argument("--resources", nargs="+", help="resource runs: directories or resources.csv files")
-    group.add_argument("--components", help="components.json (kinds, stateful flags)")
+    group.add_argument("--components", help="components.json (kinds, stateful flags); optional")
+    group.add_argument("--kubernetes", help="output of `kubectl get deploy,sts,svc,pvc -o json`: kinds, stateful "
+                       "flags, replicas, requests, volume sizes, Service names (makes components.json optional)")
     live = parser.add_argument_group("telemetry (live)")
     live.add_argument("--prometheus", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
     live.add_argument("--jaeger", help="Jaeger query base URL, e.g. http://127.0.0.1:16686")
@@ -121,9 +123,13 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Teleme
         telemetry = dataset.load_live(config, args.prometheus, args.jaeger, args.start, args.end, args.step, args.traces)
         if args.resources:
             telemetry.resource_runs = [dataset.load_resource_run(path) for path in args.resources]
+        telemetry.add_components(args.kubernetes, args.components, config.kind_of)
         return telemetry
     if args.data:
-        return dataset.load_directory(args.data)
+        telemetry = dataset.load_directory(args.data, config.kind_of)
+        if args.kubernetes or args.components:
+            telemetry.add_components(args.kubernetes, args.components, config.kind_of)
+        return telemetry
     if not args.traces:
         raise AtlasInputError("telemetry", f"no input: {EXAMPLE_DATA_HINT}")
     telemetry = dataset.Telemetry(traces=dataset.load_traces(args.traces))
@@ -140,8 +146,7 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Teleme
             telemetry.traces, telemetry.request_bytes, "--api-calls",
             "--api-calls (a CSV of per-API call counts) for the byte series' period, or --traces recorded during it")
     telemetry.resource_runs = [dataset.load_resource_run(path) for path in args.resources or []]
-    if args.components:
-        telemetry.component_info = dataset.load_component_info(args.components)
+    telemetry.add_components(args.kubernetes, args.components, config.kind_of)
     return telemetry
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -109,6 +110,29 @@ def check_forecast(components: list[str], forecast: dict[str, dict[str, float]],
               "ignore its load and moving it costs no compute; feasibility and savings are overstated")
 
 
+def declared_demand(components: list[str], forecast: dict[str, dict[str, float]],
+                    info: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """For components without a measured forecast, the CPU and memory their Kubernetes objects request
+    and the size of their volumes (with a warning naming them); also volume sizes where the forecast
+    has no disk."""
+    declared = {}
+    for c in components:
+        facts = info.get(c, {})
+        if not any(key in facts for key in ("cpu_cores", "memory_gib", "volume_gib")):
+            continue
+        if c in forecast:
+            if not forecast[c].get("disk_gib") and facts.get("volume_gib"):
+                declared[c] = {**forecast[c], "disk_gib": float(facts["volume_gib"])}
+            continue
+        declared[c] = {"cpu_cores": float(facts.get("cpu_cores", 0.0)), "memory_gib": float(facts.get("memory_gib", 0.0)),
+                       "disk_gib": float(facts.get("volume_gib", 0.0))}
+    requested = sorted(c for c in declared if c not in forecast)
+    if requested:
+        warn_data("resource forecast", f"components {requested} have no resource series: their CPU and memory "
+                  "are the Kubernetes requests and their disk the volume sizes, not measured load")
+    return declared
+
+
 def forecast_rates(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, float] | None) -> dict[str, float]:
     """The given calls/s per API, or history extrapolated by the `forecast` settings; times forecast.scale."""
     settings = config.forecast
@@ -144,7 +168,9 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
     rates = forecast_rates(telemetry, config, rates)
     traffic = component_traffic(footprint, rates) if footprint is not None else {}
     forecast = resources.forecast(traffic, float(config.forecast["horizon_days"])) if resources is not None else {}
-    if resources is None:
+    declared = declared_demand(components, forecast, telemetry.component_info)
+    forecast = {**forecast, **declared}
+    if resources is None and not declared:
         warn_data("telemetry", "no resource series: utilisation, capacity constraints and compute cost are zero")
     else:
         check_forecast(components, forecast, config.gateway)

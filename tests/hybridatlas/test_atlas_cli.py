@@ -119,7 +119,7 @@ def test_ingress_moves_the_gateway_for_latency_and_egress(synthetic_dir, capsys)
     before = results["onprem"]["latency"]["/api/cart/add"]
     assert before["mean_ms"] == before["before_mean_ms"] and results["onprem"]["cost"]["egress"] == 0
     cloud = results["cloud"]["latency"]["/api/cart/add"]["mean_ms"]
-    assert cloud == pytest.approx(before["mean_ms"] + 22.7, abs=0.5)  # users cross the WAN to the on-prem frontend
+    assert 22.7 < cloud - before["mean_ms"] < 1.2 * 22.7  # users cross the WAN to the on-prem frontend
     half = results["0.5"]
     assert half["latency"]["/api/cart/add"]["mean_ms"] == pytest.approx((before["mean_ms"] + cloud) / 2, rel=1e-6)
     assert results["cloud"]["cost"]["egress"] > 0
