@@ -1,5 +1,5 @@
-"""Closed-loop load: one user issuing the APIs in blocks (each API alone for a block, so per-edge bytes
-can be told apart per API), recording each request's start, API and client-side latency."""
+"""Closed-loop load: one user calling a random API after an exponential think time (so calls on every
+edge arrive like a Poisson stream), recording each request's start, API and client-side latency."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--topology", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--requests", type=int, default=30, help="requests per API")
-    parser.add_argument("--block", type=int, default=5, help="consecutive requests of one API")
+    parser.add_argument("--think-s", type=float, default=0.25, help="mean think time between requests")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests per API first")
     args = parser.parse_args()
     topology = json.loads(Path(args.topology).read_text())
@@ -51,15 +51,15 @@ def main() -> None:
         method, path, kwargs = api_requests(rng)[api]
         session.request(method, f"http://{address}:{port}{path}", timeout=60, **kwargs).raise_for_status()
     rows = []
-    for _ in range(-(-args.requests // args.block)):
-        for api in apis:
-            for _ in range(args.block):
-                method, path, kwargs = api_requests(rng)[api]
-                start = time.time()
-                clock = time.perf_counter()
-                session.request(method, f"http://{address}:{port}{path}", timeout=60, **kwargs).raise_for_status()
-                rows.append((start, api, (time.perf_counter() - clock) * 1e3))
-                time.sleep(0.02)
+    order = apis * args.requests
+    rng.shuffle(order)
+    for api in order:
+        time.sleep(rng.expovariate(1.0 / args.think_s))
+        method, path, kwargs = api_requests(rng)[api]
+        start = time.time()
+        clock = time.perf_counter()
+        session.request(method, f"http://{address}:{port}{path}", timeout=60, **kwargs).raise_for_status()
+        rows.append((start, api, (time.perf_counter() - clock) * 1e3))
     counter.sample()
     with open(out / "client.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

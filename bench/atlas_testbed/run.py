@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 SERVICES = {"frontend": 8080, "user-service": 8081, "timeline-service": 8082, "compose-service": 8083, "media-service": 8084}
 STORES = {"timeline-redis": 6379, "media-redis": 6380, "cache-memcached": 11211}
 GATEWAY = "gateway"
-WINDOW_S = 60
+WINDOW_S = 5  # trailing window of the byte and call series (Atlas: series_window_s)
 # name -> (components in the cloud, ingress side)
 PLACEMENTS = {
     "stores-in-cloud": (["timeline-redis", "media-redis"], "onprem"),
@@ -52,7 +52,8 @@ SIZES = {"small": {"requests": 10, "placements": ["stores-in-cloud", "entry-in-c
 
 def config_overrides(rtt_ms: float, rate_mbit: float, ingress: str) -> dict:
     """Atlas's configuration for the testbed: its gateway, nothing pinned but the gateway, its WAN."""
-    return {"gateway": GATEWAY, "ingress": ingress, "wan": {"rtt_ms": rtt_ms, "bandwidth_gbps": rate_mbit / 1e3},
+    return {"gateway": GATEWAY, "ingress": ingress, "series_window_s": WINDOW_S,
+            "wan": {"rtt_ms": rtt_ms, "bandwidth_gbps": rate_mbit / 1e3},
             "placement": {"pinned_onprem": [GATEWAY], "pinned_onprem_kinds": []}}
 
 

@@ -160,6 +160,12 @@ class AtlasConfig:
         return float(self.raw["wan"]["rtt_ms"])
 
     @property
+    def series_window_s(self) -> float | None:
+        """Length of the trailing windows the byte and call series count over (None: the data's own, 60 s)."""
+        value = self.raw.get("series_window_s")
+        return None if value is None else float(value)
+
+    @property
     def idle_after_s(self) -> float:
         """A connection unused this long restarts slow start: TCP's minimum retransmission timeout + RTT."""
         return float(self.raw["wan"].get("rto_min_ms", 200.0)) / 1e3 + self.rtt_ms / 1e3

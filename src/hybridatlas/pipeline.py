@@ -139,7 +139,8 @@ def forecast_rates(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, f
     if rates is None:
         if telemetry.api_calls is None:
             raise AtlasInputError("traffic forecast", "no API call series: give the expected traffic mix and volume")
-        rates = rates_from_history(telemetry.api_calls, telemetry.window_s, float(settings["history_minutes"]),
+        rates = rates_from_history(telemetry.api_calls, config.series_window_s or telemetry.window_s,
+                                   float(settings["history_minutes"]),
                                    bool(settings["trend"]), float(settings["horizon_days"]))
     return scale_rates(rates, float(settings["scale"]))
 
@@ -150,7 +151,7 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
     footprint = None
     if telemetry.request_bytes is not None and telemetry.response_bytes is not None and telemetry.api_calls is not None:
         footprint = learn_footprint(telemetry.request_bytes, telemetry.response_bytes, telemetry.api_calls,
-                                    graphs, telemetry.window_s)
+                                    graphs, config.series_window_s or telemetry.window_s)
     else:
         warn_data("telemetry", "no byte or call series: WAN transfer time and egress are taken as zero")
     resources = learn_resources(telemetry.resource_runs) if telemetry.resource_runs else None

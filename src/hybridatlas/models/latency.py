@@ -102,34 +102,45 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
     return ApiTraces(api, measured, representatives, shape_of_trace, np.array(weights))
 
 
-HopCost = Callable[[str, Hop], float]
+HopCost = Callable[[str, Hop, bool], float]
 
 
-def busy_edges(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> set:
-    """Edges whose forecast calls arrive more often than every `idle_after_s`: their connections stay warm."""
+def warm_shares(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> dict:
+    """Per edge, the share of calls that find their connection warm: with calls arriving at rate r
+    (forecast, all APIs), a gap exceeds `idle_after_s` with probability exp(-r * idle_after_s)."""
     per_edge: dict = defaultdict(float)
     for api, graph in graphs.items():
         for edge, calls in graph.calls.items():
             per_edge[edge] += rates.get(api, 0.0) * calls
-    return {edge for edge, rate in per_edge.items() if rate * idle_after_s >= 1.0}
+    return {edge: 1.0 - float(np.exp(-rate * idle_after_s)) for edge, rate in per_edge.items()}
 
 
 def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
                 kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> HopCost:
     """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth,
-    round trips from the first rule matching the operation and the callee's kind, on the warm curve for
-    calls on a connection in use (an earlier call in the request, or a busy edge under the forecast)."""
+    round trips from the first rule matching the operation and the callee's kind: the warm curve for a
+    call that follows another on the same edge in the request, else the idle and warm curves weighted
+    by the chance that the edge's forecast traffic kept the connection warm."""
     kinds = kinds or {}
-    busy = busy_edges(graphs, rates or {}, config.idle_after_s)
+    warm_share = warm_shares(graphs, rates or {}, config.idle_after_s)
 
-    def cost(api: str, hop: Hop) -> float:
+    def cost(api: str, hop: Hop, inside_callee_span: bool = False) -> float:
+        """The call's added latency; with `inside_callee_span`, only the part the callee's server span
+        sees: the request arrives after its first flight, so its later round trips and its transfer
+        (the response is written when the span ends)."""
         request = response = 0.0
         calls = graphs[api].calls.get(hop.edge, 0.0) if api in graphs else 0.0
         if footprint is not None and calls > 0:
             total_request, total_response = footprint.bytes_per_request(api, hop.edge)
             request, response = total_request / calls, total_response / calls
         rule = config.round_trip_rule(hop.operation, kinds.get(hop.edge[1]) or config.kind_of(hop.edge[1]))
-        round_trips = rule.round_trips(max(request, response), warm=hop.warm or hop.edge in busy)
+        payload = max(request, response)
+        share = 1.0 if hop.warm else warm_share.get(hop.edge, 0.0)
+        if inside_callee_span:
+            payload, response = request, 0.0
+        round_trips = share * rule.round_trips(payload, warm=True) + (1.0 - share) * rule.round_trips(payload)
+        if inside_callee_span:
+            round_trips = max(0.0, round_trips - 1.0)
         return round_trips * config.rtt_ms + (request + response) / config.bandwidth_bytes_per_s * 1e3
     return cost
 
@@ -147,13 +158,16 @@ class LatencyModel:
         self._pad = len(components)
         index = {name: i for i, name in enumerate(components)}
         src1, dst1, cost1, src2, dst2, cost2, slack, height = [], [], [], [], [], [], [], []
+        entry_cost1: list[float | None] = []
         children_of: list[list[list[int]]] = []
         self.roots: list[int] = []
         weights: list[tuple[int, int, float]] = []  # (representative, api, weight)
 
         def add(node: ReplayNode, api: str) -> int:
             kids = [[add(child, api) for child in stage] for stage in node.stages]
-            hops = [(index[h.edge[0]], index[h.edge[1]], hop_cost(api, h)) for h in node.hops]
+            hops = [(index[h.edge[0]], index[h.edge[1]], hop_cost(api, h, False)) for h in node.hops]
+            ingress = node.hops[0] if node.hops and node.hops[0].edge[0] == gateway else None
+            entry_cost1.append(hop_cost(api, ingress, True) if ingress else None)
             hops += [(self._pad, self._pad, 0.0)] * (2 - len(hops))
             (s1, d1, c1), (s2, d2, c2) = hops[0], hops[1]
             src1.append(s1), dst1.append(d1), cost1.append(c1)
@@ -173,6 +187,8 @@ class LatencyModel:
         for r, a, w in weights:
             self.rep_weights[r, a] = w
         self._build_levels(src1, dst1, cost1, src2, dst2, cost2, slack, height, children_of)
+        entry = np.array([c1 if e is None else e for c1, e in zip(cost1, entry_cost1)], dtype=np.float32)
+        self.entry_cost1 = entry[self._order]
         self.baseline_mean_ms = np.array([g.measured_ms.mean() for g in api_traces])
         self.baseline_p95_ms = np.array([np.percentile(g.measured_ms, P95) for g in api_traces])
         offsets = np.cumsum([0] + [len(g.representatives) for g in api_traces])
@@ -180,6 +196,7 @@ class LatencyModel:
 
     def _build_levels(self, src1, dst1, cost1, src2, dst2, cost2, slack, height, children_of) -> None:
         order = np.argsort(np.asarray(height, dtype=np.int64), kind="stable")
+        self._order = order
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
         self.src1, self.dst1 = np.asarray(src1)[order], np.asarray(dst1)[order]
@@ -209,15 +226,14 @@ class LatencyModel:
     def added_ms(self, cloud: np.ndarray, gateway_in_cloud: bool = False, include_ingress: bool = True) -> np.ndarray:
         """(plans x representatives) latency each representative trace gains; `cloud` is (plans x components) bool.
 
-        The gateway sits on the side `gateway_in_cloud` says. Without `include_ingress` the gateway ->
-        entry-service hop is left out: the latency from the entry span on, as traces measure it."""
+        The gateway sits on the side `gateway_in_cloud` says. Without `include_ingress` the latency is
+        taken from the entry span on, as traces measure it: of the gateway -> entry-service hop only
+        what happens inside the entry span counts (a large request body's later round trips)."""
         plans = cloud.shape[0]
         side = np.concatenate([cloud.astype(bool), np.zeros((plans, 1), dtype=bool)], axis=1)
         if self.gateway_index is not None:
             side[:, self.gateway_index] = gateway_in_cloud
-        cost1 = self.cost1
-        if not include_ingress and self.gateway_index is not None:
-            cost1 = np.where(self.src1 == self.gateway_index, 0.0, cost1).astype(np.float32)
+        cost1 = self.cost1 if include_ingress else self.entry_cost1
         delay = (side[:, self.src1] != side[:, self.dst1]) * cost1
         delay += (side[:, self.src2] != side[:, self.dst2]) * self.cost2
         value = np.empty_like(delay)
