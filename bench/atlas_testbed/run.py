@@ -102,11 +102,11 @@ def measure(wan: EmulatedWan, cloud: list[str], ingress: str, requests: int, out
             _wait_port(topology[name][0], port, wan, side[name])
         subprocess.run(wan.command("onprem", [sys.executable, str(HERE / "app.py"), "seed", "--topology", topology_file]),
                        check=True)
-        for name in SERVICES:
-            process = subprocess.Popen(wan.command(side[name], [sys.executable, str(HERE / "app.py"), name, "--topology",
-                                                                topology_file, "--out", str(raw)]),
-                                       stdout=subprocess.PIPE, text=True)
-            processes.append(process)
+        services = {name: subprocess.Popen(wan.command(side[name], [sys.executable, str(HERE / "app.py"), name,
+                                                                    "--topology", topology_file, "--out", str(raw)]),
+                                           stdout=subprocess.PIPE, text=True) for name in SERVICES}
+        processes.extend(services.values())
+        for name, process in services.items():
             if process.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 raise RuntimeError(f"{name} did not start")
         subprocess.run(wan.command(ingress, [sys.executable, str(HERE / "loadgen.py"), "--topology", topology_file,

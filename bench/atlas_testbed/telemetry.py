@@ -57,6 +57,7 @@ class ByteCounter:
     def __init__(self, component: str, servers: dict[tuple[str, int], str], path: Path) -> None:
         self.component, self.servers, self.path = component, servers, path
         self.totals: dict[tuple[str, str], int] = {}
+        self._written: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     def add(self, sock: socket.socket, direction: str, count: int) -> None:
@@ -99,14 +100,17 @@ class ByteCounter:
         base.sendall, base.send, base.recv, base.recv_into = sendall, send, recv, recv_into
 
     def sample(self) -> None:
+        """Append the totals that changed since the last sample (cumulative, like a counter scrape)."""
         with self._lock:
-            rows = [{"t": time.time(), "source": self.component, "destination": d, "direction": k, "bytes": v}
-                    for (d, k), v in self.totals.items()]
+            now = time.time()
+            rows = [{"t": now, "source": self.component, "destination": d, "direction": k, "bytes": v}
+                    for (d, k), v in self.totals.items() if self._written.get((d, k)) != v]
+            self._written.update(self.totals)
         with open(self.path, "a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
 
-    def start_sampling(self, every_s: float = 0.5) -> None:
+    def start_sampling(self, every_s: float = 0.05) -> None:
         def loop() -> None:
             while True:
                 time.sleep(every_s)

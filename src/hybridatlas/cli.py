@@ -396,8 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate_p.add_argument("--cloud", default="", help="components that ran in the cloud (traces)")
     calibrate_p.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (stores)")
     calibrate_p.add_argument("--sizes", default="", help="payload bytes to probe, comma-separated (stores)")
-    calibrate_p.add_argument("--reps", type=int, default=5, help="timed repetitions per operation and size (stores)")
-    calibrate_p.add_argument("--idle-s", type=float, default=0.3, help="idle time before each timed operation (stores)")
+    calibrate_p.add_argument("--reps", type=int, default=3, help="timed repetitions per operation and size (stores)")
+    calibrate_p.add_argument("--idle-s", type=float, default=1.5,
+                             help="idle time before each timed operation: long enough (several retransmission "
+                                  "timeouts) for TCP to restart from its initial window (stores)")
     calibrate_p.add_argument("--out", help="write the result as a config file here")
     calibrate_p.add_argument("--json", action="store_true")
     calibrate_p.set_defaults(func=cmd_calibrate)

@@ -5,8 +5,9 @@
 the request and response payload bytes of each (operation, size).
 
 Each operation moves `size` payload bytes in total (a pipeline of 10 commands moves size/10 each). With
-`--idle-s` the client waits that long before each timed operation, longer than TCP's retransmission
-timeout, so the connection restarts slow start as a pooled connection does after an idle spell.
+`--idle-s` the client waits that long before each timed operation, several of TCP's retransmission
+timeouts, so the connection restarts from its initial window as a pooled connection does after an
+idle spell (each timeout of idle halves the window down to the initial one).
 """
 
 from __future__ import annotations

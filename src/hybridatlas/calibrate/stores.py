@@ -61,8 +61,8 @@ def _wait_listening(wan: EmulatedWan, address: str, timeout_s: float = 10.0) -> 
         raise AtlasInputError("calibration", f"servers did not start: {done.stderr.strip()}")
 
 
-def measure(rtt_ms: float = 20.0, rate_mbit: float = 100.0, sizes: list[int] | None = None, reps: int = 5,
-            idle_s: float = 0.3) -> dict[str, Any]:
+def measure(rtt_ms: float = 20.0, rate_mbit: float = 100.0, sizes: list[int] | None = None, reps: int = 3,
+            idle_s: float = 1.5) -> dict[str, Any]:
     """Run the probes across and beside the WAN; returns the calibration document (see module doc)."""
     sizes = sizes or [100, 1_000, 10_000, 50_000, 200_000]
     with EmulatedWan(rtt_ms, rate_mbit) as wan:
