@@ -1,7 +1,7 @@
 """Atlas at scale: synthetic applications of 100, 300 and 1,000 components (synthetic.random_app).
 
 For each size: telemetry in the real formats, models, then `advise` as users run it (NSGA-II + local
-search, timed), its front against a long run (population 400, 1,000 generations: hypervolume ratio),
+search, timed), its front against a long run (population 400, --long-generations: hypervolume ratio),
 and, with all but ENUMERABLE components pinned, against the exhaustive front.
 
 Usage: python bench/atlas_scale.py [--out bench/results] [--sizes 100,300,1000]
@@ -43,7 +43,7 @@ def scenario(telemetry, pins: list[str] | None = None) -> AtlasConfig:
     return AtlasConfig.load(overrides=overrides)
 
 
-def run_size(n: int, workdir: Path) -> dict:
+def run_size(n: int, workdir: Path, long_generations: int) -> dict:
     app = random_app(n, seed=n)
     data = generate(workdir / f"app{n}", seed=n, traces_per_api=20, minutes=30, app=app)
     telemetry = load_directory(data)
@@ -57,7 +57,7 @@ def run_size(n: int, workdir: Path) -> dict:
                       for p in advice.plans if p["feasible"]])
     evaluator = PlanEvaluator(models)
     seeds = [baselines.busiest_first(evaluator), baselines.community_grouping(evaluator)]
-    long = nsga2_search(evaluator, population=400, generations=1000, seeds=seeds)
+    long = nsga2_search(evaluator, population=400, generations=long_generations, seeds=seeds)
     row = {"components": len(models.components), "apis": len(models.apis), "free": evaluator.n_bits,
            "replay_nodes": int(len(models.latency.slack)), "model_seconds": model_s, "advise_seconds": advise_s,
            "advise_evaluated": advice.search["evaluated"], "front": int(len(front)),
@@ -91,6 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--sizes", default="100,300,1000")
+    parser.add_argument("--long-generations", type=int, default=1000, help="generations of the long reference run")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     out = Path(args.out)
@@ -98,7 +99,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for n in (int(s) for s in args.sizes.split(",")):
-            rows.append(run_size(n, Path(workdir)))
+            rows.append(run_size(n, Path(workdir), args.long_generations))
             print(json.dumps(rows[-1]), flush=True)
     machine = f"{os.cpu_count()} CPU cores, no GPU"
     (out / "atlas_scale.json").write_text(json.dumps({"machine": machine, "sizes": rows}, indent=2))

@@ -47,7 +47,7 @@ PLACEMENTS = {
     "cloud-ingress": (["frontend", "user-service", "cache-memcached"], "cloud"),
 }
 SIZES = {"small": {"requests": 10, "placements": ["stores-in-cloud", "entry-in-cloud"]},
-         "full": {"requests": 40, "placements": list(PLACEMENTS)}}
+         "full": {"requests": 20, "placements": list(PLACEMENTS)}}
 
 
 def config_overrides(rtt_ms: float, rate_mbit: float, ingress: str) -> dict:
