@@ -139,8 +139,9 @@ def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[s
         if inside_callee_span:
             payload, response = request, 0.0
         round_trips = share * rule.round_trips(payload, warm=True) + (1.0 - share) * rule.round_trips(payload)
-        if inside_callee_span:
-            round_trips = max(0.0, round_trips - 1.0)
+        if inside_callee_span:  # the first flight (a small request's whole cost) precedes the span
+            first = share * rule.round_trips(0.0, warm=True) + (1.0 - share) * rule.round_trips(0.0)
+            round_trips = max(0.0, round_trips - first)
         return round_trips * config.rtt_ms + (request + response) / config.bandwidth_bytes_per_s * 1e3
     return cost
 
