@@ -76,7 +76,7 @@ def test_quantities_and_bad_input(tmp_path):
         quantity("12 cores", "x")
     path = tmp_path / "pods.json"
     path.write_text(json.dumps({"kind": "Pod", "metadata": {"name": "x"}}))
-    with pytest.raises(AtlasInputError, match=r"pods\\.json: expected the output of `kubectl get"):
+    with pytest.raises(AtlasInputError, match=r"pods\.json: expected the output of `kubectl get"):
         load_kubernetes(path)
     path.write_text(json.dumps(kubectl_list([_service("a", "a")])))
     with pytest.raises(AtlasInputError, match="holds no Deployment, StatefulSet or DaemonSet"):
