@@ -23,6 +23,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+#: Significand bits of each float dtype: a cast to a dtype with fewer rounds a value.
+PRECISION_BITS: dict[torch.dtype, int] = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 #: Dtypes accepted as token ids by embedding ops.
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -127,9 +129,12 @@ class OpRequest:
     ``out_dtype`` is the dtype the client wants back (defaults to ``x``'s dtype for float inputs).
     ``compute_dtype`` is the dtype the product is computed in, rows and weight alike (the dtype a
     client's autocast gives the op, or the dtype of a product the client computes with the weight
-    itself); None: the executor's own dtype. ``features`` restricts a linear op to its output
-    features ``[start, end)`` (rows ``start:end`` of W): forward rows get ``end - start`` outputs,
-    backward rows carry ``end - start`` gradients (a product with a slice of the weight).
+    itself); None: the executor's own dtype. ``weight_dtype``: the weight's values are first rounded
+    to this narrower dtype (client code that cast the weight down and back up, e.g. TRL's chunked
+    LM head on a CPU: ``W.to(bfloat16).float()``); None: no such rounding. ``features`` restricts a
+    linear op to its output features ``[start, end)`` (rows ``start:end`` of W): forward rows get
+    ``end - start`` outputs, backward rows carry ``end - start`` gradients (a product with a slice
+    of the weight).
     """
 
     op: str
@@ -141,6 +146,11 @@ class OpRequest:
     tenant: str = field(default="default")
     compute_dtype: torch.dtype | None = None
     features: tuple[int, int] | None = None
+    weight_dtype: torch.dtype | None = None
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one GEMM: same op, direction and product."""
+        return (self.op, self.direction, self.compute_dtype, self.weight_dtype, self.features)
 
     @property
     def rows(self) -> int:

@@ -3,7 +3,7 @@
 Proxies carry it as their ``weight`` so that PEFT (which creates adapters on the weight's device and
 dtype) wraps them unchanged. Code that uses a base weight the way a weight is used — in a product:
 ``F.linear(x, module.weight)``, ``x @ W.T``, ``torch.mm(x, W[a:b].t(), out=...)``, ``acc.addmm_(g,
-W[a:b])``, as fused and chunked LM-head losses (TRL, Liger, cut-cross-entropy) do — gets the right
+W[a:b])``, as fused and chunked LM-head losses such as TRL's do — gets the right
 answer: the executor computes the product, and autograd differentiates it like any product (the
 gradient with respect to the other operand is again a product with the weight). Anything that needs
 the weight's values on the client — merging an adapter into it, DoRA's weight norm, weight-based
@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from ..errors import BaseWeightAccessError
-from ..protocol import Direction
+from ..protocol import PRECISION_BITS, Direction
 
 aten = torch.ops.aten
 
@@ -30,8 +30,11 @@ aten = torch.ops.aten
 class Multiplier(Protocol):
     """Computes products with one executor op's weight W (``[out, in]``)."""
 
-    def product(self, direction: Direction, rows: torch.Tensor, features: tuple[int, int] | None) -> torch.Tensor:
-        """Forward ``rows·W[features]ᵀ`` or backward ``rows·W[features]`` in ``rows``'s dtype."""
+    def product(
+        self, direction: Direction, rows: torch.Tensor, features: tuple[int, int] | None, weight_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """Forward ``rows·W[features]ᵀ`` or backward ``rows·W[features]`` in ``rows``'s dtype, with
+        W's values first rounded to ``weight_dtype`` when given."""
         ...
 
 
@@ -39,13 +42,15 @@ class Multiplier(Protocol):
 class _View:
     """Which part of the executor's W ``[total, in]`` a phantom stands for, and how it is laid out.
 
-    The phantom is ``W[start:end]`` (``[end - start, in]``), or its transpose when ``transposed``.
+    The phantom is ``W[start:end]`` (``[end - start, in]``), or its transpose when ``transposed``;
+    ``rounded``: its values went through this dtype, narrower than its own (a cast down and back up).
     """
 
     start: int
     end: int
     total: int
     transposed: bool
+    rounded: torch.dtype | None = None
 
     @property
     def features(self) -> tuple[int, int] | None:
@@ -120,6 +125,13 @@ class PhantomWeight(torch.Tensor):
             )
         return self
 
+    def data_ptr(self) -> int:
+        """No memory to point at: a kernel that reads the weight itself fails here, not on address 0."""
+        raise BaseWeightAccessError(_refusal("data_ptr()", self, "a kernel reading its memory directly (Triton, CUDA or C++ extensions)"))
+
+    def __dlpack__(self, *args: object, **kwargs: object):
+        raise BaseWeightAccessError(_refusal("__dlpack__", self, "exporting its memory"))
+
     def __reduce_ex__(self, protocol: int):
         raise BaseWeightAccessError(
             f"cannot copy or serialise the weight of {self.owner}: it lives on the executor. "
@@ -146,7 +158,18 @@ def _same(phantom: PhantomWeight, *args: object, **kwargs: object) -> PhantomWei
 
 
 def _to_copy(phantom: PhantomWeight, *, dtype: torch.dtype | None = None, device: torch.device | None = None, **kwargs: object) -> PhantomWeight:
-    return phantom._derive(dtype=dtype, device=torch.device(device) if device is not None else None)
+    """A cast. Values keep the coarsest rounding they went through: ``W.to(bfloat16).float()`` holds
+    W rounded to bfloat16 (TRL's chunked LM head multiplies by exactly that on a CPU)."""
+    dtype = dtype or phantom.dtype
+    if dtype not in PRECISION_BITS:
+        raise BaseWeightAccessError(_refusal(aten._to_copy.default, phantom, f"casting it to {dtype}"))
+    coarsest = phantom._view.rounded or phantom.dtype
+    if PRECISION_BITS[dtype] < PRECISION_BITS[coarsest]:
+        if coarsest.itemsize <= 2:  # e.g. float16 then bfloat16: rounded twice, which no one request expresses
+            raise BaseWeightAccessError(f"casting the base weight {phantom.owner} from {coarsest} to {dtype} is not supported")
+        coarsest = dtype
+    view = replace(phantom._view, rounded=None if coarsest == dtype else coarsest)
+    return phantom._derive(dtype=dtype, device=torch.device(device) if device is not None else None, view=view)
 
 
 def _transpose(phantom: PhantomWeight, *dims: int) -> PhantomWeight:
@@ -222,7 +245,7 @@ def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise BaseWeightAccessError(_refusal(aten.mm.default, phantom, "a product (this weight is not connected to an executor op)"))
     # P = W[f]ᵀ: a·W[f]ᵀ is a forward product; P = W[f]: a·W[f] is a backward one
     direction = Direction.FORWARD if phantom._view.transposed else Direction.BACKWARD
-    return phantom.multiplier.product(direction, a.contiguous(), phantom._view.features).to(device=a.device)
+    return phantom.multiplier.product(direction, a.contiguous(), phantom._view.features, phantom._view.rounded).to(device=a.device)
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -296,6 +319,8 @@ def _refusal(func: object, phantom: PhantomWeight, what: str | None = None) -> s
         "torch.mm / addmm (also with out=) on whole weights or slices of their rows — and run on the executor. "
         "What needs the values does not: DoRA (use_dora), merging adapters (merge_and_unload / merge_adapter; "
         "merge the saved adapter on a monolithic model instead), weight-based init (PiSSA, OLoRA, LoftQ, EVA, "
-        "CorDA), and sharding or broadcasting the weight (FSDP: wrap with ignored_states="
-        "symbiosis.client.base_weights(model), or use DistributedDataParallel, which skips base weights)."
+        "CorDA), kernels that read the weight's memory (use a torch implementation, e.g. TRL's fused LM head, "
+        "or load_model(..., lm_head='client') for the LM head), and sharding or broadcasting the weight "
+        "(FSDP: wrap with ignored_states=symbiosis.client.base_weights(model); DistributedDataParallel skips "
+        "base weights by itself)."
     )

@@ -66,12 +66,17 @@ class _ProxyMixin:
 
 
 class LinearProxy(_ProxyMixin, nn.Linear):
-    """An nn.Linear whose ``x·Wᵀ`` runs on the executor."""
+    """An nn.Linear whose ``x·Wᵀ`` runs on the executor.
+
+    ``torch.compile`` does not trace into a proxy (a request to the executor is a graph break): the
+    code around it — norms, attention, adapters — compiles as usual.
+    """
 
     _remote: RemoteLinear
     _group: FusionGroup | None
     _role: str  # "single", "leader" or "member"
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self._role == "leader":
@@ -102,6 +107,7 @@ class EmbeddingProxy(_ProxyMixin, nn.Embedding):
     _session: ClientSession
     _info: OpInfo
 
+    @torch.compiler.disable
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         priority = self._session.request_priority(Direction.FORWARD)
         rows = self._session.run(self._info.name, Direction.FORWARD, ids.reshape(-1), priority, out_dtype=self.weight.dtype)

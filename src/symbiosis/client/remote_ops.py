@@ -38,18 +38,25 @@ class RemoteLinear:
         priority: int,
         compute_dtype: torch.dtype | None = None,
         features: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Forward ``rows·Wᵀ`` or backward ``rows·W`` for 2-D ``rows`` (``W[features]`` when given)."""
+        """Forward ``rows·Wᵀ`` or backward ``rows·W`` for 2-D ``rows`` (see ``OpRequest`` for the options)."""
         if rows.shape[0] == 0:
             return rows.new_zeros(0, self.info.output_width(direction, features))
-        return self.session.run(self.info.name, direction, rows, priority, compute_dtype=compute_dtype, features=features)
+        return self.session.run(
+            self.info.name, direction, rows, priority, compute_dtype=compute_dtype, features=features, weight_dtype=weight_dtype
+        )
 
-    def product(self, direction: Direction, rows: torch.Tensor, features: tuple[int, int] | None) -> torch.Tensor:
+    @torch.compiler.disable
+    def product(
+        self, direction: Direction, rows: torch.Tensor, features: tuple[int, int] | None, weight_dtype: torch.dtype | None
+    ) -> torch.Tensor:
         """A product that client code computes with the weight itself (``PhantomWeight``), in ``rows``'s dtype.
 
-        Autograd differentiates it above this call, so no autograd function is needed here.
+        Autograd differentiates it above this call, so no autograd function is needed here;
+        ``torch.compile`` does not trace into it (a request is a graph break).
         """
-        return self.call(direction, rows, self.session.request_priority(direction), rows.dtype, features)
+        return self.call(direction, rows, self.session.request_priority(direction), rows.dtype, features, weight_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         priority = self.session.request_priority(Direction.FORWARD)

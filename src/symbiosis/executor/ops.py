@@ -25,19 +25,32 @@ class FrozenOp:
         self.weight_t = self.weight.t()  # a view, made once: the forward product's operand
 
     def apply(
-        self, direction: Direction, x: torch.Tensor, *, features: tuple[int, int] | None = None, out: torch.Tensor | None = None
+        self,
+        direction: Direction,
+        x: torch.Tensor,
+        *,
+        features: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Forward ``x·Wᵀ`` / backward ``grad_y·W`` on 2-D rows ``x``; embedding ops gather rows of W.
 
         The product is computed in ``x``'s dtype (the weight is cast to it when they differ, as
-        autocast casts a module's weight); ``features`` uses only rows ``start:end`` of W. ``out``:
-        a contiguous tensor of the output's shape, dtype and device to write the product into
-        (returned), e.g. a client's response memory.
+        autocast casts a module's weight), with the weight's values first rounded to
+        ``weight_dtype`` when given; ``features`` uses only rows ``start:end`` of W. ``out``: a
+        contiguous tensor of the output's shape and device, in ``x``'s dtype, to write the product
+        into (returned), e.g. a client's response memory.
         """
         if self.info.kind is OpKind.EMBEDDING:
             return F.embedding(x, self.weight) if out is None else torch.index_select(self.weight, 0, x, out=out)
-        if features is None and x.dtype == self.weight.dtype:
+        if features is None and weight_dtype is None and x.dtype == self.weight.dtype:
             return torch.mm(x, self.weight_t if direction is Direction.FORWARD else self.weight, out=out)
         weight = self.weight if features is None else self.weight[features[0] : features[1]]
+        if weight_dtype is not None:
+            weight = weight.to(weight_dtype)
         weight = weight.to(x.dtype)
         return torch.mm(x, weight.t() if direction is Direction.FORWARD else weight, out=out)
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors this op holds (for counting resident bytes)."""
+        return [self.weight]

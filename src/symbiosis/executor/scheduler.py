@@ -1,8 +1,8 @@
 """Opportunistic per-op batching by flat combining.
 
 Every caller enqueues its request. Whoever finds the executor idle becomes the *combiner*: it takes
-the most urgent queue (requests for one op and direction that agree on compute dtype and output
-features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
+the most urgent queue (requests for one op and direction that agree on the product: compute dtype,
+weight rounding, output features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
 its own request is done; then another waiter takes over. A lone
 client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Requests
 may also be *submitted* without waiting (``submit``): their callback runs in whichever thread
@@ -47,8 +47,8 @@ BatchRunner = Callable[[str, Direction, Sequence[OpRequest], Sequence["torch.Ten
 #: Called once a submitted request is computed: (its output, None) or (None, the error it caused).
 Completion = Callable[[torch.Tensor | None, BaseException | None], None]
 
-#: Requests batch together when they agree on op, direction, compute dtype and output features.
-_Key = tuple[str, Direction, torch.dtype | None, tuple[int, int] | None]
+#: ``OpRequest.batch_key()``: op, direction, and what the product is (dtypes, output features).
+_Key = tuple
 _Queues = dict[_Key, list["_Pending"]]
 
 #: A client idle this long (no request queued, no answer received) no longer holds back a filling batch.
@@ -68,8 +68,7 @@ class _Pending:
 
 
 class BatchScheduler:
-    """Batches concurrent requests for the same op, direction, compute dtype and features; thread-safe;
-    see module docstring."""
+    """Batches concurrent requests with equal ``OpRequest.batch_key()``; thread-safe; see module docstring."""
 
     def __init__(
         self,
@@ -151,7 +150,7 @@ class BatchScheduler:
         if self._closed:
             raise RuntimeError("the executor is closed")
         request = pending.request
-        key = (request.op, request.direction, request.compute_dtype, request.features)
+        key = request.batch_key()
         queue = self._queues[lane].get(key)
         if queue is None:
             self._queues[lane][key] = [pending]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsymbiosis.proto\x12\x0csymbiosis.v1\"l\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12)\n\x06region\x18\x04 \x01(\x0b\x32\x17.symbiosis.v1.ShmRegionH\x00\x42\t\n\x07payload\";\n\tShmRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x08\"\xd2\x01\n\x06OpCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\x05\x12\x1f\n\x01x\x18\x04 \x01(\x0b\x32\x14.symbiosis.v1.Tensor\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tout_dtype\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x15\n\rcompute_dtype\x18\x08 \x01(\t\x12(\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x16.symbiosis.v1.Features\"&\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"o\n\x08OpResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x01y\x18\x02 \x01(\x0b\x32\x14.symbiosis.v1.TensorH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.symbiosis.v1.ErrorH\x00\x42\t\n\x07outcome\"\r\n\x0bSpecRequest\".\n\tSpecReply\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"\x1f\n\x0eTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"<\n\rAttachRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04\x63uda\x18\x03 \x01(\x08\"C\n\x0b\x41ttachReply\x12\x10\n\x08\x64oorbell\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06\"7\n\x0c\x43hannelGrant\x12\'\n\x04\x63uda\x18\x01 \x01(\x0b\x32\x19.symbiosis.v1.CudaBuffers\"\xa7\x01\n\x0b\x43udaBuffers\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.symbiosis.v1.CudaStorage\x12+\n\x08response\x18\x03 \x01(\x0b\x32\x19.symbiosis.v1.CudaStorage\x12\x14\n\x0c\x63lient_event\x18\x04 \x01(\x0c\x12\x14\n\x0cserver_event\x18\x05 \x01(\x0c\"\xb2\x01\n\x0b\x43udaStorage\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\"\x13\n\x11\x41ttachDataRequest\":\n\x0f\x41ttachDataReply\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x19\n\x11max_payload_bytes\x18\x02 \x01(\x04\"\x1a\n\tDataHello\x12\r\n\x05token\x18\x01 \x01(\t\"1\n\x0b\x44\x61taWelcome\x12\"\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x13.symbiosis.v1.Error\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xa4\x03\n\x08\x45xecutor\x12=\n\x07GetSpec\x12\x19.symbiosis.v1.SpecRequest\x1a\x17.symbiosis.v1.SpecReply\x12G\n\nGetTensors\x12\x1c.symbiosis.v1.TensorsRequest\x1a\x19.symbiosis.v1.TensorChunk0\x01\x12;\n\x07Session\x12\x14.symbiosis.v1.OpCall\x1a\x16.symbiosis.v1.OpResult(\x01\x30\x01\x12\x43\n\tAttachShm\x12\x1b.symbiosis.v1.AttachRequest\x1a\x19.symbiosis.v1.AttachReply\x12L\n\nAttachData\x12\x1f.symbiosis.v1.AttachDataRequest\x1a\x1d.symbiosis.v1.AttachDataReply\x12@\n\x08GetStats\x12\x1a.symbiosis.v1.StatsRequest\x1a\x18.symbiosis.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsymbiosis.proto\x12\x0csymbiosis.v1\"l\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12)\n\x06region\x18\x04 \x01(\x0b\x32\x17.symbiosis.v1.ShmRegionH\x00\x42\t\n\x07payload\";\n\tShmRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\x08\"\xe8\x01\n\x06OpCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\x05\x12\x1f\n\x01x\x18\x04 \x01(\x0b\x32\x14.symbiosis.v1.Tensor\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tout_dtype\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x15\n\rcompute_dtype\x18\x08 \x01(\t\x12(\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x16.symbiosis.v1.Features\x12\x14\n\x0cweight_dtype\x18\n \x01(\t\"&\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"o\n\x08OpResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x01y\x18\x02 \x01(\x0b\x32\x14.symbiosis.v1.TensorH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.symbiosis.v1.ErrorH\x00\x42\t\n\x07outcome\"\r\n\x0bSpecRequest\".\n\tSpecReply\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"\x1f\n\x0eTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"<\n\rAttachRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0c\n\x04\x63uda\x18\x03 \x01(\x08\"C\n\x0b\x41ttachReply\x12\x10\n\x08\x64oorbell\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03J\x04\x08\x05\x10\x06\"7\n\x0c\x43hannelGrant\x12\'\n\x04\x63uda\x18\x01 \x01(\x0b\x32\x19.symbiosis.v1.CudaBuffers\"\xa7\x01\n\x0b\x43udaBuffers\x12\x13\n\x0b\x64\x65vice_uuid\x18\x01 \x01(\t\x12*\n\x07request\x18\x02 \x01(\x0b\x32\x19.symbiosis.v1.CudaStorage\x12+\n\x08response\x18\x03 \x01(\x0b\x32\x19.symbiosis.v1.CudaStorage\x12\x14\n\x0c\x63lient_event\x18\x04 \x01(\x0c\x12\x14\n\x0cserver_event\x18\x05 \x01(\x0c\"\xb2\x01\n\x0b\x43udaStorage\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x14\n\x0coffset_bytes\x18\x03 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x04 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x05 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x06 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x07 \x01(\x08\"\x13\n\x11\x41ttachDataRequest\":\n\x0f\x41ttachDataReply\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\x19\n\x11max_payload_bytes\x18\x02 \x01(\x04\"\x1a\n\tDataHello\x12\r\n\x05token\x18\x01 \x01(\t\"1\n\x0b\x44\x61taWelcome\x12\"\n\x05\x65rror\x18\x01 \x01(\x0b\x32\x13.symbiosis.v1.Error\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xa4\x03\n\x08\x45xecutor\x12=\n\x07GetSpec\x12\x19.symbiosis.v1.SpecRequest\x1a\x17.symbiosis.v1.SpecReply\x12G\n\nGetTensors\x12\x1c.symbiosis.v1.TensorsRequest\x1a\x19.symbiosis.v1.TensorChunk0\x01\x12;\n\x07Session\x12\x14.symbiosis.v1.OpCall\x1a\x16.symbiosis.v1.OpResult(\x01\x30\x01\x12\x43\n\tAttachShm\x12\x1b.symbiosis.v1.AttachRequest\x1a\x19.symbiosis.v1.AttachReply\x12L\n\nAttachData\x12\x1f.symbiosis.v1.AttachDataRequest\x1a\x1d.symbiosis.v1.AttachDataReply\x12@\n\x08GetStats\x12\x1a.symbiosis.v1.StatsRequest\x1a\x18.symbiosis.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,43 +36,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHMREGION']._serialized_start=143
   _globals['_SHMREGION']._serialized_end=202
   _globals['_OPCALL']._serialized_start=205
-  _globals['_OPCALL']._serialized_end=415
-  _globals['_FEATURES']._serialized_start=417
-  _globals['_FEATURES']._serialized_end=455
-  _globals['_ERROR']._serialized_start=457
-  _globals['_ERROR']._serialized_end=495
-  _globals['_OPRESULT']._serialized_start=497
-  _globals['_OPRESULT']._serialized_end=608
-  _globals['_SPECREQUEST']._serialized_start=610
-  _globals['_SPECREQUEST']._serialized_end=623
-  _globals['_SPECREPLY']._serialized_start=625
-  _globals['_SPECREPLY']._serialized_end=671
-  _globals['_TENSORSREQUEST']._serialized_start=673
-  _globals['_TENSORSREQUEST']._serialized_end=704
-  _globals['_TENSORCHUNK']._serialized_start=706
-  _globals['_TENSORCHUNK']._serialized_end=793
-  _globals['_ATTACHREQUEST']._serialized_start=795
-  _globals['_ATTACHREQUEST']._serialized_end=855
-  _globals['_ATTACHREPLY']._serialized_start=857
-  _globals['_ATTACHREPLY']._serialized_end=924
-  _globals['_CHANNELGRANT']._serialized_start=926
-  _globals['_CHANNELGRANT']._serialized_end=981
-  _globals['_CUDABUFFERS']._serialized_start=984
-  _globals['_CUDABUFFERS']._serialized_end=1151
-  _globals['_CUDASTORAGE']._serialized_start=1154
-  _globals['_CUDASTORAGE']._serialized_end=1332
-  _globals['_ATTACHDATAREQUEST']._serialized_start=1334
-  _globals['_ATTACHDATAREQUEST']._serialized_end=1353
-  _globals['_ATTACHDATAREPLY']._serialized_start=1355
-  _globals['_ATTACHDATAREPLY']._serialized_end=1413
-  _globals['_DATAHELLO']._serialized_start=1415
-  _globals['_DATAHELLO']._serialized_end=1441
-  _globals['_DATAWELCOME']._serialized_start=1443
-  _globals['_DATAWELCOME']._serialized_end=1492
-  _globals['_STATSREQUEST']._serialized_start=1494
-  _globals['_STATSREQUEST']._serialized_end=1508
-  _globals['_STATSREPLY']._serialized_start=1510
-  _globals['_STATSREPLY']._serialized_end=1536
-  _globals['_EXECUTOR']._serialized_start=1539
-  _globals['_EXECUTOR']._serialized_end=1959
+  _globals['_OPCALL']._serialized_end=437
+  _globals['_FEATURES']._serialized_start=439
+  _globals['_FEATURES']._serialized_end=477
+  _globals['_ERROR']._serialized_start=479
+  _globals['_ERROR']._serialized_end=517
+  _globals['_OPRESULT']._serialized_start=519
+  _globals['_OPRESULT']._serialized_end=630
+  _globals['_SPECREQUEST']._serialized_start=632
+  _globals['_SPECREQUEST']._serialized_end=645
+  _globals['_SPECREPLY']._serialized_start=647
+  _globals['_SPECREPLY']._serialized_end=693
+  _globals['_TENSORSREQUEST']._serialized_start=695
+  _globals['_TENSORSREQUEST']._serialized_end=726
+  _globals['_TENSORCHUNK']._serialized_start=728
+  _globals['_TENSORCHUNK']._serialized_end=815
+  _globals['_ATTACHREQUEST']._serialized_start=817
+  _globals['_ATTACHREQUEST']._serialized_end=877
+  _globals['_ATTACHREPLY']._serialized_start=879
+  _globals['_ATTACHREPLY']._serialized_end=946
+  _globals['_CHANNELGRANT']._serialized_start=948
+  _globals['_CHANNELGRANT']._serialized_end=1003
+  _globals['_CUDABUFFERS']._serialized_start=1006
+  _globals['_CUDABUFFERS']._serialized_end=1173
+  _globals['_CUDASTORAGE']._serialized_start=1176
+  _globals['_CUDASTORAGE']._serialized_end=1354
+  _globals['_ATTACHDATAREQUEST']._serialized_start=1356
+  _globals['_ATTACHDATAREQUEST']._serialized_end=1375
+  _globals['_ATTACHDATAREPLY']._serialized_start=1377
+  _globals['_ATTACHDATAREPLY']._serialized_end=1435
+  _globals['_DATAHELLO']._serialized_start=1437
+  _globals['_DATAHELLO']._serialized_end=1463
+  _globals['_DATAWELCOME']._serialized_start=1465
+  _globals['_DATAWELCOME']._serialized_end=1514
+  _globals['_STATSREQUEST']._serialized_start=1516
+  _globals['_STATSREQUEST']._serialized_end=1530
+  _globals['_STATSREPLY']._serialized_start=1532
+  _globals['_STATSREPLY']._serialized_end=1558
+  _globals['_EXECUTOR']._serialized_start=1561
+  _globals['_EXECUTOR']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

@@ -121,6 +121,7 @@ def encode_call(request: OpRequest, call_id: int, out: pb.OpCall | None = None) 
     msg.out_dtype = dtype_name(request.out_dtype) if request.out_dtype is not None else ""
     msg.client_id = request.client_id
     msg.compute_dtype = dtype_name(request.compute_dtype) if request.compute_dtype is not None else ""
+    msg.weight_dtype = dtype_name(request.weight_dtype) if request.weight_dtype is not None else ""
     if request.features is not None:
         msg.features.start, msg.features.end = request.features
     else:
@@ -149,6 +150,7 @@ def decode_call(msg: pb.OpCall, *, tenant: str, regions: RegionReader | None = N
         out_dtype=_float_dtype(msg.out_dtype, "out_dtype"),
         tenant=tenant,
         compute_dtype=_float_dtype(msg.compute_dtype, "compute_dtype"),
+        weight_dtype=_float_dtype(msg.weight_dtype, "weight_dtype"),
         features=(msg.features.start, msg.features.end) if msg.HasField("features") else None,
     )
 

@@ -82,6 +82,18 @@ def test_gradients_flow_through_products_with_the_weight(pair):
     assert_close(results[0][1], results[1][1], "input gradient")
 
 
+def test_a_weight_cast_down_and_up_keeps_its_rounding(pair):
+    """``W.to(bfloat16).float()`` holds W's values rounded to bfloat16 (TRL's chunked LM head on a CPU
+    multiplies by exactly that in its backward)."""
+    client, mono, _ = pair
+    phantom, weight = client.get_output_embeddings().weight, mono.get_output_embeddings().weight
+    x = torch.randn(4, weight.shape[1])
+    rounded = weight.to(torch.bfloat16).float()
+    assert not torch.equal(x @ rounded.t(), x @ weight.t())
+    assert_close(x @ phantom.to(torch.bfloat16).float().t(), x @ rounded.t(), "bfloat16-rounded product")
+    assert_close(x[:, :30] @ phantom[10:40].to(torch.bfloat16).float(), x[:, :30] @ rounded[10:40], "rounded backward product")
+
+
 def test_products_in_another_dtype_compute_in_it(pair):
     """A product with the weight cast to bfloat16 (as autocast casts it) is computed in bfloat16."""
     client, mono, _ = pair
@@ -103,6 +115,7 @@ def test_products_in_another_dtype_compute_in_it(pair):
         (lambda w: w.view(-1), "reshaping"),  # flattening into a collective's buffer
         (lambda w: torch.randn(3, w.shape[0]) @ w[:, :4], "input dimension"),
         (lambda w: w @ w.t(), "product of two base weights"),
+        (lambda w: w.data_ptr(), "reading its memory"),  # a Triton / CUDA kernel handed the weight itself
     ],
 )
 def test_reading_the_values_fails_naming_the_operation(pair, operation, named):

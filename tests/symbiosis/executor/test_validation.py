@@ -44,6 +44,7 @@ def request(x, op=OP, direction=Direction.FORWARD, **kwargs) -> OpRequest:
         (request(torch.randn(3, 64), features=(5, 5)), "features must be"),
         (request(torch.randn(3, 64), direction=Direction.BACKWARD, features=(8, 16)), "expected rows of width 8"),
         (request(torch.randn(3, 64), compute_dtype=torch.float64), "compute_dtype torch.float64"),
+        (request(torch.randn(3, 64), weight_dtype=torch.int8), "weight_dtype torch.int8"),
         (request(torch.tensor([1]), op="model.embed_tokens", compute_dtype=torch.bfloat16), "takes no compute_dtype"),
     ],
 )
@@ -182,8 +183,12 @@ def test_products_with_a_compute_dtype_or_features_equal_the_reference(executor)
     assert torch.equal(executor.run(request(x, features=(8, 24))), x @ weight[8:24].t())
     grad = torch.randn(3, 16)
     assert torch.equal(executor.run(request(grad, direction=Direction.BACKWARD, features=(8, 24))), grad @ weight[8:24])
-    # the executor's own dtype as compute dtype is the plain request
-    assert torch.equal(executor.run(request(x, compute_dtype=torch.float32)), x @ weight.t())
+    # the weight rounded to bfloat16 first, the product in float32
+    assert torch.equal(executor.run(request(x, weight_dtype=torch.bfloat16)), x @ weight.bfloat16().float().t())
+    # the executor's own dtype as compute dtype, or a weight dtype that rounds nothing, is the plain request
+    for plain in (request(x, compute_dtype=torch.float32), request(x, weight_dtype=torch.float32)):
+        assert torch.equal(executor.run(plain), x @ weight.t())
+        assert plain.batch_key() == request(x).batch_key()
 
 
 def test_requests_in_different_compute_dtypes_run_in_separate_gemms(hold_batches):

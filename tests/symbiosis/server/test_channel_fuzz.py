@@ -56,6 +56,7 @@ def hostile_call(draw) -> pb.OpCall:
         priority=draw(st.integers(-(2**31), 2**31 - 1)),
         out_dtype=draw(st.sampled_from(["", *WIRE_DTYPES, "bogus"])),
         compute_dtype=draw(st.sampled_from(["", "float32", "bfloat16", "int64"])),
+        weight_dtype=draw(st.sampled_from(["", "float32", "bfloat16", "float16", "int64", "bogus"])),
     )
     msg.x.dtype = draw(st.sampled_from([*WIRE_DTYPES, "", "float64"]))
     msg.x.shape.extend(draw(st.lists(st.integers(min_value=-3, max_value=2**40), max_size=4)))
