@@ -143,6 +143,11 @@ class TenantState:
         with self._lock:
             return self._sessions
 
+    def requests_in_flight(self) -> int:
+        """In-flight slots held (requests admitted and not yet answered)."""
+        with self._lock:
+            return self._in_flight
+
 
 class TenantRegistry:
     """Resolves tokens to tenants; ``open()`` accepts any caller as tenant ``default``."""

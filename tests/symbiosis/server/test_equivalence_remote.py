@@ -15,7 +15,7 @@ from peft import LoraConfig
 from symbiosis import load_model
 from symbiosis.transport import RemoteTransport
 
-from ..equivalence import check_equivalence
+from ..equivalence import assert_close, check_equivalence, monolithic
 from ..test_equivalence_architectures import REQUIRED
 from ..test_equivalence_peft import METHODS
 from .servers import LANES
@@ -58,3 +58,18 @@ def test_shared_memory_lane_is_used(served):
 def test_autocast_through_server(served, model_dir, lane):
     """The compute dtype of autocast travels with each request (every lane)."""
     check_equivalence(model_dir("qwen2"), lora(), executor=served("qwen2").url, connect_options=LANES[lane], autocast=torch.bfloat16)
+
+
+@pytest.mark.parametrize("lane", sorted(LANES))
+def test_weight_products_through_server(served, model_dir, lane):
+    """Products with a base weight travel with their output features and weight rounding (OpCall
+    fields 9 and 10) on every lane: a row slice, a bfloat16-rounded weight, a backward product."""
+    path = model_dir("llama")
+    client = load_model(served("llama").url, connect_options=LANES[lane])
+    phantom, weight = client.get_output_embeddings().weight, monolithic(path).get_output_embeddings().weight
+    x = torch.randn(4, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    rounded = weight.to(torch.bfloat16).float()
+    assert_close(x @ phantom[10:40].t(), x @ weight[10:40].t(), "row slice")
+    assert_close(x @ phantom.to(torch.bfloat16).float().t(), x @ rounded.t(), "bfloat16-rounded product")
+    assert_close(x[:, :30] @ phantom[10:40].to(torch.bfloat16).float(), x[:, :30] @ rounded[10:40], "rounded backward product")
+    assert client.symbiosis.transport.lane_kind == lane

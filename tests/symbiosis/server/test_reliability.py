@@ -151,8 +151,8 @@ def test_garbage_on_a_data_channel(server):
 @pytest.mark.parametrize("lane", sorted(LANES))
 def test_client_vanishing_mid_request(model_dir, lane, hold_batches):
     """A client killed while its request waits in the executor: once the request is computed (into
-    its channel's memory, which the server still maps) the channel and the tenant's session end;
-    nothing is left behind."""
+    its channel's memory, which the server still maps) the channel, the tenant's session and the
+    request's in-flight slot are released; nothing is left behind."""
     slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=1.0))
     server = ExecutorServer(slow).start()
     try:
@@ -169,6 +169,7 @@ def test_client_vanishing_mid_request(model_dir, lane, hold_batches):
         assert eventually(lambda: tenant.open_sessions() == 0), "the dead client's session was not ended"
         assert eventually(lambda: server.shm.channel_count() + server.data.channel_count() == 0), "the dead client's channel was not cleaned up"
         assert slow.queue_depth() == 0
+        assert tenant.requests_in_flight() == 0, "the dead client's request still holds its tenant's slot"
     finally:
         server.stop(1.0)
 
