@@ -5,7 +5,11 @@
 # 14's (split overhead in-process and through the server, executor efficiency) first. Results go to $OUT (default
 # bench/results/gpu): log.txt and gpu-results.tar.gz, re-packed after every step so that a run cut
 # short still returns what finished. Each step has its own time cap.
+# BUDGET_S (default 560, under the device tool's 600 s per command) caps the whole run: a step whose
+# cap no longer fits is skipped (logged), so the run always ends in time; STEPS="a b" runs only the
+# named steps (name `model` with any benchmark step), e.g. the rest in a second call.
 #   bash bench/gpu.sh                      # on a CUDA machine with the project's packages
+#   STEPS="tests_quantized model multi_adapter_decode coserve capacity_bf16 capacity_4bit" bash bench/gpu.sh
 #   SMOKE=1 DEVICE=cpu bash bench/gpu.sh   # proves the script runs, measures nothing
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +23,17 @@ LOG=$OUT/log.txt
 SMOKE_ARGS=()
 [ -n "${SMOKE:-}" ] && SMOKE_ARGS=(--smoke)
 
-step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the results
+BUDGET_S=${BUDGET_S:-560}
+STEPS=${STEPS:-}
+
+step() {  # step NAME CAP_S COMMAND...: run with a time cap (within BUDGET_S), log it, re-pack the results
     local name=$1 cap=$2
     shift 2
+    if [ -n "$STEPS" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi
+    if (( SECONDS + cap > BUDGET_S )); then
+        echo "=== $name: skipped, its cap of ${cap}s does not fit the ${BUDGET_S}s budget ($SECONDS s used)" | tee -a "$LOG"
+        return 0
+    fi
     echo "=== $name (cap ${cap}s) $(date +%T)" | tee -a "$LOG"
     local t0=$SECONDS
     timeout --kill-after=5 "$cap" "$@" >>"$LOG" 2>&1
@@ -34,7 +46,6 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the
 } >>"$LOG" 2>&1
 
 step tests 180 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
-step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 
 # the per-op round trip with the executor on the GPU: a GPU client (CUDA IPC buffers), a CPU client (pinned shared memory)
 ITERATIONS=1000
@@ -54,6 +65,7 @@ fi
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}")
 step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$RESULTS/split_overhead" --rounds 3 --steps 2 --batch 8 --seq-len 256 --new-tokens 32
 step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
 # capacity in device memory (budget: 16 GiB of the GPU): the base in bfloat16, then NF4 against QLoRA processes

@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-inference-lane", action="store_true",
                         help="run inference GEMMs in the same lane as fine-tuning (ahead in the queue, but behind a running GEMM)")
     parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
-    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port, parameter_bytes} as JSON here once serving")
+    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port, data_port, parameter_bytes} as JSON here once serving")
     parser.set_defaults(func=run)
 
 
