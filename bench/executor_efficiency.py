@@ -11,11 +11,15 @@ itself; exact with one server torch thread, the default).
 
 The reference is ``torch.matmul`` alone on the same shapes (each family's mean rows per GEMM,
 its weight shape) in this process with the same threads, timed while no client runs: the
-machine's limit for those GEMMs. Target: >= 80% of the bare matmul rate at >= 8 clients.
+machine's limit for those GEMMs, twice — cache-hot (one weight, repeated: its bytes come from the
+caches) and with the weights from memory (cycling through 256 MiB of distinct weights), which is
+what any forward pass of a model larger than the caches gets, the monolithic model's included.
+Target: >= 80% of the (cache-hot) bare matmul rate at >= 8 clients.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +30,8 @@ from bench.procs import run_workers, start_server
 from bench.workers import DECODE_METHODS, decode_job, synchronize
 
 TARGET = 0.80
+#: Bytes of distinct weights a streamed reference cycles through: several times any CPU's last-level cache or a GPU's L2.
+STREAM_BYTES = 256 << 20
 
 
 def family_shapes(address: str) -> dict[str, tuple[int, int]]:
@@ -42,18 +48,28 @@ def family_shapes(address: str) -> dict[str, tuple[int, int]]:
     return {op_family(name): (info.in_features, info.out_features) for name, info in ops.items() if info.kind is OpKind.LINEAR}
 
 
-def bare_matmul_s(rows: int, shape: tuple[int, int], direction: str, repeats: int, device: str, dtype: str) -> float:
-    """Median seconds of one ``torch.matmul`` of ``rows`` rows with a weight of ``shape`` = (in, out)."""
+def bare_matmul_s(rows: int, shape: tuple[int, int], direction: str, repeats: int, device: str, dtype: str, *, streamed: bool = False) -> float:
+    """Median seconds of one ``torch.matmul`` of ``rows`` rows with a weight of ``shape`` = (in, out).
+
+    Cache-hot (default): the same weight every time, so from the second product on it is read from
+    the CPU's caches. ``streamed``: each product takes the next of enough distinct weights to fill
+    ``STREAM_BYTES`` (cycling), so every weight comes from memory, as in a forward pass, where each
+    layer's weights are read once per token and the whole model does not fit in any cache.
+    """
     n_in, n_out = shape
-    weight = torch.randn(n_out, n_in, device=device, dtype=getattr(torch, dtype))
-    x = torch.randn(rows, n_in if direction == "forward" else n_out, device=device, dtype=weight.dtype)
-    w = weight.t() if direction == "forward" else weight
+    dt = getattr(torch, dtype)
+    count = max(1, math.ceil(STREAM_BYTES / (n_in * n_out * dt.itemsize))) if streamed else 1
+    weights = [torch.randn(n_out, n_in, device=device, dtype=dt) for _ in range(count)]
+    x = torch.randn(rows, n_in if direction == "forward" else n_out, device=device, dtype=dt)
+    operands = [w.t() if direction == "forward" else w for w in weights]
     times = []
-    for _ in range(repeats):
+    for i in range(max(repeats, count) + 1):
+        w = operands[i % count]
         start = time.perf_counter()
         torch.matmul(x, w)
         synchronize(device)
         times.append(time.perf_counter() - start)
+    times = times[1:]  # the first product also warms up the kernels
     return sorted(times)[len(times) // 2]
 
 
@@ -79,23 +95,26 @@ def measure(n: int, server, shapes: dict, args) -> dict:
     before = server.stats()
     run_workers(decode_job, specs)
     per_family = delta(before, server.stats())
-    flops = bare_flops = bare_s = exec_s = cpu_s = gemms = rows = 0.0
+    flops = bare_flops = bare_s = streamed_s = exec_s = cpu_s = gemms = rows = 0.0
     families = []
     for (family, direction), d in sorted(per_family.items()):
         n_in, n_out = shapes[family]
         mean_rows = max(1, round(d["rows"] / d["gemms"]))
         f, bf = 2.0 * d["rows"] * n_in * n_out, 2.0 * mean_rows * n_in * n_out * d["gemms"]
         bare = bare_matmul_s(mean_rows, shapes[family], direction, args.repeats, args.device, args.dtype) * d["gemms"]
+        streamed = bare_matmul_s(mean_rows, shapes[family], direction, args.repeats, args.device, args.dtype, streamed=True) * d["gemms"]
         families.append({"op": family, "direction": direction, "gemms": d["gemms"], "rows_per_gemm": d["rows"] / d["gemms"],
                          "executor_gflops": f / d["compute_s"] / 1e9, "executor_cpu_gflops": f / d["cpu_s"] / 1e9 if d["cpu_s"] else None,
-                         "bare_gflops": bf / bare / 1e9})
-        flops, bare_flops, exec_s, cpu_s, bare_s = flops + f, bare_flops + bf, exec_s + d["compute_s"], cpu_s + d["cpu_s"], bare_s + bare
+                         "bare_gflops": bf / bare / 1e9, "streamed_gflops": bf / streamed / 1e9})
+        flops, bare_flops, exec_s, cpu_s = flops + f, bare_flops + bf, exec_s + d["compute_s"], cpu_s + d["cpu_s"]
+        bare_s, streamed_s = bare_s + bare, streamed_s + streamed
         gemms, rows = gemms + d["gemms"], rows + d["rows"]
-    executor_gflops, bare_gflops = flops / exec_s / 1e9, bare_flops / bare_s / 1e9
+    executor_gflops, bare_gflops, streamed_gflops = flops / exec_s / 1e9, bare_flops / bare_s / 1e9, bare_flops / streamed_s / 1e9
     cpu_gflops = flops / cpu_s / 1e9
     return {"clients": n, "gemms": gemms, "rows_per_gemm": rows / gemms, "executor_gflops": executor_gflops, "bare_gflops": bare_gflops,
             "efficiency": executor_gflops / bare_gflops, "executor_cpu_gflops": cpu_gflops, "cpu_efficiency": cpu_gflops / bare_gflops,
-            "executor_compute_s": exec_s, "executor_cpu_s": cpu_s, "families": families}
+            "streamed_gflops": streamed_gflops, "streamed_efficiency": executor_gflops / streamed_gflops,
+            "streamed_cpu_efficiency": cpu_gflops / streamed_gflops, "executor_compute_s": exec_s, "executor_cpu_s": cpu_s, "families": families}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
               "config": {k: getattr(args, k) for k in ("clients", "duration", "new_tokens", "repeats", "threads")},
               "rows": rows, "targets": {"efficiency_min_at_8_clients": TARGET, "met": met}}
-    md = common.table(["clients", "rows per GEMM", "executor GFLOP/s (wall)", "executor GFLOP/s (its CPU time)", "bare matmul GFLOP/s (same shapes)",
-                       "efficiency (wall)", "efficiency (CPU time)"],
-                      [[r["clients"], r["rows_per_gemm"], r["executor_gflops"], r["executor_cpu_gflops"], r["bare_gflops"], f"{r['efficiency']:.0%}",
-                        f"{r['cpu_efficiency']:.0%}"] for r in rows])
-    md += f"\nTarget: >= {TARGET:.0%} of the bare matmul rate at >= 8 clients (by wall time): {'met' if met else 'missed'}.\n"
+    md = common.table(["clients", "rows per GEMM", "executor GFLOP/s: wall / its CPU time", "bare matmul GFLOP/s: cache-hot / weights from memory",
+                       "efficiency vs cache-hot: wall / CPU time", "efficiency vs weights from memory: wall / CPU time"],
+                      [[r["clients"], r["rows_per_gemm"], f"{r['executor_gflops']:.2f} / {r['executor_cpu_gflops']:.2f}",
+                        f"{r['bare_gflops']:.2f} / {r['streamed_gflops']:.2f}", f"{r['efficiency']:.0%} / {r['cpu_efficiency']:.0%}",
+                        f"{r['streamed_efficiency']:.0%} / {r['streamed_cpu_efficiency']:.0%}"] for r in rows])
+    md += f"\nTarget: >= {TARGET:.0%} of the cache-hot bare matmul rate at >= 8 clients (by wall time): {'met' if met else 'missed'}.\n"
     ns = [r["clients"] for r in rows]
 
     def draw_rate(out: Path) -> Path:
