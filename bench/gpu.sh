@@ -45,13 +45,13 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap (within BUDGET_S), l
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 } >>"$LOG" 2>&1
 
-step tests 180 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+step tests 170 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
 
 # the per-op round trip with the executor on the GPU: a GPU client (CUDA IPC buffers), a CPU client (pinned shared memory)
 ITERATIONS=1000
 [ -n "${SMOKE:-}" ] && ITERATIONS=40
-step transport_gpu_client 60 python3 -m bench.transport --device "$DEVICE" --client-device "$DEVICE" --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_gpu_client"
-step transport_cpu_client 60 python3 -m bench.transport --device "$DEVICE" --client-device cpu --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_cpu_client"
+step transport_gpu_client 55 python3 -m bench.transport --device "$DEVICE" --client-device "$DEVICE" --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_gpu_client"
+step transport_cpu_client 55 python3 -m bench.transport --device "$DEVICE" --client-device cpu --iterations $ITERATIONS --rounds 3 --out "$RESULTS/transport_cpu_client"
 
 MODEL=${TMPDIR:-/tmp}/symbiosis-gpu-model
 if [ -n "${SMOKE:-}" ]; then MODEL_ARGS=(); else
@@ -64,7 +64,7 @@ save_random_model(llama_config(hidden_size=2048, num_hidden_layers=16, vocab_siz
 fi
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}")
 step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$RESULTS/split_overhead" --rounds 3 --steps 2 --batch 8 --seq-len 256 --new-tokens 32
-step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+step executor_efficiency 100 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
 step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
