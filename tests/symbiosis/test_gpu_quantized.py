@@ -2,8 +2,12 @@
 
 The executor runs on the GPU; its products are the same dequantise-then-GEMM as on the CPU. The
 reference is the CPU QLoRA model (bitsandbytes' CPU training products are that same computation;
-its CUDA int8 path quantises activations too, which the executor does not), so the bound is
-``GPU_REL_TOL`` of each tensor's scale, as for the other GPU tests, and greedy tokens are identical.
+its CUDA int8 path quantises activations too, which the executor does not). bitsandbytes' CUDA
+dequantisation does not round exactly as its CPU kernel does: on an H200 (2026-12-04, bitsandbytes
+0.50.2, torch 2.11+cu130) logits and gradients differed by up to 2.9e-4 of each tensor's scale (int8 on
+Llama, GPT-2 and Qwen2; NF4 on Llama and GPT-2), above the 1e-4 (``GPU_REL_TOL``) of the unquantized
+GPU tests; the bound here is ``QUANTIZED_GPU_REL_TOL`` (not yet re-run on a GPU). Greedy tokens must be
+identical.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from symbiosis import BaseExecutor  # noqa: E402
 
 from .equivalence import check_equivalence  # noqa: E402
 from .test_equivalence_architectures import lora_all_linear  # noqa: E402
-from .test_gpu import GPU_REL_TOL  # noqa: E402
+
+#: Measured up to 2.9e-4 (above); a wrong weight or a missed adapter is off by orders of magnitude more.
+QUANTIZED_GPU_REL_TOL = 1e-3
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,8 +33,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_quantized_executor_on_the_gpu(model_dir, model_type, quantization):
     path = model_dir(model_type)
     executor = BaseExecutor.from_pretrained(path, device="cuda", quantization=quantization)
-    errors = check_equivalence(path, lora_all_linear(), executor=executor, quantization=quantization, rel_tol=GPU_REL_TOL)
-    assert errors["grads"] <= GPU_REL_TOL
+    errors = check_equivalence(path, lora_all_linear(), executor=executor, quantization=quantization, rel_tol=QUANTIZED_GPU_REL_TOL)
+    assert errors["grads"] <= QUANTIZED_GPU_REL_TOL
 
 
 def test_nf4_bfloat16_products_on_the_gpu_with_the_client_there_too(model_dir):
