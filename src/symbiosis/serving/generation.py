@@ -1,6 +1,6 @@
 """From an API call to engine requests and back: prompts, context limits, and events on the event loop.
 
-Engines run on their own threads; a ``Generation`` hands their events to the asyncio loop of the
+The engine runs on its own thread; a ``Generation`` hands its events to the asyncio loop of the
 request that asked (``call_soon_threadsafe``), so handlers simply ``async for`` over the events.
 """
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from .engine import EngineClosed, Event, GenerationRequest
-from .registry import ServedModel, UnknownModelError
+from .engine import Engine, Event, GenerationRequest
+from .registry import ServedModel
 from .sampling import SamplingParams
 
 
@@ -27,9 +27,11 @@ class GenerationError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prompts:
-    """Tokenized prompts of one call (one for chat, one or more for completions)."""
+    """Tokenized prompts of one call (one for chat, one or more for completions), and their texts
+    (the text given, or the ids decoded)."""
 
     ids: list[list[int]]
+    texts: list[str]
 
     @property
     def tokens(self) -> int:
@@ -48,7 +50,8 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]], to
     vocab = len(tokenizer)
     if any(not p for p in ids) or any(not 0 <= t < vocab for p in ids for t in p):
         raise ValueError(f"every prompt needs at least one token, and token ids must lie in [0, {vocab})")
-    return Prompts(ids)
+    texts = [p if isinstance(p, str) else tokenizer.decode(i, skip_special_tokens=True) for p, i in zip(prompt, ids)]
+    return Prompts(ids, texts)
 
 
 def chat_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> Prompts:
@@ -56,26 +59,22 @@ def chat_prompt(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBa
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template; use /v1/completions")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return Prompts([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    return Prompts([tokenizer(text, add_special_tokens=False)["input_ids"]], [text])
 
 
-def max_new_tokens(requested: int | None, prompts: Prompts, served: ServedModel, context: int | None) -> int:
+def max_new_tokens(requested: int | None, prompts: Prompts, served: ServedModel, limit: int) -> int:
     """The completion budget: ``requested``, or what the context leaves; raises ``ContextLengthError``.
 
-    The context is the model's, or less where the engine batches sliding-window layers.
+    ``limit`` is the longest sequence the engine runs (the model's context, or less where the KV
+    cache holds less); an adapter's virtual tokens count against it.
     """
     longest = max(len(p) for p in prompts.ids) + served.virtual_tokens
-    limits = [n for n in (context, served.engine.max_sequence) if n is not None]
-    context = min(limits) if limits else None
-    if context is None:
-        if requested is None:
-            raise ValueError("max_tokens is required: the model's context length is unknown")
-        return requested
-    budget = requested if requested is not None else context - longest
-    if longest + budget > context or budget < 1:
+    budget = requested if requested is not None else limit - longest
+    if longest + budget > limit or budget < 0 or (requested is None and budget < 1):
+        shown = max(budget, 1 if requested is None else 0)
         raise ContextLengthError(
-            f"This model's maximum context length is {context} tokens. However, you requested "
-            f"{longest + max(budget, 1)} tokens ({longest} in the prompt, {max(budget, 1)} for the completion). "
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{longest + shown} tokens ({longest} in the prompt, {shown} for the completion). "
             "Please reduce the length of the prompt or the completion."
         )
     return budget
@@ -84,7 +83,7 @@ def max_new_tokens(requested: int | None, prompts: Prompts, served: ServedModel,
 class Generation:
     """The engine requests of one API call (``n`` choices per prompt) and their events, in order."""
 
-    def __init__(self, served: ServedModel, prompts: Prompts, params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, served: ServedModel, prompts: Prompts, params: SamplingParams, *, stream: bool) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -95,13 +94,10 @@ class Generation:
                 self.cancel()
 
         self.choices = len(prompts.ids) * params.n
-        self.requests = [GenerationRequest(ids, params, emit, first_choice=i * params.n) for i, ids in enumerate(prompts.ids)]
-        try:
-            for request in self.requests:
-                served.engine.submit(request)
-        except EngineClosed:
-            self.cancel()
-            raise UnknownModelError(served.name) from None
+        self.requests = [
+            GenerationRequest(ids, params, emit, adapter=served.adapter, first_choice=i * params.n, stream=stream) for i, ids in enumerate(prompts.ids)
+        ]
+        engine.submit(*self.requests)
 
     async def events(self) -> AsyncIterator[Event]:
         """Every event until all choices have finished; raises ``GenerationError`` if the engine failed."""
