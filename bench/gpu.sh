@@ -32,6 +32,7 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the
 } >>"$LOG" 2>&1
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+step serving_tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/serving/test_engine.py -k cuda -rs
 
 MODEL=${TMPDIR:-/tmp}/symbiosis-gpu-model
 if [ -n "${SMOKE:-}" ]; then MODEL_ARGS=(); else
@@ -46,6 +47,7 @@ COMMON=(--device "$DEVICE" --dtype "$DTYPE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}
 step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$RESULTS/split_overhead" --rounds 3 --steps 2 --batch 8 --seq-len 256 --new-tokens 32
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
+step serving 150 python3 -m bench.serving --device "$DEVICE" --dtype "$DTYPE" "${SMOKE_ARGS[@]}" --out "$RESULTS/serving" --no-vllm --scenarios lora4 mixed --clients 16 64 --duration 10 --warmup 3
 step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .

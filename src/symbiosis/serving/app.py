@@ -11,7 +11,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -90,7 +89,7 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
     def stats() -> dict[str, Any]:
         executor = registry.executor.local_executor
         return {
-            "engine": asdict(engine.stats) | {"load": engine.load(), "kv_cache": engine.kv_usage(), "resident_adapters": engine.adapters.resident()},
+            "engine": engine.stats.snapshot() | {"load": engine.load(), "kv_cache": engine.kv_usage(), "resident_adapters": engine.adapters.resident()},
             "executor": executor.stats.total() if executor is not None else None,
         }
 

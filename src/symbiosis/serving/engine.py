@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -105,11 +106,20 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def count(self, model: str, **counts: int) -> None:
-        entry = self.per_model.setdefault(model, {"requests": 0, "tokens": 0})
-        for key, value in counts.items():
-            entry[key] += value
+        with self._lock:
+            entry = self.per_model.setdefault(model, {"requests": 0, "tokens": 0})
+            for key, value in counts.items():
+                entry[key] += value
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as a plain dict (safe to call from any thread)."""
+        with self._lock:
+            values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+            values["per_model"] = {model: dict(entry) for model, entry in self.per_model.items()}
+        return values
 
 
 class Engine:
@@ -124,7 +134,7 @@ class Engine:
     def __init__(
         self,
         model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
         *,
         eos_ids: Iterable[int],
         max_seqs: int = 64,
@@ -146,10 +156,11 @@ class Engine:
         model.set_attn_implementation(ATTENTION)
         self.wrappers = dispatch.install(model)
         self._embed = model.get_input_embeddings()
+        self.device = self._embed.weight.device
         layout = self._probe_layout()
         if kv_cache_bytes is None:
             kv_cache_bytes = min(DEFAULT_KV_CACHE_BYTES, max_seqs * (self.context_length or 4096) * layout.bytes_per_token)
-        self.cache = PagedKVCache.within(layout, kv_cache_bytes, block_size, device=self._embed.weight.device)
+        self.cache = PagedKVCache.within(layout, kv_cache_bytes, block_size, device=self.device)
         self.scheduler = Scheduler(self.cache, max_seqs=max_seqs, max_step_tokens=max_step_tokens)
         self.adapters = AdapterStore(model, max_resident=max_adapters, attach=self._attach, detach=self._detach)
         #: Longest sequence (virtual tokens, prompt and completion) a request may reach.
@@ -213,6 +224,8 @@ class Engine:
             raise ValueError(f"{virtual + len(ids)} prompt and {params.max_tokens} new tokens exceed this server's {self.max_sequence} tokens per sequence")
         if params.n > self.scheduler.max_seqs:
             raise ValueError(f"n={params.n} exceeds this server's {self.scheduler.max_seqs} running sequences")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop sequences need a tokenizer; this engine serves token ids only")
 
     # ------------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
@@ -224,7 +237,10 @@ class Engine:
                     return
                 incoming, self._incoming = self._incoming, []
             for request in incoming:
-                self._admit_request(request)
+                try:
+                    self._admit_request(request)
+                except Exception as exc:  # noqa: BLE001 - fail the request, keep serving
+                    request.emit(Event(request.first_choice, error=exc))
             self._drop_cancelled()
             self.adapters.collect()
             failed: list[tuple[Sequence, Exception]] = []
@@ -319,32 +335,38 @@ class Engine:
             if stop == seq.total and seq.request.params.max_tokens > 0:
                 next_rows.append((chunk, len(keep)))
                 keep.append(row + chunk.count - 1)
-        plan = AttentionPlan(self.cache, torch.tensor(slots))
+        device = self.device
+        plan = AttentionPlan(self.cache, torch.tensor(slots, device=device))
         if decode_rows:
-            plan.decode_rows = torch.tensor(decode_rows)
+            plan.decode_rows = torch.tensor(decode_rows, device=device)
             plan.decode_slots = self.cache.padded_slots(decode_tables, decode_lengths)
-            plan.decode_lengths = torch.tensor(decode_lengths)
+            plan.decode_lengths = torch.tensor(decode_lengths, device=device)
         plan.prefills = prefills
         step = batch.StepBatch(batch.contiguous_groups(keys), batch.contiguous_groups([keys[r] for r in keep]), plan)
         with batch.active(step):
-            embeddings = self._embed(torch.tensor([ids]))
+            embeddings = self._embed(torch.tensor([ids], device=device))
             for row, vectors in virtual:
                 embeddings[0, row : row + vectors.shape[0]] = vectors.to(embeddings.dtype)
             logits = self.model(
-                inputs_embeds=embeddings, position_ids=torch.tensor([positions]), use_cache=False, logits_to_keep=torch.tensor(keep, dtype=torch.long)
+                inputs_embeds=embeddings,
+                position_ids=torch.tensor([positions], device=device),
+                use_cache=False,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
             ).logits[0]
         self._account(chunks, step, len(ids))
         for chunk in chunks:
             chunk.seq.computed = chunk.stop
         for chunk, first_kept, first in prompt_rows:
             self._prompt_logprobs(chunk.seq, logits, first_kept, first, min(chunk.stop, chunk.seq.virtual + chunk.seq.prompt_len - 1))
+        argmax = logits.argmax(-1).tolist() if next_rows else []  # one op for every plain greedy row
         for chunk, index in next_rows:
-            self._sample(chunk.seq, logits[index])
-        for chunk in chunks:
+            self._sample(chunk.seq, logits[index], argmax[index])
+        for chunk in chunks:  # prompts scored only (max_tokens 0): done once prefilled
             seq = chunk.seq
             if seq.request.params.max_tokens == 0 and seq.computed == seq.total:
-                seq.finish_reason = "length"
-                self._deliver(seq, "")
+                for s in (seq, *(self._fork(seq) if seq.forks else ())):
+                    s.finish_reason = "length"
+                    self._deliver(s, "")
 
     def _write_prefix(self, seq: Sequence) -> None:
         """Write the adapter's prefix keys and values into positions ``[0, virtual)`` of ``seq``."""
@@ -359,12 +381,12 @@ class Engine:
         targets = seq.tokens[first - v + 1 : last - v + 1]
         seq.prompt_logprobs += token_logprobs(logits[first_kept : first_kept + len(targets)], targets, params.prompt_logprobs)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, argmax: int) -> None:
         """``seq``'s next token from its logits row (and its forks' first tokens from the same row)."""
         children = self._fork(seq) if seq.forks else []
         for s in (seq, *children):
             params = s.request.params
-            token = next_token(logits, params, s.generator, s.generated)
+            token = argmax if params.plain_greedy else next_token(logits, params, s.generator, s.generated)
             logprob = token_logprobs(logits[None], [token], params.logprobs)[0] if params.logprobs is not None else None
             self._accept(s, token, logprob)
 
@@ -465,10 +487,18 @@ class Engine:
                 raise AdapterLoadError(f"adapter {loaded.name!r}: its prefix has shapes {shapes}, this model's cache {self.cache.layout.layers}")
         if loaded.prompt is not None and loaded.prompt.shape[-1] != self._embed.weight.shape[-1]:
             raise AdapterLoadError(f"adapter {loaded.name!r}: its virtual tokens are {loaded.prompt.shape[-1]} wide, this model's embeddings {self._embed.weight.shape[-1]}")
-        for path, layer in loaded.layers.items():
-            side = dispatch.wrap(self.model, path).attach(loaded, layer)
-            if side is dispatch.Side.OWN:
-                log.warning("adapter %s: the PEFT layer on %s gets a base product of its own (not batched)", loaded.name, path)
+        attached = []
+        try:
+            for path, layer in loaded.layers.items():
+                wrapper = dispatch.wrap(self.model, path)
+                side = wrapper.attach(loaded, layer)
+                attached.append(wrapper)
+                if side is dispatch.Side.OWN:
+                    log.warning("adapter %s: the PEFT layer on %s gets a base product of its own (not batched)", loaded.name, path)
+        except Exception:
+            for wrapper in attached:
+                wrapper.detach(loaded)
+            raise
 
     def _detach(self, loaded: LoadedAdapter) -> None:
         for path in loaded.layers:
@@ -479,7 +509,8 @@ class Engine:
         """One token through the model to learn each attention layer's cache entry shape."""
         probe = LayoutProbe()
         with torch.no_grad(), batch.active(batch.StepBatch((), (), probe)):
-            self.model(inputs_embeds=self._embed(torch.tensor([[0]])), position_ids=torch.tensor([[0]]), use_cache=False, logits_to_keep=1)
+            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.model(inputs_embeds=self._embed(zero), position_ids=zero, use_cache=False, logits_to_keep=1)
         if not probe.layers or sorted(probe.layers) != list(range(len(probe.layers))):
             raise UnsupportedFeatureError(f"the serving engine needs one attention layer per index; this model reported layers {sorted(probe.layers)}")
         dtype = self._embed.weight.dtype

@@ -2,7 +2,8 @@
 ``top_logprobs``, ``text_offset``) and chat (``content``: token, logprob, bytes, top_logprobs).
 
 A token is shown as the tokenizer decodes it alone (special tokens included); alternatives that
-decode to the same string share one key of a completions ``top_logprobs`` dict, as with vLLM.
+decode to the same string share one key of a completions ``top_logprobs`` dict, which keeps the
+most likely one's log-probability.
 """
 
 from __future__ import annotations
@@ -36,9 +37,17 @@ def completion_logprobs(tokens: Sequence[int], entries: Sequence[TokenLogprob | 
     return {
         "tokens": texts,
         "token_logprobs": [e.logprob if e is not None else None for e in entries],
-        "top_logprobs": [{strings(t): lp for t, lp in e.top} if e is not None else None for e in entries],
+        "top_logprobs": [_top(e, strings) if e is not None else None for e in entries],
         "text_offset": offsets,
     }
+
+
+def _top(entry: TokenLogprob, strings: TokenStrings) -> dict[str, float]:
+    """Alternatives by text, most likely first; of several that decode alike, the most likely one's log-probability."""
+    top: dict[str, float] = {}
+    for token, logprob in entry.top:
+        top.setdefault(strings(token), logprob)
+    return top
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], strings: TokenStrings) -> dict[str, Any]:

@@ -152,7 +152,7 @@ class Scheduler:
         self.cache.pool.release(seq.blocks)
         seq.blocks, seq.computed = [], 0
         if seq.prompt_logprobs is not None and not seq.sent_prompt_logprobs:
-            seq.prompt_logprobs = []
+            seq.prompt_logprobs = [None]
         self.waiting.appendleft(seq)
         self.preemptions += 1
 

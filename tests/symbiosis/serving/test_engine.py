@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import queue
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoTokenizer
 
 from symbiosis import BaseExecutor, load_model
 from symbiosis.protocol import Direction
-from symbiosis.serving import Engine, Event, GenerationRequest, SamplingParams, read_adapter
+from symbiosis.serving import Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
 from symbiosis.serving.adapters import store
 from symbiosis.tiny import save_tiny_model_with_tokenizer
 
@@ -29,6 +29,7 @@ from .adapters import ADAPTER_CONFIGS, greedy_with_logprobs, logits_from_scratch
 LOGPROB_BOUND = 1e-4
 PROMPTS = [[1, 50, 60, 70, 80, 90], [1, 33, 44], [1, 100, 101, 102, 103, 104, 105, 106, 107], [1, 7]]
 METHODS = [None, *ADAPTER_CONFIGS]
+LORA_GPT2 = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
 
 
 def generate(engine: Engine, specs: list[tuple], *, stream: bool = False) -> list[Event]:
@@ -174,3 +175,113 @@ def test_a_full_kv_cache_preempts_and_recomputes_and_load_beyond_capacity_queues
     assert engine.cache.pool.free == engine.cache.pool.capacity  # every block came back
     engine.close()
     assert engine.join(timeout=30)
+
+
+def test_adapters_beyond_the_resident_bound_are_loaded_on_demand_and_evicted_least_recently_used(setup, monkeypatch):
+    engine = Engine(load_model(setup.executor), setup.tokenizer, eos_ids=[], max_adapters=2)
+    names = ["lora", "ia3", "prefix", "prompt"]
+    for name in names:
+        engine.adapters.register(read_adapter(name, setup.paths[name]))
+    specs = [(engine.adapters.get(name), prompt, greedy(5)) for name in names for prompt in PROMPTS[:2]]
+    events = generate(engine, specs)
+    for (info, prompt, _), event in zip(specs, events, strict=True):
+        assert_matches_reference(event, setup.reference(info.name), prompt, 5, info.name)
+    assert engine.adapters.loads >= 4 and engine.adapters.evictions >= 2 and len(engine.adapters.resident()) <= 2
+
+    # loading never stalls running sequences: while an adapter's load is held, the base keeps decoding
+    release = threading.Event()
+    original = store.load_adapter
+    monkeypatch.setattr(store, "load_adapter", lambda model, info: release.wait(60) and original(model, info))
+    events: queue.Queue[Event] = queue.Queue()
+    unloaded = next(n for n in names if n not in engine.adapters.resident())
+    engine.submit(
+        GenerationRequest(PROMPTS[0], greedy(30), events.put, first_choice=0),
+        GenerationRequest(PROMPTS[1], greedy(5), events.put, adapter=engine.adapters.get(unloaded), first_choice=1),
+    )
+    first = events.get(timeout=60)
+    assert first.choice == 0 and first.finish_reason == "length" and len(first.token_ids) == 30
+    release.set()
+    second = events.get(timeout=60)
+    assert second.choice == 1 and second.error is None
+    assert_matches_reference(second, setup.reference(unloaded), PROMPTS[1], 5, unloaded)
+    engine.close()
+    assert engine.join(timeout=30)
+
+
+def test_cancelled_sequences_leave_at_the_next_step_and_closing_drains_the_queue(setup):
+    engine = Engine(load_model(setup.executor), setup.tokenizer, eos_ids=[], max_seqs=4)
+    events: queue.Queue[Event] = queue.Queue()
+    endless = GenerationRequest(PROMPTS[0], greedy(400), events.put, first_choice=0, stream=True)
+    engine.submit(endless)
+    assert events.get(timeout=60).choice == 0  # it runs
+    short = GenerationRequest(PROMPTS[1], SamplingParams(max_tokens=5, temperature=0, n=2), events.put, first_choice=1)
+    engine.submit(short)
+    endless.cancel()
+    queued = GenerationRequest(PROMPTS[2], greedy(4), events.put, first_choice=3)
+    engine.submit(queued)
+    engine.close()
+    with pytest.raises(EngineClosed):
+        engine.submit(GenerationRequest(PROMPTS[3], greedy(1), events.put))
+    assert engine.join(timeout=30)
+    finished = []
+    while not events.empty():
+        event = events.get()
+        if event.finish_reason:
+            finished.append(event.choice)
+    assert sorted(finished) == [1, 2, 3]  # the cancelled request never finished
+    assert engine.stats.cancelled == 1 and engine.stats.tokens < 400 and engine.load() == 0
+    assert engine.cache.pool.free == engine.cache.pool.capacity
+
+
+def test_bad_requests_are_refused_and_a_failing_step_fails_only_its_sequences(chat_model_dir):
+    executor = BaseExecutor.from_pretrained(chat_model_dir)
+    engine = Engine(load_model(executor), AutoTokenizer.from_pretrained(chat_model_dir), eos_ids=[], max_seqs=4)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        engine.submit(GenerationRequest([1, 10_000], greedy(3), lambda e: None))
+    with pytest.raises(ValueError, match="exceed this server's 512 tokens"):
+        engine.submit(GenerationRequest(PROMPTS[0], greedy(510), lambda e: None))
+    events: queue.Queue[Event] = queue.Queue()
+    engine.submit(GenerationRequest(PROMPTS[0], greedy(400), events.put, stream=True))
+    assert events.get(timeout=60).error is None
+    executor.close()  # every later op request fails
+    while (event := events.get(timeout=60)).error is None:
+        assert event.finish_reason is None
+    engine.submit(GenerationRequest(PROMPTS[1], greedy(3), events.put))
+    assert "closed" in str(events.get(timeout=60).error)
+    engine.close()
+    assert engine.join(timeout=30)
+    assert engine.cache.pool.free == engine.cache.pool.capacity
+
+
+@pytest.mark.parametrize(("model_type", "overrides"), [("gpt2", {}), ("qwen2", {}), ("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 8})])
+def test_other_architectures_sliding_windows_and_soft_capping(tmp_path, model_type, overrides):
+    """GPT-2 (Conv1D, learned positions), Qwen2 (biases), Mistral and Gemma 2 (sliding windows shorter
+    than the sequences; Gemma 2's soft-capped attention and logits), each with a LoRA adapter beside the base."""
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / model_type, model_type, **overrides)
+    adapter = save_adapter(model_dir, ADAPTER_CONFIGS["lora"] if model_type != "gpt2" else LORA_GPT2, tmp_path / "lora", seed=1)
+    engine = Engine(load_model(BaseExecutor.from_pretrained(model_dir)), AutoTokenizer.from_pretrained(model_dir), eos_ids=[], max_step_tokens=8)
+    info = read_adapter("lora", adapter)
+    engine.adapters.register(info)
+    long_prompt = [1] + [(5 * i) % 300 + 10 for i in range(13)]
+    specs = [(None, long_prompt, greedy(6, logprobs=1)), (info, long_prompt, greedy(6, logprobs=1)), (info, PROMPTS[0], greedy(6, logprobs=1))]
+    events = generate(engine, specs)
+    engine.close()
+    assert engine.join(timeout=30)
+    for (spec_info, prompt, _), event in zip(specs, events, strict=True):
+        assert_matches_reference(event, monolithic(model_dir, adapter if spec_info else None), prompt, 6, f"{model_type} {spec_info}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_engine_on_cuda_equals_the_monolithic_model(chat_model_dir, tmp_path):
+    paths = save_adapters(chat_model_dir, tmp_path, ["lora", "ia3", "oft", "prefix", "prompt"])
+    client = load_model(BaseExecutor.from_pretrained(chat_model_dir, device="cuda"), device="cuda")
+    engine = Engine(client, AutoTokenizer.from_pretrained(chat_model_dir), eos_ids=[])
+    infos = {name: read_adapter(name, path) for name, path in paths.items()}
+    for info in infos.values():
+        engine.adapters.register(info)
+    specs = [(info, prompt, greedy(6, logprobs=1)) for info in (None, *infos.values()) for prompt in PROMPTS[:2]]
+    events = generate(engine, specs)
+    engine.close()
+    assert engine.join(timeout=30) and engine.cache.keys[0].device.type == "cuda"
+    for (info, prompt, _), event in zip(specs, events, strict=True):
+        assert_matches_reference(event, monolithic(chat_model_dir, info.path if info else None), prompt, 6, str(info))

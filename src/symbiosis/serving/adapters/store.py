@@ -51,6 +51,7 @@ class AdapterStore:
         self._users: Counter[AdapterInfo] = Counter()
         self._loading: dict[AdapterInfo, Future[LoadedAdapter]] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
+        self._resident_names: tuple[str, ...] = ()  # published for other threads
         self.loads = 0
         self.evictions = 0
 
@@ -116,13 +117,16 @@ class AdapterStore:
                 with self._lock:
                     self._offered[:0] = offered[index:]
                 break
-            self._admit(loaded)
+            try:
+                self._admit(loaded)
+            except Exception:  # it is loaded again, and fails its requests, when they need it
+                log.exception("cannot serve adapter %s", loaded.name)
         for info in [i for i in self._resident if i not in registered and not self._users[i]]:
             self._evict(info)
 
     def resident(self) -> list[str]:
-        """Names of resident adapters, least recently used first."""
-        return [info.name for info in self._resident]
+        """Names of resident adapters, least recently used first (as of the last change; any thread)."""
+        return list(self._resident_names)
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -148,6 +152,7 @@ class AdapterStore:
     def _admit(self, loaded: LoadedAdapter) -> None:
         self._attach(loaded)
         self._resident[loaded.info] = loaded
+        self._resident_names = tuple(info.name for info in self._resident)
         self.loads += 1
 
     def _make_room(self, pending: int = 0) -> bool:
@@ -161,6 +166,7 @@ class AdapterStore:
 
     def _evict(self, info: AdapterInfo) -> None:
         loaded = self._resident.pop(info)
+        self._resident_names = tuple(i.name for i in self._resident)
         self._detach(loaded)
         self.evictions += 1
         log.info("evicted adapter %s", info.name)
