@@ -248,7 +248,7 @@ def run_server(server: Server, scenarios: list[str], args, texts: list[str]) -> 
     return rows
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Symbiosis over vLLM per (scenario, C), and the mixed-methods run over the one-LoRA run."""
     def find(server: str, scenario: str, c: int) -> dict | None:
         return next((r for r in rows if r["server"] == server and r["scenario"] == scenario and r["clients"] == c), None)
@@ -304,14 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append({"server": "vllm", "reason": vllm_status})
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": load, "vllm": vllm_status,
               "config": {k: getattr(args, k) for k in ("scenarios", "clients", "duration", "warmup", "max_tokens", "words")},
-              "rows": rows, "skipped": skipped, "ratios": ratios(rows), "elapsed_s": time.time() - began}
+              "rows": rows, "skipped": skipped, "targets": targets(rows), "elapsed_s": time.time() - began}
     md = common.table(["scenario", "clients", "server", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "requests",
                        "rows/GEMM", "rows/step"],
                       [[r["scenario"], r["clients"], r["server"], r["tokens_per_s"], r["ttft_ms"].get("p50"), r["ttft_ms"].get("p99"),
                         r["tpot_ms"].get("p50"), r["tpot_ms"].get("p99"), r["completed"], r.get("rows_per_gemm"), r.get("rows_per_step")]
                        for r in rows])
     md += "\n" + common.table(["comparison", "ratio", "target", "met"],
-                              [[c["comparison"], c["ratio"], c["target"], {True: "yes", False: "no"}.get(c["met"])] for c in result["ratios"]])
+                              [[c["comparison"], c["ratio"], c["target"], {True: "yes", False: "no"}.get(c["met"])] for c in result["targets"]])
     md += "".join(f"\nNot run: {s['server']}: {s['reason'][:300]}" for s in skipped)
 
     def throughput(out: Path) -> Path:
