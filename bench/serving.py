@@ -142,7 +142,8 @@ def free_port() -> int:
 def symbiosis_server(path: Path, adapters: dict[str, Path], args, scratch: Path) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "symbiosis.cli.main", "serve-openai", "--model", str(path), "--port", str(port), "--base-name", "base",
-               "--device", args.device, "--dtype", args.dtype, "--max-seqs", str(max(args.clients)), *(f"--adapter={name}={p}" for name, p in adapters.items())]
+               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.server_threads),
+               "--max-seqs", str(max(args.clients)), *(f"--adapter={name}={p}" for name, p in adapters.items())]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return Server("symbiosis", command, env, scratch / "symbiosis.log", port)
 
@@ -154,7 +155,7 @@ def vllm_server(python: Path, path: Path, adapters: dict[str, Path], args, scrat
                "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", str(max(args.clients)), "--enable-lora", "--max-loras", "4",
                "--max-lora-rank", "8", "--lora-modules", *loras, "--disable-log-requests"]
     env = {**os.environ, "PYTHONPATH": "", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "OMP_NUM_THREADS": str(os.cpu_count())}
+           "OMP_NUM_THREADS": str(args.server_threads)}
     return Server("vllm", command, env, scratch / "vllm.log", port)
 
 
@@ -226,7 +227,7 @@ def measure(server: Server, scenario: str, clients: list[int], models: list[str]
         asyncio.run(closed_loop(server.url, models, c, args.warmup, texts, args.max_tokens))  # warm-up: first calls, adapter loads
         before = admin_stats(server.url) if server.name == "symbiosis" else None
         result = asyncio.run(closed_loop(server.url, models, c, args.duration, texts, args.max_tokens))
-        result |= {"server": server.name, "scenario": scenario, **engine_figures(before, admin_stats(server.url) if before else None)}
+        result |= {"server": server.name, "scenario": scenario, "server_threads": args.server_threads, **engine_figures(before, admin_stats(server.url) if before else None)}
         print(f"{server.name:9s} {scenario:6s} C={c:3d}: {result['tokens_per_s']:7.1f} tokens/s, TTFT p50 {result['ttft_ms'].get('p50', 0):7.0f} ms, "
               f"TPOT p50 {result['tpot_ms'].get('p50', 0):6.1f} ms, errors {result['error_count']}", flush=True)
         rows.append(result)

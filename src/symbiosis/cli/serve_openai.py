@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..serving import HttpServer, ModelRegistry, create_app
 from .executor_args import add_executor_arguments, load_tokenizer, open_executor
 
@@ -34,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kv-cache-gib", type=float, help="KV cache memory budget in GiB (default: a full context per sequence, at most 1)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     parser.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once, least recently used evicted first (default 64)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
     parser.add_argument(
         "--embeddings",
@@ -54,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"error: --adapter takes NAME=DIR, got {spec!r}")
         adapters.append((name, Path(path)))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000}))
     base_name = args.base_name or (args.model.resolve().name if args.model is not None and not args.executor else "base")
     registry = ModelRegistry(

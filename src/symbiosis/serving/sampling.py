@@ -78,7 +78,7 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, generated: Sequence[int]) -> int:
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, generated: Sequence[int] = ()) -> int:
     """The next token id from a row of logits (``[vocab]``) under ``params``; ``generated``: this choice's tokens so far."""
     if params.plain_greedy:
         return int(logits.argmax())

@@ -19,6 +19,8 @@ layer calls its base layer is found once, when the adapter is attached, by probi
   group's place in the product's input (for a fused op, as extra rows of the same request).
 * ``OWN``: anything else. The layer runs on its rows with a base product of its own (a separate
   executor request for those rows: correct, not batched).
+
+Several plain LoRA groups on one module are computed together (``adapters/lora.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...client import PhantomWeight
 from .. import batch
+from .lora import LoraStack, LoraWeights, plain_lora
 
 
 class Side(enum.Enum):
@@ -95,11 +98,12 @@ class SharedBase(nn.Module):
 
 @dataclass(eq=False)
 class AdapterEntry:
-    """One adapter's PEFT layer on one base module."""
+    """One adapter's PEFT layer on one base module; ``lora``: its weights when it is plain LoRA."""
 
     layer: nn.Module
     stub: SharedBase
     side: Side
+    lora: LoraWeights | None = None
 
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The input the layer multiplies by the base weight for rows ``x`` (INPUT side)."""
@@ -139,6 +143,7 @@ class RowDispatch(nn.Module):
         self.lm_head = lm_head
         self.fused: FusedBase | None = None
         self.entries: dict[object, AdapterEntry] = {}
+        self.lora_stack = LoraStack()
         self.single = _single_product(base)
         self.out_features = _out_features(base)
 
@@ -152,12 +157,15 @@ class RowDispatch(nn.Module):
         """Serve ``adapter``'s PEFT ``layer`` (whose base layer is this module's base) on its rows."""
         stub = SharedBase(self)
         layer.base_layer = stub
-        entry = AdapterEntry(layer, stub, _probe(layer, stub, self.base))
+        side = _probe(layer, stub, self.base)
+        entry = AdapterEntry(layer, stub, side, plain_lora(layer) if side is Side.OUTPUT else None)
         self.entries[adapter] = entry
+        self.lora_stack.clear()
         return entry.side
 
     def detach(self, adapter: object) -> None:
         self.entries.pop(adapter, None)
+        self.lora_stack.clear()
 
     def active(self, step: batch.StepBatch | None) -> list[tuple[AdapterEntry, slice]]:
         """This step's adapters on this module, with their rows."""
@@ -179,11 +187,15 @@ class RowDispatch(nn.Module):
             y = self.single(inputs)
         else:
             y = self.single(x)
+        lora = [(entry.lora, rows) for entry, rows in active if entry.lora is not None]
+        stacked = len(lora) > 1  # several plain LoRA groups: one pair of products for all (adapters/lora.py)
         for entry, rows in active:
-            if entry.side is Side.OUTPUT:
+            if entry.side is Side.OUTPUT and not (stacked and entry.lora is not None):
                 y[:, rows] = entry.apply(x[:, rows], y[:, rows])
             elif entry.side is Side.OWN:
                 y[:, rows] = entry.own(x[:, rows])
+        if stacked:
+            self.lora_stack.add_to(y, x, lora)
         return y
 
     def extra_repr(self) -> str:
