@@ -122,12 +122,15 @@ def paged_attention(
     if plan.decode_rows is not None:
         rows, slots = plan.decode_rows, plan.decode_slots
         count, width = slots.shape
+        every_row = count == queries.shape[0]  # a step of decoding rows only: no gather or scatter of queries
         gathered = slots.view(-1)
         k = keys.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
         v = values.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
-        q = queries.index_select(0, rows).view(count, kv_heads, group, dim)
-        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap)
-        out.index_copy_(0, rows, o.reshape(count, heads, dim))
+        q = (queries if every_row else queries.index_select(0, rows)).reshape(count, kv_heads, group, dim)
+        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap).reshape(count, heads, dim)
+        if every_row:
+            return o[None], None
+        out.index_copy_(0, rows, o)
     for segment in plan.prefills:
         n = segment.count
         k = keys.index_select(0, segment.slots).transpose(0, 1)[None]  # [1, kv_heads, keys, dim]

@@ -1,12 +1,14 @@
 """From an API call to engine requests and back: prompts, context limits, and events on the event loop.
 
 The engine runs on its own thread; a ``Generation`` hands its events to the asyncio loop of the
-request that asked (``call_soon_threadsafe``), so handlers simply ``async for`` over the events.
+request that asked (``call_soon_threadsafe``, once per batch of events), so handlers simply
+``async for`` over the events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -80,16 +82,59 @@ def max_new_tokens(requested: int | None, prompts: Prompts, served: ServedModel,
     return budget
 
 
+class _Relay:
+    """Hands events from the engine's thread to one event loop, waking the loop once for all the
+    events that arrive before it runs (a step's events for every request), not once per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
+        """Queue ``event`` for ``queue``; raises ``RuntimeError`` once the loop is closed."""
+        if self.loop.is_closed():
+            raise RuntimeError("event loop is closed")
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a drain is already scheduled
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_relays: dict[asyncio.AbstractEventLoop, _Relay] = {}
+
+
+def _relay(loop: asyncio.AbstractEventLoop) -> _Relay:
+    relay = _relays.get(loop)
+    if relay is None:
+        for stale in [other for other in _relays if other.is_closed()]:
+            del _relays[stale]
+        relay = _relays[loop] = _Relay(loop)
+    return relay
+
+
 class Generation:
     """The engine requests of one API call (``n`` choices per prompt) and their events, in order."""
 
     def __init__(self, engine: Engine, served: ServedModel, prompts: Prompts, params: SamplingParams, *, stream: bool) -> None:
-        loop = asyncio.get_running_loop()
+        relay = _relay(asyncio.get_running_loop())
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
             try:
-                loop.call_soon_threadsafe(self._queue.put_nowait, event)
+                relay.put(self._queue, event)
             except RuntimeError:  # the loop is gone (server shutting down): stop generating
                 self.cancel()
 

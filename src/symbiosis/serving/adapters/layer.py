@@ -66,11 +66,11 @@ class SharedBase(nn.Module):
     def __init__(self, dispatch: RowDispatch) -> None:
         super().__init__()
         self.__dict__["_dispatch"] = dispatch  # not a submodule: the base belongs to the model
-        self.mode = _Mode.OWN
-        self.expected: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-        self.captured: torch.Tensor | None = None
-        self.calls: list[bool] = []
+        self.set(mode=_Mode.OWN, expected=None, output=None, captured=None, calls=[])
+
+    def set(self, **state) -> None:
+        """Per-call state, set without ``nn.Module.__setattr__``'s bookkeeping (plain values only)."""
+        self.__dict__.update(state)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,9 +91,9 @@ class SharedBase(nn.Module):
         if mode is _Mode.OWN:
             return self._dispatch.single(x)
         self.calls.append(x is self.expected)
-        self.captured = x
-        self.output = x.new_zeros(*x.shape[:-1], self._dispatch.out_features) if x.is_floating_point() else self._dispatch.single(x)
-        return self.output
+        output = x.new_zeros(*x.shape[:-1], self._dispatch.out_features) if x.is_floating_point() else self._dispatch.single(x)
+        self.set(captured=x, output=output)
+        return output
 
 
 @dataclass(eq=False)
@@ -108,25 +108,26 @@ class AdapterEntry:
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The input the layer multiplies by the base weight for rows ``x`` (INPUT side)."""
         stub = self.stub
-        stub.mode, stub.expected, stub.calls = _Mode.CAPTURE, x, []
+        stub.set(mode=_Mode.CAPTURE, expected=x, calls=[])
         out = self.layer(x)
         if out is not stub.output or len(stub.calls) != 1:
             raise DispatchError("a PEFT layer probed as input-side did not return its base product unchanged")
-        captured, stub.captured, stub.output = stub.captured, None, None
+        captured = stub.captured
+        stub.set(captured=None, output=None, expected=None)
         return captured
 
     def apply(self, x: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
         """The layer's output for rows ``x`` whose base product is ``base_rows`` (OUTPUT side)."""
         stub = self.stub
-        stub.mode, stub.expected, stub.output = _Mode.OUTPUT, x, base_rows
+        stub.set(mode=_Mode.OUTPUT, expected=x, output=base_rows)
         try:
             return self.layer(x)
         finally:
-            stub.expected = stub.output = None
+            stub.set(expected=None, output=None)
 
     def own(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for rows ``x`` with a base product of its own (OWN side)."""
-        self.stub.mode = _Mode.OWN
+        self.stub.set(mode=_Mode.OWN)
         return self.layer(x)
 
 
@@ -229,7 +230,8 @@ class FusedBase:
             for entry, group_rows in member.active(step)
             if entry.side is Side.INPUT
         ]
-        products = self.remote.fused_call(torch.cat([rows, *(t for _, _, t in extra)]) if extra else rows)
+        full = self.remote(torch.cat([rows, *(t for _, _, t in extra)]) if extra else rows)
+        products = full.split(self.remote.info.member_widths, dim=-1)  # column views: members' products never overlap
         outputs = [product[:count] for product in products]
         offset = count
         for index, group_rows, transformed in extra:
@@ -310,12 +312,13 @@ def _probe(layer: nn.Module, stub: SharedBase, base: nn.Module) -> Side:
         x = torch.arange(min(2, base.num_embeddings), device=weight.device)[None]
     else:
         x = torch.randn(1, 2, _in_features(base), dtype=weight.dtype, device=weight.device)
-    stub.mode, stub.expected, stub.calls = _Mode.PROBE, x, []
+    stub.set(mode=_Mode.PROBE, expected=x, calls=[])
     try:
         out = layer(x)
     finally:
-        stub.expected = None
-    calls, stub.captured = stub.calls, None
+        stub.set(expected=None)
+    calls = stub.calls
+    stub.set(captured=None)
     if calls == [True]:
         return Side.OUTPUT
     if calls == [False] and out is stub.output:
