@@ -33,6 +33,7 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
 step serving_tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/serving/test_engine.py -k cuda -rs
+step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 
 MODEL=${TMPDIR:-/tmp}/symbiosis-gpu-model
 if [ -n "${SMOKE:-}" ]; then MODEL_ARGS=(); else
@@ -49,6 +50,10 @@ step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
 step serving 150 python3 -m bench.serving --device "$DEVICE" --dtype "$DTYPE" "${SMOKE_ARGS[@]}" --out "$RESULTS/serving" --no-vllm --scenarios lora4 mixed --clients 16 64 --duration 10 --warmup 3
 step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+# capacity in device memory (budget: 16 GiB of the GPU): the base in bfloat16, then NF4 against QLoRA processes
+CAPACITY=(--device "$DEVICE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}" --budget-gib 16 --n 1 4 16 --duration 5 --batch 4 --seq-len 128 --threads 2)
+step capacity_bf16 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --out "$RESULTS/capacity_bf16"
+step capacity_4bit 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --quantize 4bit --out "$RESULTS/capacity_4bit"
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .
 echo "=== done $(date +%T)" | tee -a "$LOG"

@@ -22,6 +22,7 @@ EXPERIMENTS = {
     "coserve": [],
     "executor_efficiency": [],
     "serving": ["--no-vllm"],
+    "training_stacks": ["--stacks", "eager", "autocast", "trl-sft"],
 }
 
 
@@ -38,6 +39,16 @@ def test_experiment_runs_and_writes_outputs(name: str, tmp_path: Path) -> None:
         row = next(r for r in result["rows"] if r["system"] == "symbiosis")
         assert row["tokens"] == row["k"] * result["config"]["new_tokens"] and row["executor"]["requests_per_gemm"] == 1.0
         assert row["executor"]["rows_per_gemm"] >= row["k"]
+
+
+def test_quantized_base_runs(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    command = [sys.executable, "-m", "bench.quantized_base", "--smoke", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "quantized_base.json").read_text())["results"]
+    assert set(results) == {"float32", "bfloat16", "int8", "nf4"}
+    assert results["nf4"]["executor_linear_bytes"] < results["int8"]["executor_linear_bytes"] < results["float32"]["executor_linear_bytes"]
 
 
 def test_transport_runs_as_a_module(tmp_path: Path) -> None:
