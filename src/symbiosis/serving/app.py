@@ -7,10 +7,11 @@ with ``data: [DONE]``. Admin endpoints load and unload adapters while the server
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -55,22 +56,22 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
         return _model_card(registry.get(name), registry)
 
     @app.post("/v1/completions", dependencies=[v1])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         served = registry.get(body.model)
         prompts = completion_prompts(body.prompt, tokenizer)
         max_tokens = max_new_tokens(body.max_tokens, prompts, served, engine.max_sequence)
         params = body.sampling(max_tokens, engine.vocab_size, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
         answer = _Answer(_TEXT, strings, prompts, params.n, echo=body.echo, logprobs=body.logprobs is not None)
-        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body)
+        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body, request)
 
     @app.post("/v1/chat/completions", dependencies=[v1])
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         served = registry.get(body.model)
         prompts = chat_prompt([m.as_template_message() for m in body.messages], tokenizer)
         max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, prompts, served, engine.max_sequence)
         params = body.sampling(max_tokens, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         answer = _Answer(_CHAT, strings, prompts, params.n, echo=False, logprobs=body.logprobs)
-        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body)
+        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body, request)
 
     @app.get("/admin/adapters", dependencies=[admin])
     def list_adapters() -> dict[str, Any]:
@@ -105,16 +106,22 @@ class _Answer:
         self.chat = kind is _CHAT
         self.echo, self.logprobs = echo, logprobs
 
-    async def respond(self, generation: Generation, served: ServedModel, body: CompletionRequest | ChatCompletionRequest) -> Any:
+    async def respond(self, generation: Generation, served: ServedModel, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Any:
+        """The answer; a client that disconnects before a whole answer is ready cancels its generation
+        (a stream's generation is cancelled when the server stops sending it)."""
         head = {"id": f"{self.kind[0]}-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = self._stream(generation, head | {"object": self.kind[2]}, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices = [_Choice() for _ in range(generation.choices)]
-        try:
+
+        async def collect() -> None:
             async for event in generation.events():
                 choices[event.choice].add(event)
+
+        try:
+            await _unless_disconnected(collect(), request)
         finally:
             generation.cancel()
         body = [self._choice(i, c) for i, c in enumerate(choices)]
@@ -204,6 +211,30 @@ class _Choice:
             self.reason = event.finish_reason
 
 
+async def _unless_disconnected(work: Coroutine[Any, Any, None], request: Request) -> None:
+    """Await ``work``; if the client disconnects first, cancel it and raise ``ClientDisconnected``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnected
+    task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the request's body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; nobody is left to answer."""
+
+
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
@@ -251,8 +282,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(409, str(exc), code="conflict")
 
     @app.exception_handler(ContextLengthError)
-    async def too_long(_: Request, exc: ContextLengthError) -> JSONResponse:
-        return respond(400, str(exc), param="messages", code="context_length_exceeded")
+    async def too_long(request: Request, exc: ContextLengthError) -> JSONResponse:
+        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+        return respond(400, str(exc), param=param, code="context_length_exceeded")
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        return respond(499, "client closed the request", code="client_disconnected")
 
     @app.exception_handler(EngineClosed)
     async def closing(_: Request, exc: EngineClosed) -> JSONResponse:

@@ -274,6 +274,30 @@ def test_a_streaming_client_that_disconnects_cancels_its_generation(served):
     assert engine.stats.cancelled == cancelled_before + 1  # its row left the running batch unfinished
 
 
+def test_a_client_that_disconnects_before_a_whole_answer_cancels_its_generation(served):
+    engine = served.registry.engine
+    cancelled_before, tokens_before = engine.stats.cancelled, engine.stats.tokens
+    body = {"model": "lora", "prompt": "The river town", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=served.url, timeout=httpx.Timeout(120, read=0.3)) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body)  # gives up (and closes its connection) long before 480 tokens
+    deadline = time.monotonic() + 60
+    while engine.stats.cancelled == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while engine.load() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.cancelled == cancelled_before + 1 and engine.load() == 0
+    assert engine.stats.tokens - tokens_before < 480
+
+
+@pytest.mark.parametrize("prompt", [[5 + i % 400 for i in range(600)], "word " * 600])
+def test_a_prompt_longer_than_the_context_is_a_400_naming_the_limit(client, prompt):
+    for options in (dict(max_tokens=1), dict(max_tokens=0, echo=True, logprobs=1)):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="lora", prompt=prompt, **options)
+        body = info.value.body
+        assert "maximum context length is 512 tokens" in body["message"] and body["code"] == "context_length_exceeded" and body["param"] == "prompt"
+
+
 def test_echo_with_logprobs_scores_a_token_id_prompt_as_the_monolithic_model_does(served, client):
     prompt = served.tokenizer("The river town woke early")["input_ids"]
     expected = torch.log_softmax(logits_from_scratch(monolithic(served.model_dir, served.adapters["lora"]), prompt).float(), dim=-1)
