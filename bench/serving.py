@@ -1,4 +1,4 @@
-"""Experiment 7 — the OpenAI server under load: ``symbiosis serve-openai`` against vLLM's CPU OpenAI server.
+"""Experiment 9 — the OpenAI server under load: ``symbiosis serve-openai`` against vLLM's CPU OpenAI server.
 
 One load generator drives both servers over HTTP: C concurrent clients in a closed loop (each sends
 its next request when its last one ended) for ``--duration`` seconds, streaming completions of
