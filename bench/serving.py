@@ -153,7 +153,7 @@ def vllm_server(python: Path, path: Path, adapters: dict[str, Path], args, scrat
     loras = [f"{name}={p}" for name, p in adapters.items() if name.startswith("lora")]
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--served-model-name", "base", "--port", str(port),
                "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", str(max(args.clients)), "--enable-lora", "--max-loras", "4",
-               "--max-lora-rank", "8", "--lora-modules", *loras, "--disable-log-requests"]
+               "--max-lora-rank", "8", "--lora-modules", *loras]
     env = {**os.environ, "PYTHONPATH": "", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
            "OMP_NUM_THREADS": str(args.server_threads)}
     return Server("vllm", command, env, scratch / "vllm.log", port)

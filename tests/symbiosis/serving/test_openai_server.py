@@ -235,6 +235,25 @@ def test_concurrent_requests_for_different_adapters_share_the_engines_steps(serv
     assert all(after["engine"]["per_model"][m]["requests"] >= before["engine"]["per_model"].get(m, {}).get("requests", 0) + 2 for m in set(models))
 
 
+def test_adapters_beyond_max_adapters_are_answered_by_loading_them_on_demand(served):
+    registry = ModelRegistry(ExecutorRef(served.executor), served.tokenizer, base_name=BASE, max_seqs=8, max_adapters=1)
+    for name in ("lora", "ia3", "prefix"):
+        registry.register_adapter(name, served.adapters[name])  # registered only: nothing loaded yet
+    server = HttpServer(create_app(registry), port=0).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in ("lora", "ia3", "prefix", "lora"):
+            answer = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0)
+            assert answer.choices[0].message.content == reference_chat(served, model, QUESTION, 6)[0], model
+        adapters = registry.engine.adapters
+        assert adapters.loads == 4 and adapters.evictions == 3 and len(adapters.resident()) == 1  # least recently used left first
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="not-registered", prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
+        registry.close()
+
+
 def test_an_api_key_is_required_when_configured(served):
     guarded = HttpServer(create_app(served.registry, api_key="sk-test"), port=0).start()
     try:
