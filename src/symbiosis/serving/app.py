@@ -217,10 +217,12 @@ async def _unless_disconnected(work: Coroutine[Any, Any, None], request: Request
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this handler itself is cancelled: neither task outlives it
         watcher.cancel()
-    if not task.done():
-        task.cancel()
+        gone = not task.done()
+        if gone:
+            task.cancel()
+    if gone:
         raise ClientDisconnected
     task.result()
 
