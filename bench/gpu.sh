@@ -47,7 +47,9 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap (within BUDGET_S), l
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 } >>"$LOG" 2>&1
 
-step tests 170 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+step tests 150 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+
+step serving_tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/serving/test_engine.py -k cuda -rs
 
 # the per-op round trip with the executor on the GPU: a GPU client (CUDA IPC buffers), a CPU client (pinned shared memory)
 ITERATIONS=1000
@@ -70,6 +72,7 @@ step executor_efficiency 100 python3 -m bench.executor_efficiency "${COMMON[@]}"
 step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
+step serving 150 python3 -m bench.serving --device "$DEVICE" --dtype "$DTYPE" "${SMOKE_ARGS[@]}" --out "$RESULTS/serving" --no-vllm --scenarios lora4 mixed --clients 16 64 --duration 10 --warmup 3
 # capacity in device memory (budget: 16 GiB of the GPU): the base in bfloat16, then NF4 against QLoRA processes
 CAPACITY=(--device "$DEVICE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}" --budget-gib 16 --n 1 4 16 --duration 5 --batch 4 --seq-len 128 --threads 2)
 step capacity_bf16 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --out "$RESULTS/capacity_bf16"

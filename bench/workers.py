@@ -10,7 +10,6 @@ configurations), and the workload: fine-tuning steps (``train_job``) or greedy d
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -225,26 +224,76 @@ def in_process_executor(spec: dict[str, Any]) -> Any:
     return BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
 
 
-def decode_threads_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
-    """``spec["clients"]`` decoding clients as threads of this process, each a Symbiosis client with its own adapter.
+def save_adapters(model_dir: str, methods: Sequence[str], count: int, root: Any) -> list[Any]:
+    """``count`` fresh adapters (methods in turn, adapter i seeded with i) saved in PEFT format under ``root``."""
+    from pathlib import Path
 
-    The executor runs in this process (``spec["model_dir"]``) unless ``spec["target"]`` names a server.
-    """
-    executor = in_process_executor(spec) if "target" not in spec else None
-    methods = spec["methods"]
-    models = [adapted(base_model(spec, executor), methods[i % len(methods)], i).eval() for i in range(spec["clients"])]
-    for model in models:
-        decode_requests(model, dict(spec, requests=1, new_tokens=2, rate=0), 0)  # warm-up
-    if executor is not None:
-        executor.stats.reset()
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, paths = AutoModelForCausalLM.from_pretrained(model_dir), []
+    for i in range(count):
+        torch.manual_seed(i)
+        model = get_peft_model(base, peft_config(methods[i % len(methods)], steps=1000))
+        model.save_pretrained(Path(root) / f"a{i}")
+        paths.append(Path(root) / f"a{i}")
+        base = model.get_base_model() if model.active_peft_config.is_prompt_learning else model.unload()
+    return paths
+
+
+def engine_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]:
+    """``spec["clients"]`` greedy requests, one per adapter (``spec["methods"]`` in turn), served together by
+    one serving engine on a Symbiosis client of an executor in this process: one forward per step over
+    every sequence. Each request's ``steps_s`` are its time to first token and then each token's gap."""
+    import queue
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from symbiosis import load_model
+    from symbiosis.serving import Engine, GenerationRequest, SamplingParams, read_adapter
+
+    executor = in_process_executor(spec)
+    client = load_model(executor, device=spec.get("device", "cpu"), embeddings=spec.get("embeddings", "client"), priority="inference")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    except (OSError, ValueError):  # a model directory without a tokenizer: token ids only
+        tokenizer = None
+    engine = Engine(client, tokenizer, eos_ids=[], max_seqs=max(spec["clients"], 1), max_adapters=max(spec["clients"], 1))
+    with tempfile.TemporaryDirectory() as scratch:
+        infos = [read_adapter(f"a{i}", path) for i, path in enumerate(save_adapters(spec["model_dir"], spec["methods"], spec["clients"], scratch))]
+        for info in infos:
+            engine.adapters.register(info)
+            engine.adapters.offer(engine.adapters.load(info))
+    vocab = client.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+
+    def run(new_tokens: int) -> list[dict[str, Any]]:
+        events: queue.Queue = queue.Queue()
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+        prompts = torch.randint(3, vocab, (len(infos), spec["prompt_len"]), generator=generator).tolist()
+        requests = [GenerationRequest(p, params, events.put, adapter=info, first_choice=i, stream=True) for i, (p, info) in enumerate(zip(prompts, infos))]
+        begin = time.time()
+        engine.submit(*requests)
+        times: dict[int, list[float]] = {i: [] for i in range(len(requests))}
+        finished = 0
+        while finished < len(requests):
+            event = events.get(timeout=600)
+            if event.error is not None:
+                raise event.error
+            times[event.choice] += [time.time()] * len(event.token_ids)
+            finished += event.finish_reason is not None
+        return [{"start": begin, "steps_s": [t[0] - begin] + [b - a for a, b in zip(t, t[1:])], "tokens": len(t)} for t in times.values()]
+
+    run(2)  # warm-up: first calls
+    executor.stats.reset()
     ready()
     start = time.time()
-    with ThreadPoolExecutor(len(models)) as pool:
-        outputs = list(pool.map(lambda i: decode_requests(models[i], spec, i), range(len(models))))
-    report = {"methods": [methods[i % len(methods)] for i in range(len(models))], "start": start, "end": time.time(),
-              "requests": [r for rs in outputs for r in rs]}
-    if executor is not None:
-        report["executor"] = executor.stats.total()
+    requests = run(spec["new_tokens"])
+    report = {"methods": [spec["methods"][i % len(spec["methods"])] for i in range(len(infos))], "start": start, "end": time.time(),
+              "requests": requests, "executor": executor.stats.total(), "engine_steps": engine.stats.steps}
+    engine.close()
+    engine.join(timeout=60)
     return report
 
 

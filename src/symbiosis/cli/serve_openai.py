@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from ..serving import HttpServer, ModelRegistry, create_app
 from .executor_args import add_executor_arguments, load_tokenizer, open_executor
 
@@ -13,16 +15,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "serve-openai",
         help="serve the base model and PEFT adapters through an OpenAI-compatible API",
-        description="Serve the base model and any number of PEFT adapters (LoRA, IA3, prefix tuning, ...) through "
-        "/v1/models, /v1/completions and /v1/chat/completions; request model = adapter name or the base model's "
-        "name. Adapters are loaded and unloaded at run time through /admin/adapters.",
+        description="Serve the base model and any number of PEFT adapters (LoRA, IA3, LoHa, LoKr, OFT, AdaLoRA, prefix "
+        "tuning, prompt tuning, p-tuning, ...) through /v1/models, /v1/completions and /v1/chat/completions; request "
+        "model = adapter name or the base model's name. One engine steps every adapter's requests in one forward. "
+        "Adapters are added and removed at run time through /admin/adapters.",
     )
     add_executor_arguments(parser)
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve the PEFT adapter in DIR as NAME (repeatable)")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the PEFT adapter in DIR as NAME (repeatable; the first --max-adapters are loaded at start, the rest when first requested)",
+    )
     parser.add_argument("--base-name", help="model name of the base model (default: the --model directory's name, or 'base')")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
-    parser.add_argument("--max-rows", type=int, default=32, help="choices decoded together per model (default 32)")
+    parser.add_argument("--max-seqs", "--max-rows", type=int, default=64, help="sequences (choices) running at once, all adapters together (default 64)")
+    parser.add_argument("--max-step-tokens", type=int, default=256, help="tokens computed per step: decode rows plus prompt chunks (default 256)")
+    parser.add_argument("--kv-cache-gib", type=float, help="KV cache memory budget in GiB (default: a full context per sequence, at most 1)")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    parser.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once, least recently used evicted first (default 64)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
     parser.add_argument(
         "--embeddings",
@@ -43,16 +57,29 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not name or not path:
             raise SystemExit(f"error: --adapter takes NAME=DIR, got {spec!r}")
         adapters.append((name, Path(path)))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000}))
     base_name = args.base_name or (args.model.resolve().name if args.model is not None and not args.executor else "base")
     registry = ModelRegistry(
-        executor, load_tokenizer(args), base_name=base_name, max_rows=args.max_rows, device=args.device, embeddings=args.embeddings
+        executor,
+        load_tokenizer(args),
+        base_name=base_name,
+        device=args.device,
+        embeddings=args.embeddings,
+        max_seqs=args.max_seqs,
+        max_step_tokens=args.max_step_tokens,
+        kv_cache_bytes=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
+        block_size=args.block_size,
+        max_adapters=args.max_adapters,
     )
     try:
-        for name, path in adapters:
-            registry.load_adapter(name, path)
+        for index, (name, path) in enumerate(adapters):
+            (registry.load_adapter if index < args.max_adapters else registry.register_adapter)(name, path)
         server = HttpServer(create_app(registry, api_key=args.api_key, admin_token=args.admin_token), host=args.host, port=args.port, log_level="info")
-        print(f"serving {', '.join(m.name for m in registry.models())} on {server.url}/v1", flush=True)
+        names = [m.name for m in registry.models()]
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        print(f"serving {shown} on {server.url}/v1", flush=True)
         server.run(ready_file=args.ready_file)
     finally:
         registry.close()

@@ -7,11 +7,11 @@ with ``data: [DONE]``. Admin endpoints load and unload adapters while the server
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -20,9 +20,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from .engine import EngineClosed, Event
 from .generation import ContextLengthError, Generation, GenerationError, Prompts, chat_prompt, completion_prompts, max_new_tokens
+from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
 from .protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, error_body
 from .registry import ModelConflictError, ModelRegistry, ServedModel, UnknownModelError
+from .sampling import TokenLogprob
 
 #: Each kind of answer: (id prefix, object of a full response, object of a stream chunk).
 _CHAT = ("chatcmpl", "chat.completion", "chat.completion.chunk")
@@ -37,6 +40,8 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
     _install_error_handlers(app)
     v1 = Depends(_bearer(api_key, "invalid_api_key"))
     admin = Depends(_bearer(admin_token, "invalid_admin_token"))
+    engine, tokenizer = registry.engine, registry.tokenizer
+    strings = TokenStrings(tokenizer)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -51,17 +56,22 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
         return _model_card(registry.get(name), registry)
 
     @app.post("/v1/completions", dependencies=[v1])
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         served = registry.get(body.model)
-        prompts = completion_prompts(body.prompt, registry.tokenizer)
-        return await _answer(body, served, prompts, max_new_tokens(body.max_tokens, prompts, served, registry.context_length), _TEXT)
+        prompts = completion_prompts(body.prompt, tokenizer)
+        max_tokens = max_new_tokens(body.max_tokens, prompts, served, engine.max_sequence)
+        params = body.sampling(max_tokens, engine.vocab_size, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
+        answer = _Answer(_TEXT, strings, prompts, params.n, echo=body.echo, logprobs=body.logprobs is not None)
+        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body, request)
 
     @app.post("/v1/chat/completions", dependencies=[v1])
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         served = registry.get(body.model)
-        prompts = chat_prompt([m.as_template_message() for m in body.messages], registry.tokenizer)
-        requested = body.max_completion_tokens or body.max_tokens
-        return await _answer(body, served, prompts, max_new_tokens(requested, prompts, served, registry.context_length), _CHAT)
+        prompts = chat_prompt([m.as_template_message() for m in body.messages], tokenizer)
+        max_tokens = max_new_tokens(body.max_completion_tokens or body.max_tokens, prompts, served, engine.max_sequence)
+        params = body.sampling(max_tokens, engine.vocab_size, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        answer = _Answer(_CHAT, strings, prompts, params.n, echo=False, logprobs=body.logprobs)
+        return await answer.respond(Generation(engine, served, prompts, params, stream=body.stream), served, body, request)
 
     @app.get("/admin/adapters", dependencies=[admin])
     def list_adapters() -> dict[str, Any]:
@@ -80,7 +90,7 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
     def stats() -> dict[str, Any]:
         executor = registry.executor.local_executor
         return {
-            "models": {m.name: {**asdict(m.engine.stats), "load": m.engine.load()} for m in registry.models()},
+            "engine": engine.stats.snapshot() | {"load": engine.load(), "kv_cache": engine.kv_usage(), "resident_adapters": engine.adapters.resident()},
             "executor": executor.stats.total() if executor is not None else None,
         }
 
@@ -88,73 +98,153 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
 
 
 # ------------------------------------------------------------------------------------ answers
-async def _answer(body: CompletionRequest | ChatCompletionRequest, served: ServedModel, prompts: Prompts, max_tokens: int, kind: tuple[str, str, str]) -> Any:
-    generation = Generation(served, prompts, body.sampling(max_tokens))
-    head = {"id": f"{kind[0]}-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _stream(generation, head | {"object": kind[2]}, prompts, chat=kind is _CHAT, include_usage=include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, reasons, tokens = [""] * generation.choices, [None] * generation.choices, 0
+class _Answer:
+    """One API call's answer, whole or streamed, from its generation's events."""
+
+    def __init__(self, kind: tuple[str, str, str], strings: TokenStrings, prompts: Prompts, n: int, *, echo: bool, logprobs: bool) -> None:
+        self.kind, self.strings, self.prompts, self.n = kind, strings, prompts, n
+        self.chat = kind is _CHAT
+        self.echo, self.logprobs = echo, logprobs
+
+    async def respond(self, generation: Generation, served: ServedModel, body: CompletionRequest | ChatCompletionRequest, request: Request) -> Any:
+        """The answer; a client that disconnects before a whole answer is ready cancels its generation
+        (a stream's generation is cancelled when the server stops sending it)."""
+        head = {"id": f"{self.kind[0]}-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.name}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream(generation, head | {"object": self.kind[2]}, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices = [_Choice() for _ in range(generation.choices)]
+
+        async def collect() -> None:
+            async for event in generation.events():
+                choices[event.choice].add(event)
+
+        try:
+            await _unless_disconnected(collect(), request)
+        finally:
+            generation.cancel()
+        body = [self._choice(i, c) for i, c in enumerate(choices)]
+        return head | {"object": self.kind[1], "choices": body, "usage": self._usage(choices), "system_fingerprint": None}
+
+    def _choice(self, index: int, choice: _Choice) -> dict[str, Any]:
+        if self.chat:
+            logprobs = chat_logprobs(choice.logprobs, self.strings) if self.logprobs else None
+            return {"index": index, "message": {"role": "assistant", "content": choice.text}, "finish_reason": choice.reason, "logprobs": logprobs}
+        prompt = index // self.n
+        text, logprobs = choice.text, None
+        tokens, entries = list(choice.tokens), list(choice.logprobs)
+        if self.echo:
+            text = self.prompts.texts[prompt] + text
+            tokens = self.prompts.ids[prompt] + tokens
+            entries = list(choice.prompt_logprobs or [None] * len(self.prompts.ids[prompt])) + entries
+        if self.logprobs:
+            logprobs = completion_logprobs(tokens, entries, self.strings)
+        return {"index": index, "text": text, "finish_reason": choice.reason, "logprobs": logprobs}
+
+    async def _stream(self, generation: Generation, head: dict[str, Any], include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text and per finished choice, then ``[DONE]``."""
+        extra = {"usage": None} if include_usage else {}
+        choices = [_Choice() for _ in range(generation.choices)]
+
+        def chunk(index: int, text: str | None, reason: str | None, logprobs: Any = None, role: bool = False) -> str:
+            if self.chat:
+                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+                body = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": logprobs}
+            else:
+                body = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": logprobs}
+            return _sse(head | {"choices": [body]} | extra)
+
+        try:
+            if self.chat:
+                for index in range(generation.choices):
+                    yield chunk(index, "", None, role=True)
+            async for event in generation.events():
+                choice = choices[event.choice]
+                choice.add(event)
+                if self.echo and not choice.echoed:
+                    choice.echoed = True
+                    prompt = event.choice // self.n
+                    ids = self.prompts.ids[prompt]
+                    entries = event.prompt_logprobs or [None] * len(ids)
+                    yield chunk(event.choice, self.prompts.texts[prompt], None, completion_logprobs(ids, entries, self.strings) if self.logprobs else None)
+                if event.text or (self.logprobs and event.logprobs):
+                    yield chunk(event.choice, event.text, None, self._logprobs(event.token_ids, event.logprobs))
+                if event.finish_reason:
+                    yield chunk(event.choice, None if self.chat else "", event.finish_reason)
+            if include_usage:
+                yield _sse(head | {"choices": [], "usage": self._usage(choices)})
+        except GenerationError as exc:
+            yield _sse(error_body(str(exc), type="server_error"))
+        finally:
+            generation.cancel()
+        yield "data: [DONE]\n\n"
+
+    def _logprobs(self, tokens: tuple[int, ...], entries: tuple[TokenLogprob, ...]) -> Any:
+        if not self.logprobs:
+            return None
+        return chat_logprobs(entries, self.strings) if self.chat else completion_logprobs(tokens, entries, self.strings)
+
+    def _usage(self, choices: list[_Choice]) -> dict[str, int]:
+        completion = sum(len(c.tokens) for c in choices)
+        prompt = self.prompts.tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Choice:
+    """What one choice's events carried so far."""
+
+    def __init__(self) -> None:
+        self.text, self.reason = "", None
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        self.echoed = False
+
+    def add(self, event: Event) -> None:
+        self.text += event.text
+        self.tokens += event.token_ids
+        self.logprobs += event.logprobs
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
+        if event.finish_reason:
+            self.reason = event.finish_reason
+
+
+async def _unless_disconnected(work: Coroutine[Any, Any, None], request: Request) -> None:
+    """Await ``work``; if the client disconnects first, cancel it and raise ``ClientDisconnected``."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        async for event in generation.events():
-            texts[event.choice] += event.text
-            if event.finish_reason:
-                reasons[event.choice] = event.finish_reason
-                tokens += event.tokens
-    finally:
-        generation.cancel()
-    if kind is _CHAT:
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
-    else:
-        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None} for i, (t, r) in enumerate(zip(texts, reasons))]
-    return head | {"object": kind[1], "choices": choices, "usage": _usage(prompts, tokens), "system_fingerprint": None}
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled: neither task outlives it
+        watcher.cancel()
+        gone = not task.done()
+        if gone:
+            task.cancel()
+    if gone:
+        raise ClientDisconnected
+    task.result()
 
 
-async def _stream(generation: Generation, head: dict[str, Any], prompts: Prompts, *, chat: bool, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per piece of text and per finished choice, then ``[DONE]``."""
-    extra = {"usage": None} if include_usage else {}
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the request's body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    def chunk(choice: int, text: str | None, finish_reason: str | None, role: bool = False) -> str:
-        if chat:
-            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            body = {"index": choice, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        else:
-            body = {"index": choice, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-        return _sse(head | {"choices": [body]} | extra)
 
-    tokens = 0
-    try:
-        if chat:
-            for choice in range(generation.choices):
-                yield chunk(choice, "", None, role=True)
-        async for event in generation.events():
-            if event.text:
-                yield chunk(event.choice, event.text, None)
-            if event.finish_reason:
-                tokens += event.tokens
-                yield chunk(event.choice, None if chat else "", event.finish_reason)
-        if include_usage:
-            yield _sse(head | {"choices": [], "usage": _usage(prompts, tokens)})
-    except GenerationError as exc:
-        yield _sse(error_body(str(exc), type="server_error"))
-    finally:
-        generation.cancel()
-    yield "data: [DONE]\n\n"
+class ClientDisconnected(Exception):
+    """The client went away before its answer was ready; nobody is left to answer."""
 
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _usage(prompts: Prompts, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompts.tokens, "completion_tokens": completion_tokens, "total_tokens": prompts.tokens + completion_tokens}
-
-
 def _model_card(served: ServedModel, registry: ModelRegistry) -> dict[str, Any]:
     card = {"id": served.name, "object": "model", "created": served.created, "owned_by": "symbiosis", "root": registry.base_name}
     if served.adapter is not None:
-        card |= {"parent": registry.base_name, "peft_type": served.peft_type, "path": str(served.adapter)}
+        card |= {"parent": registry.base_name, "peft_type": served.peft_type, "path": str(served.path)}
     return card
 
 
@@ -194,8 +284,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(409, str(exc), code="conflict")
 
     @app.exception_handler(ContextLengthError)
-    async def too_long(_: Request, exc: ContextLengthError) -> JSONResponse:
-        return respond(400, str(exc), param="messages", code="context_length_exceeded")
+    async def too_long(request: Request, exc: ContextLengthError) -> JSONResponse:
+        param = "messages" if request.url.path.endswith("/chat/completions") else "prompt"
+        return respond(400, str(exc), param=param, code="context_length_exceeded")
+
+    @app.exception_handler(ClientDisconnected)
+    async def gone(_: Request, exc: ClientDisconnected) -> JSONResponse:
+        return respond(499, "client closed the request", code="client_disconnected")
+
+    @app.exception_handler(EngineClosed)
+    async def closing(_: Request, exc: EngineClosed) -> JSONResponse:
+        return respond(503, str(exc), type="server_error", code="shutting_down")
 
     @app.exception_handler(ValueError)
     async def bad_value(_: Request, exc: ValueError) -> JSONResponse:

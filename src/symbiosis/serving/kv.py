@@ -1,80 +1,132 @@
-"""A running batch's KV cache: rows join (left-padded to a common length) and leave at any step.
+"""The engine's key/value cache: fixed-size blocks of slots in one pool per layer, handed to sequences
+as they grow (paged, as in vLLM), within a memory budget fixed at start.
 
-Every row's cache entries are right-aligned: row ``i`` holds ``lengths[i]`` real entries at the end
-of the time axis and padding before them, which its attention mask hides. Positions are passed
-explicitly, so padding never shifts a row's positions; the causal mask of transformers indexes the
-cache, not positions, so right-aligned rows attend exactly to their own entries (a sliding window
-compares distances, which the shift keeps). Sliding-window layers are batched while every row stays
-shorter than the window, so that no layer ever drops entries (``batch_limit``).
+Slot ``s`` of layer ``l`` holds one token's key and value: ``keys[l][s]`` is ``[kv_heads, head_dim]``.
+Block ``b`` owns slots ``[b * block_size, (b + 1) * block_size)``; a sequence's block table lists its
+blocks in order, so its position ``p`` lives in slot ``table[p // block_size] * block_size + p %
+block_size``. Block 0 is never handed out: it stays zero and pads gathers (a padded key is masked
+out, and zeros keep uninitialised memory, possibly NaN, out of the products). Blocks are counted
+references: the choices of one prompt share its full blocks.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
-from transformers import Cache, DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ..errors import UnsupportedFeatureError
-
-_BATCHABLE = (DynamicLayer, DynamicSlidingWindowLayer)
+NULL_BLOCK = 0
 
 
-def batch_limit(cache: Cache) -> int | None:
-    """The longest sequence a row of ``cache`` may reach in a running batch (None: no limit).
+@dataclass(frozen=True)
+class CacheLayout:
+    """The shape of one token's cache entry: ``(kv_heads, head_dim)`` per attention layer."""
 
-    Raises ``UnsupportedFeatureError`` for caches other than growing key/value layers (full or
-    sliding-window attention), e.g. static or linear-attention state.
-    """
-    layers = getattr(cache, "layers", None)
-    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) not in _BATCHABLE for layer in layers):
-        kinds = ", ".join(sorted({type(layer).__name__ for layer in layers or []})) or "no layers"
-        raise UnsupportedFeatureError(
-            f"continuous batching needs key/value caches of full or sliding-window attention; this model uses {type(cache).__name__} ({kinds})"
-        )
-    windows = [layer.sliding_window for layer in layers if isinstance(layer, DynamicSlidingWindowLayer)]
-    return min(windows) - 1 if windows else None
+    layers: tuple[tuple[int, int], ...]
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return sum(2 * heads * dim * element for heads, dim in self.layers)
 
 
-def seq_length(cache: Cache | None) -> int:
-    return 0 if cache is None else cache.get_seq_length()
+class BlockPool:
+    """Reference-counted blocks ``1 .. num_blocks - 1`` (block 0 is the null block)."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 2:
+            raise ValueError("the KV cache needs at least 2 blocks")
+        self.num_blocks = num_blocks
+        self._refs = [0] * num_blocks
+        self._free: deque[int] = deque(range(1, num_blocks))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Blocks a single sequence could ever own."""
+        return self.num_blocks - 1
+
+    def allocate(self, count: int) -> list[int] | None:
+        """``count`` fresh blocks, or None (and nothing taken) when fewer are free."""
+        if count > len(self._free):
+            return None
+        blocks = [self._free.popleft() for _ in range(count)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    def share(self, blocks: Sequence[int]) -> None:
+        for block in blocks:
+            self._refs[block] += 1
+
+    def release(self, blocks: Sequence[int]) -> None:
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free.append(block)
 
 
-def merge(running: DynamicCache | None, joining: DynamicCache) -> DynamicCache:
-    """``running`` with ``joining``'s rows appended; the shorter side is left-padded with zeros."""
-    if running is None or seq_length(running) == 0:
-        return joining
-    width = max(seq_length(running), seq_length(joining))
-    for mine, theirs in zip(running.layers, joining.layers, strict=True):
-        mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-        mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-        _sync_length(mine)
-    return running
+class PagedKVCache:
+    """The key and value pools of every layer, ``num_blocks`` blocks of ``block_size`` slots each."""
 
+    def __init__(self, layout: CacheLayout, num_blocks: int, block_size: int, device: torch.device | str = "cpu") -> None:
+        self.layout = layout
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks)
+        slots = num_blocks * block_size
+        # empty, not zeros: a slot is read only after it was written, except the null block's
+        self.keys = [torch.empty(slots, heads, dim, dtype=layout.dtype, device=device) for heads, dim in layout.layers]
+        self.values = [torch.empty(slots, heads, dim, dtype=layout.dtype, device=device) for heads, dim in layout.layers]
+        for tensor in (*self.keys, *self.values):
+            tensor[:block_size].zero_()
+        self._offsets = torch.arange(block_size, device=device)
 
-def keep_rows(cache: DynamicCache, rows: list[int], width: int) -> None:
-    """Keep only ``rows`` (in that order) and the last ``width`` time steps (the longest kept row)."""
-    index = torch.tensor(rows, dtype=torch.long, device=cache.layers[0].keys.device)
-    for layer in cache.layers:
-        layer.keys = layer.keys.index_select(0, index)[:, :, -width:]
-        layer.values = layer.values.index_select(0, index)[:, :, -width:]
-        _sync_length(layer)
+    @classmethod
+    def within(cls, layout: CacheLayout, budget_bytes: int, block_size: int, device: torch.device | str = "cpu") -> PagedKVCache:
+        """As many blocks as ``budget_bytes`` holds (at least 2)."""
+        blocks = max(2, budget_bytes // (block_size * layout.bytes_per_token))
+        return cls(layout, blocks, block_size, device)
 
+    @property
+    def capacity_tokens(self) -> int:
+        """The longest sequence the cache could ever hold."""
+        return self.pool.capacity * self.block_size
 
-def repeat_rows(cache: DynamicCache, times: int) -> None:
-    """Each row repeated ``times`` times in place (n choices sharing one prompt)."""
-    if times > 1:
-        cache.batch_repeat_interleave(times)
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
 
+    def slots(self, table: Sequence[int], start: int, stop: int) -> torch.Tensor:
+        """The slots of positions ``[start, stop)`` of a sequence with block ``table``."""
+        first, last = start // self.block_size, (stop - 1) // self.block_size + 1
+        blocks = torch.tensor(table[first:last], device=self._offsets.device)
+        slots = (blocks[:, None] * self.block_size + self._offsets).view(-1)
+        offset = start - first * self.block_size
+        return slots[offset : offset + stop - start]
 
-def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - tensor.shape[-2]
-    if missing == 0:
-        return tensor
-    pad = tensor.new_zeros(*tensor.shape[:-2], missing, tensor.shape[-1])
-    return torch.cat([pad, tensor], dim=-2)
+    def padded_slots(self, tables: Sequence[Sequence[int]], lengths: Sequence[int]) -> torch.Tensor:
+        """``[len(tables), max(lengths)]`` slots of every table's first ``lengths[i]`` positions; beyond
+        a table's length, the null block's first slot (zeros, masked out by the caller)."""
+        width = max(lengths)
+        blocks = self.blocks_for(width)
+        table = torch.tensor([list(t[:blocks]) + [NULL_BLOCK] * (blocks - min(len(t), blocks)) for t in tables], device=self._offsets.device)
+        slots = (table[:, :, None] * self.block_size + self._offsets).view(len(tables), -1)[:, :width]
+        within = torch.arange(width, device=slots.device)[None, :] < torch.tensor(lengths, device=slots.device)[:, None]
+        return slots.where(within, NULL_BLOCK)
 
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` (``[n, kv_heads, head_dim]``) of layer ``layer`` in ``slots``."""
+        self.keys[layer].index_copy_(0, slots, keys.to(self.layout.dtype))
+        self.values[layer].index_copy_(0, slots, values.to(self.layout.dtype))
 
-def _sync_length(layer: DynamicLayer) -> None:
-    """A sliding-window layer counts the tokens it has seen; below its window that is its width."""
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        layer.cumulative_length = layer.keys.shape[-2]
+    def copy_block(self, source: int, target: int) -> None:
+        """Block ``target`` becomes a copy of block ``source`` in every layer."""
+        size = self.block_size
+        for tensor in (*self.keys, *self.values):
+            tensor[target * size : (target + 1) * size] = tensor[source * size : (source + 1) * size]

@@ -1,13 +1,14 @@
-"""The models a server offers: the base model and adapters of any PEFT method, changed at run time.
+"""The models a server offers: the base model and any number of adapters of any PEFT method, all
+served by one engine on one Symbiosis client of the shared executor, changed at run time.
 
-Every served model is its own client of the shared executor (``load_model`` at inference
-priority) with its own engine; an adapter is a PEFT directory loaded with ``PeftModel.from_pretrained``
-onto a fresh client. Unloading stops new requests at once and lets running ones finish.
+``register_adapter`` reads an adapter's config (cheap; hundreds can be registered) and the engine
+loads its weights when a request first needs them; ``load_adapter`` also loads them at once (so a
+broken adapter is refused on the spot). Unloading stops new requests at once and lets queued and
+running ones finish.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 import threading
 import time
@@ -15,12 +16,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..errors import SymbiosisError
 from ..executor_ref import ExecutorRef
-from .engine import Engine
+from .adapters import AdapterError, AdapterInfo, read_adapter
+from .engine import Engine, eos_token_ids
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -42,21 +43,31 @@ class ModelConflictError(SymbiosisError):
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model the server offers; ``adapter`` is its PEFT directory (None for the base)."""
+    """A model the server offers: the base (``adapter`` None) or a registered adapter."""
 
     name: str
-    engine: Engine
-    adapter: Path | None
-    peft_type: str | None
-    virtual_tokens: int
+    adapter: AdapterInfo | None
     created: int
+
+    @property
+    def path(self) -> Path | None:
+        return self.adapter.path if self.adapter is not None else None
+
+    @property
+    def peft_type(self) -> str | None:
+        return self.adapter.peft_type if self.adapter is not None else None
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.adapter.virtual_tokens if self.adapter is not None else 0
 
 
 class ModelRegistry:
-    """The base model (always served, as ``base_name``) and the adapters loaded so far.
+    """The base model (always served, as ``base_name``) and the adapters registered so far.
 
-    ``embeddings="executor"`` keeps the token-embedding table on the executor instead of one copy
-    per served model (the executor then sees token ids); see ``load_model``.
+    ``embeddings="executor"`` keeps the token-embedding table on the executor instead of on the
+    server's client (the executor then sees token ids). Engine options (``max_seqs``,
+    ``max_step_tokens``, ``kv_cache_bytes``, ``block_size``, ``max_adapters``) go to ``Engine``.
     """
 
     def __init__(
@@ -65,96 +76,77 @@ class ModelRegistry:
         tokenizer: PreTrainedTokenizerBase,
         *,
         base_name: str,
-        max_rows: int = 32,
         device: str = "cpu",
         embeddings: str = "client",
+        **engine_options,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.base_name = base_name
-        self.max_rows = max_rows
-        self.device = device
-        self.embeddings = embeddings
+        client_id = f"openai:{base_name}:{uuid.uuid4().hex[:6]}"
+        model = executor.load_client(priority="inference", device=device, embeddings=embeddings, client_id=client_id)
+        self.engine = Engine(model, tokenizer, eos_ids=eos_token_ids(model, tokenizer), base_name=base_name, **engine_options)
+        self.context_length = self.engine.context_length
         self._lock = threading.Lock()
-        self._models: dict[str, ServedModel] = {}
-        base = self._client(base_name)
-        self.context_length = int(getattr(base.config, "max_position_embeddings", 0)) or None
-        self._models[base_name] = self._serve(base_name, base, None)
+        self._base = ServedModel(base_name, None, int(time.time()))
+        self._created: dict[str, int] = {}
 
-    def _client(self, name: str) -> PreTrainedModel:
-        client_id = f"openai:{name}:{uuid.uuid4().hex[:6]}"
-        return self.executor.load_client(priority="inference", device=self.device, embeddings=self.embeddings, client_id=client_id)
+    def register_adapter(self, name: str, path: str | Path) -> ServedModel:
+        """Serve the PEFT adapter in directory ``path`` as ``name``, loaded when first needed.
 
-    def _serve(self, name: str, model: PreTrainedModel, adapter: Path | None) -> ServedModel:
-        eos = model.generation_config.eos_token_id
-        eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id} - {None}
-        config = model.active_peft_config if isinstance(model, PeftModel) else None
-        return ServedModel(
-            name=name,
-            engine=Engine(name, model, copy.deepcopy(self.tokenizer), eos_ids=eos_ids, max_rows=self.max_rows),
-            adapter=adapter,
-            peft_type=str(config.peft_type.value) if config is not None else None,
-            virtual_tokens=config.num_virtual_tokens if config is not None and config.is_prompt_learning else 0,
-            created=int(time.time()),
-        )
-
-    def load_adapter(self, name: str, path: str | Path) -> ServedModel:
-        """Serve the PEFT adapter in directory ``path`` as ``name``.
-
-        Raises ``ValueError`` for a bad name or an unloadable adapter, ``ModelConflictError`` if
-        the name is taken.
+        Raises ``ValueError`` for a bad name or a directory that is no servable adapter,
+        ``ModelConflictError`` if the name is taken.
         """
         if not _NAME.match(name):
             raise ValueError(f"invalid adapter name {name!r}: use letters, digits and . _ : - (at most 128 characters)")
-        path = Path(path)
-        if not (path / "adapter_config.json").is_file():
-            raise ValueError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
-        self._check_free(name)
-        try:
-            model = PeftModel.from_pretrained(self._client(name), path)
-        except Exception as exc:  # PEFT's own message says what does not fit
-            raise ValueError(f"cannot load the adapter in {path}: {exc}") from exc
-        served = self._serve(name, model, path)
+        if name == self.base_name:
+            raise ModelConflictError(f"{name!r} is the base model's name")
+        info = read_adapter(name, path)
         with self._lock:
-            if name in self._models:  # loaded concurrently under the same name
-                served.engine.close(cancel=True)
-                raise ModelConflictError(f"an adapter named {name!r} is already loaded")
-            self._models[name] = served
+            try:
+                self.engine.adapters.register(info)
+            except KeyError:
+                raise ModelConflictError(f"an adapter named {name!r} is already loaded") from None
+            self._created[name] = int(time.time())
+        return self.get(name)
+
+    def load_adapter(self, name: str, path: str | Path) -> ServedModel:
+        """``register_adapter``, and load the weights now (a broken adapter raises ``ValueError``)."""
+        served = self.register_adapter(name, path)
+        try:
+            loaded = self.engine.adapters.load(served.adapter)
+        except AdapterError:
+            self.unload(name)
+            raise
+        self.engine.adapters.offer(loaded)
         return served
 
-    def _check_free(self, name: str) -> None:
-        with self._lock:
-            if name in self._models:
-                raise ModelConflictError(f"an adapter named {name!r} is already loaded")
-
     def unload(self, name: str) -> ServedModel:
-        """Stop serving adapter ``name``: new requests fail at once, running ones finish."""
+        """Stop serving adapter ``name``: new requests fail at once, queued and running ones finish."""
+        if name == self.base_name:
+            raise ModelConflictError("the base model cannot be unloaded")
+        served = self.get(name)
+        self.engine.adapters.unregister(name)
         with self._lock:
-            if name == self.base_name:
-                raise ModelConflictError("the base model cannot be unloaded")
-            served = self._models.pop(name, None)
-        if served is None:
-            raise UnknownModelError(name)
-        served.engine.close()
+            self._created.pop(name, None)
         return served
 
     def get(self, name: str) -> ServedModel:
-        with self._lock:
-            served = self._models.get(name)
-        if served is None:
+        if name == self.base_name:
+            return self._base
+        info = self.engine.adapters.get(name)
+        if info is None:
             raise UnknownModelError(name)
-        return served
+        with self._lock:
+            return ServedModel(name, info, self._created.get(name, 0))
 
     def models(self) -> list[ServedModel]:
-        """The base model first, then the adapters in the order they were loaded."""
+        """The base model first, then the adapters in the order they were registered."""
         with self._lock:
-            return list(self._models.values())
+            created = dict(self._created)
+        return [self._base, *(ServedModel(i.name, i, created.get(i.name, 0)) for i in self.engine.adapters.registered())]
 
     def close(self) -> None:
-        """Cancel everything and stop every engine."""
-        with self._lock:
-            models, self._models = list(self._models.values()), {}
-        for served in models:
-            served.engine.close(cancel=True)
-        for served in models:
-            served.engine.join(timeout=10)
+        """Cancel everything and stop the engine."""
+        self.engine.close(cancel=True)
+        self.engine.join(timeout=30)

@@ -15,9 +15,14 @@ _INCOMPLETE = "\ufffd"
 
 
 class TextStream:
-    """Incremental detokenizer of one choice; ``push`` returns newly final text and whether a stop matched."""
+    """Incremental detokenizer of one choice; ``push`` returns newly final text and whether a stop matched.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()) -> None:
+    Without a tokenizer (an engine serving token ids only) it releases no text and has no stop sequences.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str] = ()) -> None:
+        if tokenizer is None and any(stop):
+            raise ValueError("stop sequences need a tokenizer")
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
@@ -27,6 +32,8 @@ class TextStream:
     def push(self, token: int) -> tuple[str, bool]:
         """Add ``token``; return (text that became final, True if a stop sequence was reached)."""
         self.ids.append(token)
+        if self.tokenizer is None:
+            return "", False
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:

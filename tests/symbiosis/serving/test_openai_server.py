@@ -15,13 +15,14 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from symbiosis import BaseExecutor
 from symbiosis.executor_ref import ExecutorRef
 from symbiosis.serving import HttpServer, ModelRegistry, create_app
 
-from .adapters import ADAPTER_CONFIGS, greedy_reference, monolithic, save_adapter
+from .adapters import greedy_reference, greedy_with_logprobs, logits_from_scratch, monolithic, save_adapters
 
 BASE = "tiny-base"
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -32,10 +33,10 @@ QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def served(chat_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    adapters = {name: save_adapter(chat_model_dir, config, root / name, seed=i) for i, (name, config) in enumerate(ADAPTER_CONFIGS.items())}
+    adapters = save_adapters(chat_model_dir, root, ["lora", "ia3", "prefix", "prompt"])
     executor = BaseExecutor.from_pretrained(chat_model_dir, max_wait_s=0.002)
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
-    registry = ModelRegistry(ExecutorRef(executor), tokenizer, base_name=BASE, max_rows=16)
+    registry = ModelRegistry(ExecutorRef(executor), tokenizer, base_name=BASE, max_seqs=16)
     for name in ("lora", "ia3", "prefix"):  # "prompt" is loaded at run time by a test
         registry.load_adapter(name, adapters[name])
     server = HttpServer(create_app(registry, admin_token="admin-secret"), port=0).start()
@@ -166,7 +167,11 @@ def test_an_unknown_adapter_is_a_404_never_the_base(client):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(logprobs=True), "logprobs are not supported"),
+        (dict(top_logprobs=2), "top_logprobs requires logprobs"),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (dict(presence_penalty=2.5), "presence_penalty"),
+        (dict(logit_bias={"x": 1}), "logit_bias keys must be token ids"),
+        (dict(logit_bias={"99999": 1}), "logit_bias token ids must lie in [0, "),
         (dict(extra_body={"best_of": 2}), "best_of"),
         (dict(temperature=3.0), "temperature"),
         (dict(max_tokens=10_000), "maximum context length is 512 tokens"),
@@ -207,10 +212,10 @@ def test_adapters_are_loaded_and_unloaded_at_run_time(served, client):
     assert [m["id"] for m in admin.get("/admin/adapters", headers=ADMIN).json()["data"]] == ["lora", "ia3", "prefix"]
 
 
-def test_concurrent_requests_for_different_adapters_meet_in_the_executors_gemms(served, client):
+def test_concurrent_requests_for_different_adapters_share_the_engines_steps(served, client):
     models = [BASE, "lora", "ia3", "prefix"] * 2
     expected = {m: reference_chat(served, m, QUESTION, 16)[0] for m in set(models)}
-    served.executor.stats.reset()
+    before = httpx.get(f"{served.url}/admin/stats", headers=ADMIN).json()
     results: dict[int, str] = {}
     start = threading.Barrier(len(models))
 
@@ -224,11 +229,29 @@ def test_concurrent_requests_for_different_adapters_meet_in_the_executors_gemms(
     for thread in threads:
         thread.join(timeout=120)
     assert {i: results.get(i) for i in range(len(models))} == {i: expected[m] for i, m in enumerate(models)}
-    total = served.executor.stats.total()
-    assert total["shared_gemm_fraction"] > 0 and total["clients_per_gemm"] > 1  # several adapters' rows in one GEMM
-    stats = httpx.get(f"{served.url}/admin/stats", headers=ADMIN).json()
-    assert stats["executor"]["shared_gemm_fraction"] > 0  # the same statistics, through the admin API
-    assert all(stats["models"][m]["requests"] >= 2 for m in set(models))
+    after = httpx.get(f"{served.url}/admin/stats", headers=ADMIN).json()
+    assert after["engine"]["mixed_steps"] > before["engine"]["mixed_steps"]  # several adapters' rows in one forward
+    assert after["executor"]["rows_per_gemm"] > 1
+    assert all(after["engine"]["per_model"][m]["requests"] >= before["engine"]["per_model"].get(m, {}).get("requests", 0) + 2 for m in set(models))
+
+
+def test_adapters_beyond_max_adapters_are_answered_by_loading_them_on_demand(served):
+    registry = ModelRegistry(ExecutorRef(served.executor), served.tokenizer, base_name=BASE, max_seqs=8, max_adapters=1)
+    for name in ("lora", "ia3", "prefix"):
+        registry.register_adapter(name, served.adapters[name])  # registered only: nothing loaded yet
+    server = HttpServer(create_app(registry), port=0).start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        for model in ("lora", "ia3", "prefix", "lora"):
+            answer = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=6, temperature=0)
+            assert answer.choices[0].message.content == reference_chat(served, model, QUESTION, 6)[0], model
+        adapters = registry.engine.adapters
+        assert adapters.loads == 4 and adapters.evictions == 3 and len(adapters.resident()) == 1  # least recently used left first
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="not-registered", prompt="hi", max_tokens=2)
+    finally:
+        server.stop()
+        registry.close()
 
 
 def test_an_api_key_is_required_when_configured(served):
@@ -254,8 +277,8 @@ def test_an_open_admin_api_beyond_loopback_is_warned_about(served, caplog, host,
 
 
 def test_a_streaming_client_that_disconnects_cancels_its_generation(served):
-    engine = served.registry.get("ia3").engine
-    admitted_before, cancelled_before = engine.stats.requests, engine.stats.cancelled_rows
+    engine = served.registry.engine
+    admitted_before, cancelled_before = engine.stats.requests, engine.stats.cancelled
     body = {"model": "ia3", "messages": QUESTION, "max_tokens": 400, "temperature": 0, "stream": True}
     with httpx.Client(base_url=served.url, timeout=120) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         lines = response.iter_lines()
@@ -267,4 +290,94 @@ def test_a_streaming_client_that_disconnects_cancels_its_generation(served):
         time.sleep(0.01)
     assert engine.load() == 0
     assert engine.stats.requests == admitted_before + 1
-    assert engine.stats.cancelled_rows == cancelled_before + 1  # its row left the running batch unfinished
+    assert engine.stats.cancelled == cancelled_before + 1  # its row left the running batch unfinished
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_cancels_its_generation(served):
+    engine = served.registry.engine
+    cancelled_before, tokens_before = engine.stats.cancelled, engine.stats.tokens
+    body = {"model": "lora", "prompt": "The river town", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(base_url=served.url, timeout=httpx.Timeout(120, read=0.3)) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body)  # gives up (and closes its connection) long before 480 tokens
+    deadline = time.monotonic() + 60
+    while engine.stats.cancelled == cancelled_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    while engine.load() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats.cancelled == cancelled_before + 1 and engine.load() == 0
+    assert engine.stats.tokens - tokens_before < 480
+
+
+@pytest.mark.parametrize("prompt", [[5 + i % 400 for i in range(600)], "word " * 600])
+def test_a_prompt_longer_than_the_context_is_a_400_naming_the_limit(client, prompt):
+    for options in (dict(max_tokens=1), dict(max_tokens=0, echo=True, logprobs=1)):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="lora", prompt=prompt, **options)
+        body = info.value.body
+        assert "maximum context length is 512 tokens" in body["message"] and body["code"] == "context_length_exceeded" and body["param"] == "prompt"
+
+
+def test_echo_with_logprobs_scores_a_token_id_prompt_as_the_monolithic_model_does(served, client):
+    prompt = served.tokenizer("The river town woke early")["input_ids"]
+    expected = torch.log_softmax(logits_from_scratch(monolithic(served.model_dir, served.adapters["lora"]), prompt).float(), dim=-1)
+    scored = client.completions.create(model="lora", prompt=prompt, echo=True, logprobs=2, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == served.tokenizer.decode(prompt, skip_special_tokens=True) and choice.finish_reason == "length"
+    logprobs = choice.logprobs
+    assert logprobs.tokens == [served.tokenizer.decode([t]) for t in prompt]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None  # the first token has none
+    for i in range(1, len(prompt)):
+        assert abs(logprobs.token_logprobs[i] - expected[i - 1, prompt[i]].item()) <= 1e-4
+        alternatives = logprobs.top_logprobs[i]  # two ids that decode to the same text share a key
+        assert 1 <= len(alternatives) <= 2 and max(alternatives.values()) == pytest.approx(expected[i - 1].max().item(), abs=1e-4)
+    assert logprobs.text_offset[0] == 0 and scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(prompt)
+    # one generated token more: its log-probability and alternatives follow the prompt's (as lm-evaluation-harness reads them)
+    one = client.completions.create(model="lora", prompt=prompt, echo=True, logprobs=1, max_tokens=1, temperature=0).choices[0].logprobs
+    assert len(one.tokens) == len(prompt) + 1 and one.token_logprobs[0] is None
+    assert one.token_logprobs[1 : len(prompt)] == pytest.approx(logprobs.token_logprobs[1:], abs=1e-4)
+    assert one.token_logprobs[-1] == max(one.top_logprobs[-1].values())  # greedy: the chosen token is the most likely
+
+
+def test_completion_and_chat_logprobs_of_generated_tokens(served, client):
+    tokens, rows = greedy_with_logprobs(monolithic(served.model_dir, served.adapters["ia3"]), served.tokenizer("Hello there")["input_ids"], 6)
+    completion = client.completions.create(model="ia3", prompt="Hello there", max_tokens=6, temperature=0, logprobs=3).choices[0].logprobs
+    assert completion.tokens == [served.tokenizer.decode([t]) for t in tokens]
+    assert completion.token_logprobs == pytest.approx([row[t].item() for t, row in zip(tokens, rows)], abs=1e-4)
+    assert all(len(top) <= 3 for top in completion.top_logprobs)
+
+    prompt = served.tokenizer(served.tokenizer.apply_chat_template(QUESTION, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    tokens, rows = greedy_with_logprobs(monolithic(served.model_dir, served.adapters["prefix"]), prompt, 5)
+    chat = client.chat.completions.create(model="prefix", messages=QUESTION, max_completion_tokens=5, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert chat.usage.completion_tokens == 5 and [c.token for c in content] == [served.tokenizer.decode([t]) for t in tokens]
+    for entry, token, row in zip(content, tokens, rows):
+        assert abs(entry.logprob - row[token].item()) <= 1e-4 and entry.bytes == list(entry.token.encode())
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
+
+
+def test_penalties_and_logit_bias_change_the_distribution_as_specified(served, client):
+    prompt = served.tokenizer("The river town")["input_ids"]
+    model = monolithic(served.model_dir, None)
+
+    def reference(presence: float, frequency: float, bias: dict[int, float]) -> list[int]:
+        sequence, generated = list(prompt), []
+        for _ in range(12):
+            logits = logits_from_scratch(model, sequence)[-1].float().clone()
+            for token in set(generated):
+                logits[token] -= presence + frequency * generated.count(token)
+            for token, value in bias.items():
+                logits[token] += value
+            generated.append(int(logits.argmax()))
+            sequence.append(generated[-1])
+        return generated
+
+    def served_tokens(**options) -> list[str]:
+        answer = client.completions.create(model=BASE, prompt=prompt, max_tokens=12, temperature=0, logprobs=0, **options)
+        return answer.choices[0].logprobs.tokens
+
+    for options, expected in (
+        (dict(presence_penalty=1.5), reference(1.5, 0.0, {})),
+        (dict(frequency_penalty=1.0), reference(0.0, 1.0, {})),
+        (dict(logit_bias={"77": 100}), [77] * 12),
+    ):
+        assert served_tokens(**options) == [served.tokenizer.decode([t]) for t in expected], options

@@ -1,0 +1,155 @@
+"""Attention over the paged KV cache, as a transformers attention function (``ATTENTION``).
+
+The engine's model runs with ``attn_implementation = ATTENTION``; transformers then builds no mask
+and hands this function each layer's queries and the new tokens' keys and values (rotary
+embeddings applied), ``[1, heads, N, head_dim]`` for the N packed token rows of the step. It
+stores the keys and values in their slots, then attends:
+
+* rows that add one token to their sequence (decoding, or a one-token chunk) all at once: every
+  sequence's keys gathered into ``[B, kv_heads, longest, head_dim]``, shorter ones padded with the
+  null slot and masked out;
+* each longer chunk (a prompt being prefilled) on its own, causally from its offset.
+
+Sliding windows (``sliding_window``) and logit soft-capping (``softcap``, Gemma 2) are applied as
+the model's own attention applies them; grouped-query attention folds each key/value head's query
+heads into one product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from ..errors import UnsupportedFeatureError
+from . import batch
+from .kv import PagedKVCache
+
+#: The attention implementation name the engine sets on its model.
+ATTENTION = "symbiosis_paged"
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    """``count`` query rows from packed row ``start``, the last ``count`` of ``keys`` positions whose slots are ``slots``."""
+
+    start: int
+    count: int
+    slots: torch.Tensor
+
+    @property
+    def keys(self) -> int:
+        return self.slots.shape[0]
+
+
+@dataclass
+class AttentionPlan:
+    """Where the step's keys go (``write_slots``, one per packed row) and what each query attends to."""
+
+    cache: PagedKVCache
+    write_slots: torch.Tensor
+    decode_rows: torch.Tensor | None = None
+    decode_slots: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """``[B, 1, 1, longest]``: which gathered keys each decoding row sees."""
+        key = ("decode", window)
+        if key not in self._masks:
+            lengths = self.decode_lengths[:, None]
+            index = torch.arange(self.decode_slots.shape[1], device=lengths.device)[None, :]
+            mask = index < lengths
+            if window is not None:
+                mask &= index >= lengths - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, segment: PrefillSegment, window: int | None) -> torch.Tensor:
+        """``[count, keys]``: causal from the segment's offset (and within ``window``)."""
+        key = (segment.start, window)
+        if key not in self._masks:
+            device = segment.slots.device
+            query = torch.arange(segment.keys - segment.count, segment.keys, device=device)[:, None]
+            index = torch.arange(segment.keys, device=device)[None, :]
+            mask = index <= query
+            if window is not None:
+                mask &= index > query - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+@dataclass
+class LayoutProbe:
+    """A plan that only records each layer's ``(kv_heads, head_dim)`` (one forward at engine start)."""
+
+    layers: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention of one layer for the current engine step; returns ``[1, N, heads, head_dim]``."""
+    step = batch.current()
+    plan = step.attention if step is not None else None
+    layer = getattr(module, "layer_idx", None)
+    if plan is None or layer is None:
+        raise UnsupportedFeatureError("the paged attention runs only inside an engine step, on attention modules with a layer_idx")
+    if isinstance(plan, LayoutProbe):
+        plan.layers[layer] = (key.shape[1], key.shape[-1])
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+    if getattr(module, "sinks", None) is not None:
+        raise UnsupportedFeatureError("attention sinks are not supported by the serving engine")
+    cache = plan.cache
+    cache.write(layer, plan.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
+    queries = query[0].transpose(0, 1)  # [N, heads, head_dim]
+    heads, kv_heads, dim = queries.shape[1], key.shape[1], queries.shape[2]
+    group = heads // kv_heads
+    out = queries.new_empty(queries.shape)
+    keys, values = cache.keys[layer], cache.values[layer]
+    if plan.decode_rows is not None:
+        rows, slots = plan.decode_rows, plan.decode_slots
+        count, width = slots.shape
+        every_row = count == queries.shape[0]  # a step of decoding rows only: no gather or scatter of queries
+        gathered = slots.view(-1)
+        k = keys.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
+        v = values.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
+        q = (queries if every_row else queries.index_select(0, rows)).reshape(count, kv_heads, group, dim)
+        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap).reshape(count, heads, dim)
+        if every_row:
+            return o[None], None
+        out.index_copy_(0, rows, o)
+    for segment in plan.prefills:
+        n = segment.count
+        k = keys.index_select(0, segment.slots).transpose(0, 1)[None]  # [1, kv_heads, keys, dim]
+        v = values.index_select(0, segment.slots).transpose(0, 1)[None]
+        q = queries[segment.start : segment.start + n].transpose(0, 1).reshape(1, kv_heads, group * n, dim)
+        mask = plan.prefill_mask(segment, sliding_window)
+        o = _attend(q, k, v, mask.repeat(group, 1)[None, None], scaling, softcap)
+        out[segment.start : segment.start + n] = o.view(heads, n, dim).transpose(0, 1)
+    return out[None], None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """Softmax attention of ``q`` over ``k``/``v`` where ``mask`` is True; soft-capped logits as Gemma 2 does."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+
+
+AttentionInterface.register(ATTENTION, paged_attention)
