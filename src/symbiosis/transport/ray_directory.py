@@ -114,7 +114,7 @@ class RayDirectory:
             raise DeploymentNotFoundError(answer["unknown"])
         if "unavailable" in answer:
             raise ExecutorUnavailableError(answer["unavailable"])
-        return [Endpoint(**endpoint) for endpoint in answer["endpoints"]]
+        return [Endpoint(**{**endpoint, "layers": tuple(endpoint["layers"]) if endpoint["layers"] else None}) for endpoint in answer["endpoints"]]
 
     def release(self, client: str) -> None:
         import ray

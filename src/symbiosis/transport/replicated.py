@@ -50,12 +50,14 @@ RETIRE_S = 60.0
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Replica ``replica`` of shard ``shard``: its server's address and weight fingerprint."""
+    """Replica ``replica`` of shard ``shard`` (layers ``layers``; None: the whole model): its
+    server's address and weight fingerprint."""
 
     shard: int
     replica: int
     address: str
     fingerprint: str
+    layers: tuple[int, int] | None = None
 
 
 class Directory(Protocol):
@@ -177,11 +179,11 @@ class ReplicatedTransport:
                 return
             self.failovers += 1
             now = time.monotonic()
-            if op is not None:
-                owner = failed.owner_of(op) if op in failed.spec().ops else None
-                for address, transport in self._connections.items():
-                    if transport is owner:
-                        self._avoid[address] = now + AVOID_S
+            owner = failed.owner_of(op) if op is not None else None
+            for address, transport in list(self._connections.items()):
+                if transport is owner:  # avoided, and reconnected afresh should it come back (maybe another server)
+                    self._avoid[address] = now + AVOID_S
+                    self._retired.append((now, self._connections.pop(address)))
             self._reassign()
 
     def _reassign(self) -> None:
@@ -204,12 +206,17 @@ class ReplicatedTransport:
         if transport is None:
             transport = self._open_endpoint(endpoint.address)
             self._connections[endpoint.address] = transport
-        found = fingerprint_of(transport, transport.spec())
-        if found != endpoint.fingerprint or (self._route is not None and found != self._fingerprint):
-            # a stale address now used by another server (a port reused after a restart)
+        spec = transport.spec()
+        found = fingerprint_of(transport, spec)
+        layers = tuple(spec.layer_range) if spec.layer_range else None
+        if found != endpoint.fingerprint or (self._route is not None and found != self._fingerprint) or layers != endpoint.layers:
+            # a stale address, now used by another server (a port reused after a restart)
             del self._connections[endpoint.address]
             _close(transport)
-            raise ExecutorUnavailableError(f"{endpoint.address} serves other weights ({found[:12]}) than the directory says ({endpoint.fingerprint[:12]})")
+            raise ExecutorUnavailableError(
+                f"{endpoint.address} serves other weights or layers ({found[:12]}, {layers}) than the directory says "
+                f"({endpoint.fingerprint[:12]}, {endpoint.layers})"
+            )
         return transport
 
     def _retire_unused(self, now: float) -> None:

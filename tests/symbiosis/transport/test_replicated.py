@@ -80,7 +80,7 @@ def test_a_stale_address_with_other_weights_is_refused(replicas, tmp_path):
     try:
         executor = replicas[0].executor
         directory = Directory([stranger.url], fingerprint_of(executor, executor.spec()))
-        with pytest.raises(ExecutorUnavailableError, match="serves other weights"):
+        with pytest.raises(ExecutorUnavailableError, match="serves other weights or layers"):
             ReplicatedTransport(directory, open_endpoint, retry_timeout_s=1.0, refresh_s=60)
         assert directory.questions > 1  # retried, then gave up
         assert stranger.executor.stats.total()["requests"] == 0
@@ -116,7 +116,7 @@ def test_every_shard_is_checked_like_a_sharded_base(model_dir):
 
         class Sharded(Directory):
             def assign(self, client, current, avoid, lease_s):
-                return [Endpoint(i, 0, s.url, fp) for i, s in enumerate(servers)]
+                return [Endpoint(i, 0, s.url, fp, r) for i, (s, r) in enumerate(zip(servers, ((0, 1), (1, 3))))]
 
         opened = []
         transport = ReplicatedTransport(Sharded([], fp), functools.partial(lambda a, **o: opened.append(o) or connect(a, **o), retry_timeout_s=0.3), refresh_s=60)
