@@ -47,6 +47,7 @@ step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$R
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
 step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+step ray_cluster 150 python3 -m bench.ray_cluster "${COMMON[@]}" --out "$RESULTS/ray_cluster" --iterations 300 --kills 2 --clients 8 --duration 10
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .
 echo "=== done $(date +%T)" | tee -a "$LOG"
