@@ -52,6 +52,12 @@ def parser(experiment: str, doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def checkpoint_dtype(path: Path) -> str | None:
+    """The dtype a Hugging Face checkpoint's config says its weights are stored in."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return config.get("dtype") or config.get("torch_dtype")
+
+
 def model_dir(args: argparse.Namespace) -> Path:
     """``--model-dir``, or the benchmark (smoke: tiny) random Llama, built on first use and cached."""
     if args.model_dir is not None:

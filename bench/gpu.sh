@@ -32,6 +32,7 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap, log it, re-pack the
 } >>"$LOG" 2>&1
 
 step tests 120 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu.py tests/symbiosis/client/test_client_model.py -k "gpu or devices" -rs
+step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 
 MODEL=${TMPDIR:-/tmp}/symbiosis-gpu-model
 if [ -n "${SMOKE:-}" ]; then MODEL_ARGS=(); else
@@ -47,6 +48,10 @@ step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$R
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
 step executor_efficiency 70 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+# capacity in device memory (budget: 16 GiB of the GPU): the base in bfloat16, then NF4 against QLoRA processes
+CAPACITY=(--device "$DEVICE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}" --budget-gib 16 --n 1 4 16 --duration 5 --batch 4 --seq-len 128 --threads 2)
+step capacity_bf16 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --out "$RESULTS/capacity_bf16"
+step capacity_4bit 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --quantize 4bit --out "$RESULTS/capacity_4bit"
 step ray_cluster 150 python3 -m bench.ray_cluster "${COMMON[@]}" --out "$RESULTS/ray_cluster" --iterations 300 --kills 2 --clients 8 --duration 10
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .

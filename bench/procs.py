@@ -2,7 +2,8 @@
 
 Peak memory is each process's own peak resident set (``VmHWM`` from ``/proc``, read while it runs),
 summed over the processes, as the experiments report it. ``MemorySampler`` also records the peak
-of the *simultaneous* sums of RSS and of PSS (shared library pages split between processes).
+of the *simultaneous* sums of RSS and of PSS (shared library pages split between processes) and,
+where ``nvidia-smi`` runs, of the GPU memory the processes hold.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def peak_rss(pid: int | None = None) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+def reset_peaks(pids: Sequence[int]) -> list[int]:
+    """Each process's peak RSS so far; then reset its peak (VmHWM) to its current RSS (``/proc/PID/clear_refs``)."""
+    peaks = []
+    for pid in pids:
+        peaks.append(peak_rss(pid))
+        try:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+        except OSError as exc:
+            raise RuntimeError(f"cannot reset the peak RSS of process {pid} (Linux, same user or root): {exc}") from exc
+    return peaks
+
+
 @dataclass
 class MemorySampler:
     """Samples the summed RSS and PSS of a set of processes every ``interval_s`` on a thread; keeps the peaks."""
@@ -51,6 +64,7 @@ class MemorySampler:
     pids: set[int] = field(default_factory=set)
     peak_rss_sum: int = 0
     peak_pss_sum: int = 0
+    peak_device_sum: int = 0  # GPU memory of the processes (nvidia-smi), 0 without a GPU
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
@@ -64,19 +78,46 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
 
+    def reset(self) -> None:
+        """Forget the peaks so far and start again from a sample now."""
+        self.peak_rss_sum = self.peak_pss_sum = self.peak_device_sum = 0
+        self.sample()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            rss = pss = 0
-            for pid in list(self.pids):
-                try:
-                    info = psutil.Process(pid).memory_full_info()
-                except psutil.Error:
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss_sum = max(self.peak_rss_sum, rss)
-            self.peak_pss_sum = max(self.peak_pss_sum, pss)
+            self.sample()
 
+    def sample(self) -> None:
+        """Add one sample now."""
+        rss = pss = 0
+        for pid in list(self.pids):
+            try:
+                info = psutil.Process(pid).memory_full_info()
+            except psutil.Error:
+                continue
+            rss += info.rss
+            pss += getattr(info, "pss", info.rss)
+        device = gpu_memory_by_pid()
+        self.peak_rss_sum = max(self.peak_rss_sum, rss)
+        self.peak_pss_sum = max(self.peak_pss_sum, pss)
+        self.peak_device_sum = max(self.peak_device_sum, sum(device.get(pid, 0) for pid in list(self.pids)))
+
+
+def gpu_memory_by_pid() -> dict[int, int]:
+    """GPU memory (bytes) each process holds, from ``nvidia-smi``; empty without it."""
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    usage: dict[int, int] = {}
+    for line in out.splitlines():
+        pid, _, mib = line.partition(",")
+        if pid.strip().isdigit() and mib.strip().isdigit():
+            usage[int(pid)] = usage.get(int(pid), 0) + int(mib) * 2**20
+    return usage
 
 @dataclass
 class Server:
@@ -85,6 +126,7 @@ class Server:
     process: subprocess.Popen
     address: str
     log: Path
+    parameter_bytes: int = 0  # the executor's frozen weights
 
     @property
     def pid(self) -> int:
@@ -129,7 +171,8 @@ def start_server(model_dir: Path, *, device: str = "cpu", dtype: str = "float32"
             shutil.rmtree(scratch, ignore_errors=True)
             raise RuntimeError(f"symbiosis serve did not start:\n{tail}")
         time.sleep(0.1)
-    return Server(process, json.loads(ready.read_text())["address"], log)
+    info = json.loads(ready.read_text())
+    return Server(process, info["address"], log, info.get("parameter_bytes", 0))
 
 
 def _worker_main(fn: WorkerFn, spec: dict[str, Any], barrier, results) -> None:
@@ -163,16 +206,22 @@ class WorkerRun:
     peak_rss_sum: int
     sampled_peak_rss_sum: int
     sampled_peak_pss_sum: int
+    sampled_peak_device_sum: int = 0
+    load_peak_rss_sum: int | None = None
 
     @property
     def errors(self) -> list[str]:
         return [r["error"] for r in self.reports if "error" in r]
 
 
-def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Sequence[int] = (), timeout_s: float = 1800.0) -> WorkerRun:
+def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Sequence[int] = (), timeout_s: float = 1800.0,
+                reset_peaks_at_start: bool = False) -> WorkerRun:
     """Start one process per spec running ``fn``; all start measuring together once every one is ready.
 
-    ``extra_pids`` (e.g. the server) count towards the memory sums. Raises if a worker fails.
+    ``extra_pids`` (e.g. the server) count towards the memory sums. With ``reset_peaks_at_start``
+    the peaks (each process's VmHWM and the sampled sums) cover only the time from the common start,
+    when every process has loaded; ``load_peak_rss_sum`` keeps the sum of the peaks before it
+    (loading, whose file-backed pages are reclaimable page cache). Raises if a worker fails.
     """
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(len(specs) + 1), ctx.Queue()
@@ -186,6 +235,9 @@ def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Se
         except threading.BrokenBarrierError:
             pass
         started = time.time()
+        load_peaks = reset_peaks([*extra_pids, *(proc.pid for proc in procs)]) if reset_peaks_at_start else None
+        if load_peaks is not None:
+            sampler.reset()
         reports = []
         for _ in procs:
             reports.append(results.get(timeout=timeout_s))
@@ -194,7 +246,8 @@ def run_workers(fn: WorkerFn, specs: Sequence[dict[str, Any]], *, extra_pids: Se
     for proc in procs:
         proc.join(60)
     run = WorkerRun(sorted(reports, key=lambda r: r["index"]), started, wall,
-                    sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum)
+                    sum(r["peak_rss_bytes"] for r in reports) + sum(extra_peaks), sampler.peak_rss_sum, sampler.peak_pss_sum,
+                    sampler.peak_device_sum, None if load_peaks is None else sum(load_peaks))
     if run.errors:
         raise RuntimeError("a worker failed:\n" + "\n".join(run.errors))
     return run

@@ -21,6 +21,9 @@ from bench.load_test import peft_config
 
 #: Methods of fine-tuning jobs (mixed, in this order) and of decoding clients (K adapters).
 FINETUNE_METHODS = ["lora", "ia3", "loha", "prefix_tuning", "lokr", "prompt_tuning", "adalora", "oft"]
+#: Fine-tuning methods on a quantized base: those PEFT can put on bitsandbytes layers (it has no
+#: quantized LoHa, LoKr or OFT), and the prompt-learning ones.
+QLORA_METHODS = ["lora", "ia3", "prefix_tuning", "prompt_tuning", "adalora"]
 DECODE_METHODS = ["lora", "ia3", "prefix_tuning"]
 #: Bytes each way of a client's shared-memory channel: room for the LM head's rows of a training
 #: batch (4 x 64 tokens x 32000 logits x 4 bytes = 33 MB); the default 8 MiB sends them over gRPC.
@@ -28,7 +31,12 @@ SHM_CAPACITY = 128 << 20
 
 
 def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
-    """The client's base model: a Symbiosis client of ``executor`` or ``spec["target"]``, or a full copy (``"peft"``)."""
+    """The client's base model: a Symbiosis client of ``executor`` or ``spec["target"]``, or a full copy (``"peft"``).
+
+    A full copy with ``spec["quantize"]`` (``"int8"``, ``"4bit"``) is a QLoRA user's: loaded with the
+    executor's ``BitsAndBytesConfig``, then ``prepare_model_for_kbit_training`` (without gradient
+    checkpointing, which neither side uses here).
+    """
     if spec["system"] == "symbiosis":
         from symbiosis import load_model
 
@@ -37,8 +45,16 @@ def base_model(spec: dict[str, Any], executor: Any = None) -> nn.Module:
                           connect_options={"shm_capacity": SHM_CAPACITY})
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=getattr(torch, spec.get("dtype", "float32")),
-                                                device_map=spec.get("device", "cpu"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    if not spec.get("quantize"):
+        return AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device_map=spec.get("device", "cpu"))
+    from peft import prepare_model_for_kbit_training
+
+    from symbiosis.executor.quantized import load_options
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, device_map=spec.get("device", "cpu"),
+                                                 **load_options(spec["model_dir"], spec["quantize"], dtype))
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def adapted(base: nn.Module, method: str, seed: int) -> nn.Module:
@@ -73,9 +89,12 @@ def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]
     least ``spec["steps"]`` steps and keeps stepping until ``spec["duration_s"]`` (default 0) have
     passed since the common start.
     """
+    from symbiosis.client import resident_bytes
     from symbiosis.workload import AffineTask
 
-    model = adapted(base_model(spec), spec["method"], spec["index"])
+    base = base_model(spec)
+    base_bytes = resident_bytes(base)
+    model = adapted(base, spec["method"], spec["index"])
     task = AffineTask(vocab_size(model), a=1, b=spec["index"] + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
@@ -98,7 +117,7 @@ def train_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any]
         losses.append(step(task.sequences(spec["batch"], spec["seq_len"], seed=len(ends)).to(device)))
         ends.append(time.time())
     return {"method": spec["method"], "start": start, "step_ends": ends, "tokens_per_step": spec["batch"] * spec["seq_len"],
-            "losses": losses}
+            "losses": losses, "base_bytes": base_bytes}
 
 
 def tokens_in_window(report: dict[str, Any], t0: float, t1: float) -> float:

@@ -40,11 +40,18 @@ def cut_edges(models: AtlasModels, cloud: set[str]) -> list[tuple[str, str]]:
     return sorted(edge for edge in edges if (edge[0] in cloud) != (edge[1] in cloud))
 
 
-def describe_plan(evaluator: PlanEvaluator, bits: np.ndarray, labels: list[str] | None = None) -> dict[str, Any]:
-    """Everything a reader needs about one plan: moves, per-API latency before/after, cost, disruption."""
+def describe_plan(evaluator: PlanEvaluator, bits: np.ndarray | None, labels: list[str] | None = None,
+                  cloud_components: list[str] | None = None) -> dict[str, Any]:
+    """Everything a reader needs about one plan: moves, per-API latency before/after, cost, disruption,
+    violated constraints. The plan is a bit vector over the free components, or (for what-if questions)
+    exactly `cloud_components`, whose broken pins are then listed and make it infeasible."""
     models = evaluator.models
-    bits = np.asarray(bits, dtype=bool).reshape(1, -1)
-    scores = evaluator.evaluate(bits)
+    if cloud_components is not None:
+        scores = evaluator.score(evaluator.placement(cloud_components))
+        pins = evaluator.pin_violations(cloud_components)
+    else:
+        scores = evaluator.evaluate(np.asarray(bits, dtype=bool).reshape(1, -1))
+        pins = []
     cloud_row = scores.cloud
     p95 = models.latency.p95_ms(cloud_row)[0]
     disrupted = models.availability.disrupted(cloud_row)[0]
@@ -60,7 +67,9 @@ def describe_plan(evaluator: PlanEvaluator, bits: np.ndarray, labels: list[str] 
                     for a, api in enumerate(models.apis)},
         "disrupted_apis": [api for api, hit in zip(models.apis, disrupted) if hit],
         "violations": {name: float(v) for name, v in zip(CONSTRAINTS, scores.violations[0]) if v > 1e-9},
-        "feasible": bool(scores.feasible[0]),
+        "pin_violations": pins,
+        "feasible": bool(scores.feasible[0]) and not pins,
+        "ingress_cloud_share": models.config.ingress_cloud_share,
         "cut_edges": [list(edge) for edge in cut_edges(models, set(cloud))],
     }
 

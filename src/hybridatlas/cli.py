@@ -1,4 +1,4 @@
-"""Command line: `hybridatlas advise | evaluate | inspect | watch | synth`."""
+"""Command line: `hybridatlas advise | evaluate | validate | calibrate | inspect | watch | synth`."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def _csv_list(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def _number(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise AtlasInputError(flag, f"expected onprem, cloud or a number, got {text!r}") from None
+
+
 def _pairs(text: str, flag: str) -> dict[str, float]:
     """'a=1,b=2' -> {'a': 1.0, 'b': 2.0}; API names may contain '/' but not ',' or '='."""
     out = {}
@@ -48,7 +55,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--edge-bytes-csv", help="long CSV: timestamp,source,destination,request_bytes,response_bytes")
     group.add_argument("--api-calls", help="wide CSV of per-API call counts (default: counted from trace roots)")
     group.add_argument("--resources", nargs="+", help="resource runs: directories or resources.csv files")
-    group.add_argument("--components", help="components.json (kinds, stateful flags)")
+    group.add_argument("--components", help="components.json (kinds, stateful flags); optional")
+    group.add_argument("--kubernetes", help="output of `kubectl get deploy,sts,svc,pvc -o json`: kinds, stateful "
+                       "flags, replicas, requests, volume sizes, Service names (makes components.json optional)")
     live = parser.add_argument_group("telemetry (live)")
     live.add_argument("--prometheus", help="Prometheus base URL, e.g. http://127.0.0.1:9090")
     live.add_argument("--jaeger", help="Jaeger query base URL, e.g. http://127.0.0.1:16686")
@@ -69,6 +78,8 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     knobs.add_argument("--pin-onprem", help="components that must stay on-prem (comma-separated)")
     knobs.add_argument("--pin-cloud", help="components that must move (comma-separated)")
     knobs.add_argument("--critical", help="critical APIs (comma-separated)")
+    knobs.add_argument("--ingress", help="where users' traffic enters: onprem (default), cloud, or the cloud share "
+                       "of requests (0-1)")
     knobs.add_argument("--rtt-ms", type=float, help="WAN round-trip time")
     knobs.add_argument("--bandwidth-gbps", type=float, help="WAN bandwidth")
 
@@ -89,6 +100,8 @@ def config_from_args(args: argparse.Namespace) -> AtlasConfig:
     put("live", "jaeger_limit", args.jaeger_limit)
     if args.budget is not None:
         overrides["budget_per_month"] = args.budget
+    if args.ingress is not None:
+        overrides["ingress"] = args.ingress if args.ingress in ("onprem", "cloud") else _number(args.ingress, "--ingress")
     base = AtlasConfig.load(args.config)
     if args.pin_onprem:
         put("placement", "pinned_onprem", base.pinned_onprem + _csv_list(args.pin_onprem))
@@ -110,9 +123,13 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Teleme
         telemetry = dataset.load_live(config, args.prometheus, args.jaeger, args.start, args.end, args.step, args.traces)
         if args.resources:
             telemetry.resource_runs = [dataset.load_resource_run(path) for path in args.resources]
+        telemetry.add_components(args.kubernetes, args.components, config.kind_of)
         return telemetry
     if args.data:
-        return dataset.load_directory(args.data)
+        telemetry = dataset.load_directory(args.data, config.kind_of)
+        if args.kubernetes or args.components:
+            telemetry.add_components(args.kubernetes, args.components, config.kind_of)
+        return telemetry
     if not args.traces:
         raise AtlasInputError("telemetry", f"no input: {EXAMPLE_DATA_HINT}")
     telemetry = dataset.Telemetry(traces=dataset.load_traces(args.traces))
@@ -129,8 +146,7 @@ def telemetry_from_args(args: argparse.Namespace, config: AtlasConfig) -> Teleme
             telemetry.traces, telemetry.request_bytes, "--api-calls",
             "--api-calls (a CSV of per-API call counts) for the byte series' period, or --traces recorded during it")
     telemetry.resource_runs = [dataset.load_resource_run(path) for path in args.resources or []]
-    if args.components:
-        telemetry.component_info = dataset.load_component_info(args.components)
+    telemetry.add_components(args.kubernetes, args.components, config.kind_of)
     return telemetry
 
 
@@ -197,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     models = _models(args)
     evaluator = PlanEvaluator(models, str(models.config.search.get("latency_apis", "all")))
     cloud = _csv_list(args.cloud)
-    plan = describe_plan(evaluator, evaluator.bits_for(cloud), ["what-if"])
+    plan = describe_plan(evaluator, None, ["what-if"], cloud + sorted(models.pinned_cloud - set(cloud)))
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -272,6 +288,61 @@ def cmd_watch(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from hybridatlas.ingest.traces import load_traces
+    from hybridatlas.report.table import short_api
+    from hybridatlas.validate import validate
+
+    report = validate(_models(args), load_traces(args.measured), _csv_list(args.cloud))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    table = Table(title=f"Measured vs predicted mean latency from the entry span on (cloud: {args.cloud or '-'})")
+    for column in ("API", "on-prem ms", "measured ms", "predicted ms", "error", "traces"):
+        table.add_column(column)
+    for api, row in report["apis"].items():
+        table.add_row(short_api(api), f"{row['onprem_mean_ms']:.2f}", f"{row['measured_mean_ms']:.2f}",
+                      f"{row['predicted_mean_ms']:.2f}", f"{100 * row['error']:+.1f}%", str(row["measured_traces"]))
+    console.print(table)
+    console.print(f"mean |error| {100 * report['mean_abs_error']:.1f}%, worst {100 * report['max_abs_error']:.1f}%")
+    for pin in report["pin_violations"]:
+        console.print(f"[yellow]note:[/yellow] the measured placement breaks a pin: {pin}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace, console: Console) -> int:
+    if args.source == "stores":
+        from hybridatlas.calibrate.stores import measure
+
+        result = measure(args.rtt_ms or 20.0, args.rate_mbit, [int(s) for s in _csv_list(args.sizes)] or None,
+                         args.reps, args.idle_s)
+    else:
+        from hybridatlas.calibrate.traces import learn_round_trips
+        from hybridatlas.ingest.traces import load_traces
+        from hybridatlas.pipeline import build_models
+
+        if not args.measured:
+            raise AtlasInputError("calibrate traces", "needs --measured traces and --cloud (the placement they ran under)")
+        config = config_from_args(args)
+        telemetry = telemetry_from_args(args, config)
+        models = build_models(telemetry, config, expected_rates(args, telemetry))
+        result = learn_round_trips(models, telemetry.traces, load_traces(args.measured), _csv_list(args.cloud))
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if args.json:
+        print(text)
+        return 0
+    for rule in result["round_trips"]:
+        curve = rule.get("points") or rule.get("base")
+        console.print(f"{rule['kind']:>10} {rule['operation']:<24} round trips {curve}  ({rule['why']})")
+    if args.out:
+        console.print(f"wrote {args.out}: pass it with --config (its round_trips replace the default rules)")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace, console: Console) -> int:
     from hybridatlas.synthetic import generate
 
@@ -310,6 +381,28 @@ def build_parser() -> argparse.ArgumentParser:
     watch_p.add_argument("--iterations", type=int, default=12, help="number of live checks")
     watch_p.add_argument("--json", action="store_true", help="one JSON object per window")
     watch_p.set_defaults(func=cmd_watch)
+    validate_p = sub.add_parser("validate", help="measured traces under a placement vs Atlas's prediction, per API")
+    add_data_options(validate_p)
+    validate_p.add_argument("--measured", nargs="+", required=True, help="traces measured under the placement")
+    validate_p.add_argument("--cloud", required=True, help="components that ran in the cloud (comma-separated)")
+    validate_p.add_argument("--json", action="store_true")
+    validate_p.set_defaults(func=cmd_validate)
+    calibrate_p = sub.add_parser("calibrate", help="round trips per operation: measured on stores, or learned from traces")
+    calibrate_p.add_argument("source", choices=["stores", "traces"],
+                             help="stores: time real Redis/memcached/HTTP clients over an emulated WAN (root); "
+                                  "traces: learn from traces measured under a placement (--measured, --cloud)")
+    add_data_options(calibrate_p)
+    calibrate_p.add_argument("--measured", nargs="+", help="traces measured under the placement (traces)")
+    calibrate_p.add_argument("--cloud", default="", help="components that ran in the cloud (traces)")
+    calibrate_p.add_argument("--rate-mbit", type=float, default=100.0, help="emulated link rate (stores)")
+    calibrate_p.add_argument("--sizes", default="", help="payload bytes to probe, comma-separated (stores)")
+    calibrate_p.add_argument("--reps", type=int, default=3, help="timed repetitions per operation and size (stores)")
+    calibrate_p.add_argument("--idle-s", type=float, default=1.5,
+                             help="idle time before each timed operation: long enough (several retransmission "
+                                  "timeouts) for TCP to restart from its initial window (stores)")
+    calibrate_p.add_argument("--out", help="write the result as a config file here")
+    calibrate_p.add_argument("--json", action="store_true")
+    calibrate_p.set_defaults(func=cmd_calibrate)
     synth_p = sub.add_parser("synth", help="write synthetic telemetry in the real formats")
     synth_p.add_argument("--out", required=True)
     synth_p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -45,16 +46,60 @@ def _read_user_file(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class RoundTripRule:
-    """Round trips one call costs when it crosses the WAN: base + ceil(bytes / per_chunk_bytes)."""
+    """Round trips one call costs when it crosses the WAN, as a function of its payload (the larger of
+    request and response bytes per call).
+
+    With `points` ((payload bytes, round trips) pairs measured by `hybridatlas calibrate`), the value
+    is interpolated in log(payload) between points, held below the first and extended along the last
+    segment's per-byte slope beyond the last. `points` hold for a connection that sat idle longer than
+    TCP's retransmission timeout (slow start restarts), `warm_points` for one in use (its congestion
+    window open). Otherwise base + ceil(payload / per_chunk_bytes), or base alone. `operation` globs
+    the span's operation, `kind` the callee's kind.
+    """
 
     operation: str
+    kind: str
     base: float
-    per_chunk_bytes: float | None
+    per_chunk_bytes: float | None = None
+    points: tuple[tuple[float, float], ...] = ()
+    warm_points: tuple[tuple[float, float], ...] = ()
 
-    def round_trips(self, payload_bytes: float) -> float:
+    def round_trips(self, payload_bytes: float, warm: bool = False) -> float:
+        if warm and self.warm_points:
+            return _interpolate(self.warm_points, payload_bytes)
+        if self.points:
+            return _interpolate(self.points, payload_bytes)
         if not self.per_chunk_bytes:
             return self.base
         return self.base + max(1.0, float(-(-payload_bytes // self.per_chunk_bytes)))
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    xs = [p[0] for p in points]
+    if x <= xs[0] or len(points) == 1:
+        return points[0][1]
+    if x >= xs[-1]:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        return y1 + max(0.0, (y1 - y0) / (x1 - x0)) * (x - x1)
+    k = next(i for i in range(1, len(xs)) if x <= xs[i])
+    (x0, y0), (x1, y1) = points[k - 1], points[k]
+    share = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return y0 + share * (y1 - y0)
+
+
+def parse_ingress(value: Any, source: str) -> float:
+    """Share of users' traffic entering through the cloud: 'onprem' = 0, 'cloud' = 1, or a number in [0, 1]."""
+    if value == "onprem":
+        return 0.0
+    if value == "cloud":
+        return 1.0
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0.0 <= share <= 1.0:
+        raise AtlasInputError(source, f"ingress must be 'onprem', 'cloud' or the cloud share of traffic in [0, 1], got {value!r}")
+    return share
 
 
 @dataclass(frozen=True)
@@ -95,6 +140,16 @@ class AtlasConfig:
                     raise AtlasInputError(source, f"database_rules entry {rule} lacks '{key}'")
         if self.headroom < 0:
             raise AtlasInputError(source, "cost.headroom must be >= 0")
+        parse_ingress(self.raw.get("ingress", "onprem"), f"{source}: ingress")
+        for rule in self.raw["round_trips"]:
+            if "base" not in rule and not rule.get("points"):
+                raise AtlasInputError(source, f"round_trips entry {rule} needs 'base' or 'points'")
+            for key in ("points", "warm_points"):
+                points = rule.get(key) or []
+                if any(len(p) != 2 or p[0] <= 0 or p[1] < 0 for p in points) or \
+                        any(a[0] >= b[0] for a, b in zip(points, points[1:])):
+                    raise AtlasInputError(source, f"round_trips entry {rule.get('operation')}: {key} must be [payload bytes "
+                                          "> 0, round trips >= 0] pairs in increasing payload order")
         limit = self.raw["live"]["jaeger_limit"]
         if not isinstance(limit, int) or limit < 1:
             raise AtlasInputError(source, f"live.jaeger_limit must be a whole number >= 1, got {limit!r}")
@@ -103,6 +158,17 @@ class AtlasConfig:
     @property
     def rtt_ms(self) -> float:
         return float(self.raw["wan"]["rtt_ms"])
+
+    @property
+    def series_window_s(self) -> float | None:
+        """Length of the trailing windows the byte and call series count over (None: the data's own, 60 s)."""
+        value = self.raw.get("series_window_s")
+        return None if value is None else float(value)
+
+    @property
+    def idle_after_s(self) -> float:
+        """A connection unused this long restarts slow start: TCP's minimum retransmission timeout + RTT."""
+        return float(self.raw["wan"].get("rto_min_ms", 200.0)) / 1e3 + self.rtt_ms / 1e3
 
     @property
     def bandwidth_bytes_per_s(self) -> float:
@@ -133,12 +199,20 @@ class AtlasConfig:
         """A child ending more than this after its parent is background (timestamps are rounded to 1 us)."""
         return float(self.raw["background_overhang_us"])
 
-    def round_trip_rule(self, operation: str) -> RoundTripRule:
-        """First rule whose `operation` glob matches; the defaults end with a catch-all '*'."""
+    def round_trip_rule(self, operation: str, kind: str = "service") -> RoundTripRule:
+        """First rule whose `operation` glob matches the operation and `kind` glob the callee's kind
+        (both default '*'); the defaults end with a catch-all."""
         for rule in self.raw["round_trips"]:
-            if fnmatch.fnmatchcase(operation, rule["operation"]):
-                return RoundTripRule(rule["operation"], float(rule["base"]), rule.get("per_chunk_bytes"))
-        return RoundTripRule("*", 1.0, None)
+            if fnmatch.fnmatchcase(operation, rule.get("operation", "*")) and fnmatch.fnmatchcase(kind, rule.get("kind", "*")):
+                return RoundTripRule(rule.get("operation", "*"), rule.get("kind", "*"), float(rule.get("base", 1.0)),
+                                     rule.get("per_chunk_bytes"), tuple(tuple(map(float, p)) for p in rule.get("points") or ()),
+                                     tuple(tuple(map(float, p)) for p in rule.get("warm_points") or ()))
+        return RoundTripRule("*", "*", 1.0)
+
+    @property
+    def ingress_cloud_share(self) -> float:
+        """Share of users' requests entering through a cloud gateway (0 = all through the on-prem one)."""
+        return parse_ingress(self.raw.get("ingress", "onprem"), "ingress")
 
     # --- placement constraints -------------------------------------------------------------
     @property

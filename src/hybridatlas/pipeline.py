@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,7 @@ def _pins(components: list[str], kinds: dict[str, str], config: AtlasConfig) -> 
         if c in config.pinned_onprem:
             onprem[c] = "placement.pinned_onprem"
         elif c == config.gateway:
-            onprem[c] = "gateway (always on-prem)"
+            onprem[c] = "gateway (placed by the ingress option)"
         elif kinds[c] in config.pinned_onprem_kinds:
             onprem[c] = f"placement.pinned_onprem_kinds (kind '{kinds[c]}')"
     cloud = set(config.pinned_cloud)
@@ -109,13 +110,37 @@ def check_forecast(components: list[str], forecast: dict[str, dict[str, float]],
               "ignore its load and moving it costs no compute; feasibility and savings are overstated")
 
 
+def declared_demand(components: list[str], forecast: dict[str, dict[str, float]],
+                    info: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """For components without a measured forecast, the CPU and memory their Kubernetes objects request
+    and the size of their volumes (with a warning naming them); also volume sizes where the forecast
+    has no disk."""
+    declared = {}
+    for c in components:
+        facts = info.get(c, {})
+        if not any(key in facts for key in ("cpu_cores", "memory_gib", "volume_gib")):
+            continue
+        if c in forecast:
+            if not forecast[c].get("disk_gib") and facts.get("volume_gib"):
+                declared[c] = {**forecast[c], "disk_gib": float(facts["volume_gib"])}
+            continue
+        declared[c] = {"cpu_cores": float(facts.get("cpu_cores", 0.0)), "memory_gib": float(facts.get("memory_gib", 0.0)),
+                       "disk_gib": float(facts.get("volume_gib", 0.0))}
+    requested = sorted(c for c in declared if c not in forecast)
+    if requested:
+        warn_data("resource forecast", f"components {requested} have no resource series: their CPU and memory "
+                  "are the Kubernetes requests and their disk the volume sizes, not measured load")
+    return declared
+
+
 def forecast_rates(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, float] | None) -> dict[str, float]:
     """The given calls/s per API, or history extrapolated by the `forecast` settings; times forecast.scale."""
     settings = config.forecast
     if rates is None:
         if telemetry.api_calls is None:
             raise AtlasInputError("traffic forecast", "no API call series: give the expected traffic mix and volume")
-        rates = rates_from_history(telemetry.api_calls, telemetry.window_s, float(settings["history_minutes"]),
+        rates = rates_from_history(telemetry.api_calls, config.series_window_s or telemetry.window_s,
+                                   float(settings["history_minutes"]),
                                    bool(settings["trend"]), float(settings["horizon_days"]))
     return scale_rates(rates, float(settings["scale"]))
 
@@ -126,7 +151,7 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
     footprint = None
     if telemetry.request_bytes is not None and telemetry.response_bytes is not None and telemetry.api_calls is not None:
         footprint = learn_footprint(telemetry.request_bytes, telemetry.response_bytes, telemetry.api_calls,
-                                    graphs, telemetry.window_s)
+                                    graphs, config.series_window_s or telemetry.window_s)
     else:
         warn_data("telemetry", "no byte or call series: WAN transfer time and egress are taken as zero")
     resources = learn_resources(telemetry.resource_runs) if telemetry.resource_runs else None
@@ -144,11 +169,13 @@ def build_models(telemetry: Telemetry, config: AtlasConfig, rates: dict[str, flo
     rates = forecast_rates(telemetry, config, rates)
     traffic = component_traffic(footprint, rates) if footprint is not None else {}
     forecast = resources.forecast(traffic, float(config.forecast["horizon_days"])) if resources is not None else {}
-    if resources is None:
+    declared = declared_demand(components, forecast, telemetry.component_info)
+    forecast = {**forecast, **declared}
+    if resources is None and not declared:
         warn_data("telemetry", "no resource series: utilisation, capacity constraints and compute cost are zero")
     else:
         check_forecast(components, forecast, config.gateway)
-    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs)
+    latency = build_latency_model(telemetry.traces, components, config, footprint, graphs, kinds, rates)
     unknown_critical = sorted(set(config.critical_apis) - set(graphs))
     if unknown_critical:
         raise AtlasInputError("availability.critical_apis", f"unknown API(s) {unknown_critical}; known: {sorted(graphs)}")
@@ -178,4 +205,5 @@ def build_cost_model(components: list[str], stateful: set[str], forecast: dict[s
         memory_gib=demand_vector(forecast, components, "memory_gib"), volume_gib=volume,
         edge_source=np.array([index[e[0]] for e in edges], dtype=np.int64),
         edge_destination=np.array([index[e[1]] for e in edges], dtype=np.int64),
-        edge_request_bytes_per_s=request, edge_response_bytes_per_s=response, config=config)
+        edge_request_bytes_per_s=request, edge_response_bytes_per_s=response, config=config,
+        gateway_index=index.get(config.gateway))

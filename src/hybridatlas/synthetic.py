@@ -1,6 +1,8 @@
-"""Synthetic telemetry in the real formats, for demos and for users without data.
+"""Synthetic telemetry in the real formats, for demos, tests and scale benchmarks.
 
-A small shop application (frontend, three services, MongoDB, Redis, memcached) with three APIs.
+By default a small shop application (frontend, three services, MongoDB, Redis, memcached) with three
+APIs; `random_app(n)` makes applications of any size with the call-graph shapes production traces show
+(random_app's docstring).
 Writes the same layout as the DeathStarBench data: traces/ (Jaeger JSON), network-run/ (Istio-style
 query_range JSON for request/response bytes, the same as edge_bytes.csv, api_calls.csv),
 resources-run/ (resources.csv and prometheus/*.query_range.json.gz), components.json, and
@@ -12,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,22 @@ TRUE_BYTES = {
 CPU_PER_BYTE = {c: 2e-7 if COMPONENTS.get(c) == "service" else 1e-7 for c in COMPONENTS}
 
 
+@dataclass
+class App:
+    """What the generator writes telemetry for: components and kinds, call trees per API, calls/s per
+    API, true (request, response) bytes per API call per edge, CPU seconds per byte per component."""
+
+    components: dict[str, str]
+    stateful: set[str]
+    api_trees: dict[str, tuple]
+    base_rates: dict[str, float]
+    true_bytes: dict[tuple[str, str], dict[str, tuple[float, float]]]
+    cpu_per_byte: dict[str, float]
+
+
+SHOP = App(COMPONENTS, STATEFUL, API_TREES, BASE_RATES, TRUE_BYTES, CPU_PER_BYTE)
+
+
 def _span_tree(rng: np.random.Generator, node: tuple, start_us: int, trace_id: str, parent: str | None,
                spans: list[dict], pids: dict[str, str], counter: list[int]) -> int:
     """Append spans for `node` starting at start_us; returns its end time."""
@@ -79,9 +98,9 @@ def _span_tree(rng: np.random.Generator, node: tuple, start_us: int, trace_id: s
     return end
 
 
-def write_traces(out: Path, rng: np.random.Generator, traces_per_api: int, start_s: float) -> None:
+def write_traces(out: Path, rng: np.random.Generator, traces_per_api: int, start_s: float, app: App = SHOP) -> None:
     (out / "traces").mkdir(parents=True, exist_ok=True)
-    for a, (api, tree) in enumerate(API_TREES.items()):
+    for a, (api, tree) in enumerate(app.api_trees.items()):
         traces = []
         for i in range(traces_per_api):
             trace_id = f"{a:04x}{i:012x}"
@@ -98,12 +117,13 @@ def write_traces(out: Path, rng: np.random.Generator, traces_per_api: int, start
             {"data": traces, "total": 0, "limit": 0, "offset": 0, "errors": None}), encoding="utf-8")
 
 
-def _load_pattern(times: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per-API calls/s: daily-like sinusoid with per-API phase and noise."""
-    phase = np.linspace(0, np.pi, len(BASE_RATES))
-    t = (times - times[0]) / 1200.0
-    return np.array([rate * (1.0 + 0.6 * np.sin(2 * np.pi * t + p)) * rng.uniform(0.9, 1.1, len(times))
-                     for rate, p in zip(BASE_RATES.values(), phase)]).T
+def _load_pattern(times: np.ndarray, rng: np.random.Generator, app: App = SHOP) -> np.ndarray:
+    """Per-API calls/s: daily-like sinusoid with per-API phase and period, and noise."""
+    phase = np.linspace(0, np.pi, len(app.base_rates))
+    period = 1200.0 * (1.0 + 0.37 * np.arange(len(app.base_rates)) % 1.7)
+    t = times - times[0]
+    return np.array([rate * (1.0 + 0.6 * np.sin(2 * np.pi * t / T + p)) * rng.uniform(0.9, 1.1, len(times))
+                     for rate, p, T in zip(app.base_rates.values(), phase, period)]).T
 
 
 def _window_counts(per_second: np.ndarray) -> np.ndarray:
@@ -129,13 +149,13 @@ def _edge_labels(edge: tuple[str, str]) -> dict[str, str]:
             "destination_workload_namespace": NAMESPACE, "request_protocol": "tcp"}
 
 
-def write_network_run(out: Path, rng: np.random.Generator, times: np.ndarray) -> dict[str, np.ndarray]:
+def write_network_run(out: Path, rng: np.random.Generator, times: np.ndarray, app: App = SHOP) -> dict[str, np.ndarray]:
     run = out / "network-run"
     run.mkdir(parents=True, exist_ok=True)
-    apis = list(BASE_RATES)
-    calls = _window_counts(_load_pattern(times, rng))
+    apis = list(app.base_rates)
+    calls = _window_counts(_load_pattern(times, rng, app))
     request, response = {}, {}
-    for edge, per_api in TRUE_BYTES.items():
+    for edge, per_api in app.true_bytes.items():
         req = sum(calls[:, apis.index(api)] * b[0] for api, b in per_api.items())
         resp = sum(calls[:, apis.index(api)] * b[1] for api, b in per_api.items())
         request[edge] = np.maximum(req * rng.normal(1.0, 0.03, len(times)), 0.0)
@@ -147,7 +167,7 @@ def write_network_run(out: Path, rng: np.random.Generator, times: np.ndarray) ->
         writer = csv.writer(handle)
         writer.writerow(["timestamp", "source", "destination", "request_bytes", "response_bytes"])
         for i, t in enumerate(times):
-            for edge in TRUE_BYTES:
+            for edge in app.true_bytes:
                 writer.writerow([int(t), edge[0], edge[1], f"{request[edge][i]:.2f}", f"{response[edge][i]:.2f}"])
     with open(run / "api_calls.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -157,23 +177,23 @@ def write_network_run(out: Path, rng: np.random.Generator, times: np.ndarray) ->
     return {"calls": calls}
 
 
-def write_resource_run(out: Path, rng: np.random.Generator, times: np.ndarray) -> None:
+def write_resource_run(out: Path, rng: np.random.Generator, times: np.ndarray, app: App = SHOP) -> None:
     run = out / "resources-run"
     (run / "prometheus").mkdir(parents=True, exist_ok=True)
-    apis = list(BASE_RATES)
-    per_second = _load_pattern(times, rng) * 1.5
-    traffic = {c: np.zeros(len(times)) for c in COMPONENTS}
-    for edge, per_api in TRUE_BYTES.items():
+    apis = list(app.base_rates)
+    per_second = _load_pattern(times, rng, app) * 1.5
+    traffic = {c: np.zeros(len(times)) for c in app.components}
+    for edge, per_api in app.true_bytes.items():
         volume = sum(per_second[:, apis.index(api)] * (b[0] + b[1]) for api, b in per_api.items())
         for component in edge:
             if component in traffic:
                 traffic[component] += volume * 1.05 + 800.0
     metrics = {
-        "cpu_cores": {c: 0.01 + CPU_PER_BYTE[c] * traffic[c] * rng.normal(1, 0.05, len(times)) for c in COMPONENTS},
-        "memory_rss_bytes": {c: 7e7 + 2e2 * traffic[c] + rng.normal(0, 1e6, len(times)) for c in COMPONENTS},
-        "network_receive_bytes_per_second": {c: traffic[c] / 2 for c in COMPONENTS},
-        "network_transmit_bytes_per_second": {c: traffic[c] / 2 for c in COMPONENTS},
-        "disk_usage_gb": {c: 0.5 + np.cumsum(traffic[c]) * STEP_S * 2e-10 for c in STATEFUL},
+        "cpu_cores": {c: 0.01 + app.cpu_per_byte[c] * traffic[c] * rng.normal(1, 0.05, len(times)) for c in app.components},
+        "memory_rss_bytes": {c: 7e7 + 2e2 * traffic[c] + rng.normal(0, 1e6, len(times)) for c in app.components},
+        "network_receive_bytes_per_second": {c: traffic[c] / 2 for c in app.components},
+        "network_transmit_bytes_per_second": {c: traffic[c] / 2 for c in app.components},
+        "disk_usage_gb": {c: 0.5 + np.cumsum(traffic[c]) * STEP_S * 2e-10 for c in sorted(app.stateful)},
     }
     names = {"cpu_cores": "pod:container_cpu_usage_seconds:rate1m", "memory_rss_bytes": "container_memory_rss",
              "network_receive_bytes_per_second": "pod:container_network_receive_bytes:rate1m",
@@ -189,26 +209,114 @@ def write_resource_run(out: Path, rng: np.random.Generator, times: np.ndarray) -
         writer.writerow(["timestamp", "component", "cpu_cores", "memory_bytes", "disk_usage_gb",
                          "net_rx_bytes_per_second", "net_tx_bytes_per_second"])
         for i, t in enumerate(times):
-            for c in COMPONENTS:
-                disk = f"{metrics['disk_usage_gb'][c][i]:.6f}" if c in STATEFUL else ""
+            for c in app.components:
+                disk = f"{metrics['disk_usage_gb'][c][i]:.6f}" if c in app.stateful else ""
                 writer.writerow([int(t), c, f"{metrics['cpu_cores'][c][i]:.6f}", int(metrics["memory_rss_bytes"][c][i]),
                                  disk, f"{traffic[c][i] / 2:.1f}", f"{traffic[c][i] / 2:.1f}"])
 
 
-def generate(out: Path, seed: int = 0, traces_per_api: int = 50, minutes: float = 60.0) -> Path:
-    """Write a complete synthetic data directory under `out`; returns `out`."""
+def generate(out: Path, seed: int = 0, traces_per_api: int = 50, minutes: float = 60.0, app: App | None = None) -> Path:
+    """Write a complete synthetic data directory under `out` (the shop app unless `app` is given); returns `out`."""
+    app = app or SHOP
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     start = 1_700_000_000
     times = np.arange(start, start + minutes * 60 + 1, STEP_S, dtype=np.int64)
-    write_traces(out, rng, traces_per_api, float(start))
-    write_network_run(out, rng, times)
-    write_resource_run(out, rng, times + int(minutes * 60) + 3600)
-    components = [{"name": c, "kind": k, "stateful": c in STATEFUL} for c, k in COMPONENTS.items()]
+    write_traces(out, rng, traces_per_api, float(start), app)
+    write_network_run(out, rng, times, app)
+    write_resource_run(out, rng, times + int(minutes * 60) + 3600, app)
+    components = [{"name": c, "kind": k, "stateful": c in app.stateful} for c, k in app.components.items()]
     (out / "components.json").write_text(json.dumps(
         {"namespace": NAMESPACE, "gateway": {"name": "istio-ingressgateway"}, "components": components}, indent=1),
         encoding="utf-8")
     truth = {f"{s}->{d}": {api: {"request": b[0], "response": b[1]} for api, b in per_api.items()}
-             for (s, d), per_api in TRUE_BYTES.items()}
+             for (s, d), per_api in app.true_bytes.items()}
     (out / "truth.json").write_text(json.dumps(truth, indent=1), encoding="utf-8")
     return out
+
+
+def random_app(n_components: int, seed: int = 0) -> App:
+    """An application of about `n_components` with the shapes production call graphs show (Alibaba's
+    2021 microservice traces, Luo et al. SoCC'21): call trees rather than DAGs, most of depth <= 4, a
+    heavy-tailed fan-out (a few hub services called by many others), about a third of the components
+    stateful stores owned by one service each (caches in front of databases), and many APIs sharing
+    the hubs. Frontends (2% of components) each serve several APIs; APIs are about a tenth of the
+    components."""
+    rng = np.random.default_rng(seed)
+    n_frontends = max(1, n_components // 50)
+    n_stores = int(round(0.3 * n_components))
+    n_services = max(2, n_components - n_frontends - n_stores)
+    services = [f"svc{i:04d}-service" for i in range(n_services)]
+    components = {f"web{i:02d}-frontend": "frontend" for i in range(n_frontends)}
+    components.update({s: "service" for s in services})
+    owned: dict[str, list[str]] = {s: [] for s in services}
+    store_kinds = (("mongodb", 0.45), ("redis", 0.3), ("memcached", 0.25))
+    for k in range(n_stores):
+        owner = services[int(rng.integers(n_services))]
+        kind = store_kinds[int(rng.choice(3, p=[w for _, w in store_kinds]))][0]
+        name = f"{owner[:-len('-service')]}-{kind}" if not any(o.endswith(kind) for o in owned[owner]) \
+            else f"{owner[:-len('-service')]}-{k}-{kind}"
+        owned[owner].append(name)
+        components[name] = kind
+    stateful = {c for c, k in components.items() if k in ("mongodb", "redis")}
+    frontends = [c for c, k in components.items() if k == "frontend"]
+    n_apis = max(3, n_components // 10)
+    unused = list(rng.permutation(services))
+    popularity = np.ones(n_services)
+    callees_of: dict[str, list[str]] = {}
+    trees, rates, true_bytes = {}, {}, {}
+
+    def pick(exclude: set[str]) -> str:
+        """An unused service first (every service serves some API), else a popular one (hubs)."""
+        fresh = [candidate for candidate in unused if candidate not in exclude]
+        if fresh:
+            return str(fresh[-1])
+        weights = np.array([0.0 if s in exclude else popularity[i] for i, s in enumerate(services)])
+        chosen = int(rng.choice(n_services, p=weights / weights.sum()))
+        popularity[chosen] += 1.0
+        return services[chosen]
+
+    def expand(service: str, api: str, depth: int, budget: list[int], path: set[str]) -> tuple:
+        if service in unused:
+            unused.remove(service)
+        stages: list[list[tuple]] = []
+        for store in owned[service]:  # the cache before the database, each its own stage
+            prefix = {"mongodb": "Mongo", "redis": "Redis", "memcached": "Mmc"}[components[store]]
+            _bytes(true_bytes, (service, store), api, rng)
+            stages.append([(service, f"{prefix}{store.split('-')[-2].title()}", float(rng.gamma(2.0, 0.3)), [])])
+        if service not in callees_of:  # a service keeps its dependencies across APIs
+            fan_out = min(int(rng.geometric(0.45)) - 1 + (budget[0] > 2), 6) if depth < 5 else 0
+            callees_of[service] = [pick(path | {service}) for _ in range(fan_out)]
+        callees = [c for c in callees_of[service] if c not in path and budget[0] > 0 and rng.random() < 0.85]
+        while callees:
+            width = int(rng.integers(1, len(callees) + 1))
+            stage = []
+            for callee in callees[:width]:
+                budget[0] -= 1
+                _bytes(true_bytes, (service, callee), api, rng)
+                stage.append(expand(callee, api, depth + 1, budget, path | {service}))
+            stages.append(stage)
+            callees = callees[width:]
+        return (service, f"{service[:-len('-service')].title()}Op", float(rng.gamma(2.0, 0.4)), stages)
+
+    a = 0
+    while a < n_apis or unused:  # more APIs until every service serves one
+        frontend = frontends[a % len(frontends)]
+        api = f"/api/{frontend[:-len('-frontend')]}/op{a:03d}"
+        root_service = pick(set())
+        _bytes(true_bytes, ("istio-ingressgateway", frontend), api, rng)
+        _bytes(true_bytes, (frontend, root_service), api, rng)
+        budget = [-(-len(unused) // max(1, n_apis - a)) + int(rng.lognormal(1.0, 0.8))]
+        trees[api] = (frontend, api, float(rng.gamma(2.0, 0.5)), [[expand(root_service, api, 1, budget, set())]])
+        rates[api] = float(rng.lognormal(0.5, 1.0))
+        a += 1
+    cpu = {c: (2e-7 if k in ("service", "frontend") else 1e-7) * float(rng.uniform(0.5, 2.0)) for c, k in components.items()}
+    used = {c for edge in true_bytes for c in edge} - {"istio-ingressgateway"}
+    components = {c: k for c, k in components.items() if c in used}
+    return App(components, stateful & set(components), trees, rates, true_bytes, {c: cpu[c] for c in components})
+
+
+def _bytes(table: dict, edge: tuple[str, str], api: str, rng: np.random.Generator) -> None:
+    """Draw (request, response) bytes per call for an API on an edge once (log-normal sizes)."""
+    if api not in table.setdefault(edge, {}):
+        table[edge][api] = (float(rng.lognormal(6.0, 1.0)), float(rng.lognormal(7.0, 1.5)))

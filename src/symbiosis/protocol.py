@@ -26,6 +26,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+#: Significand bits of each float dtype: a cast to a dtype with fewer rounds a value.
+PRECISION_BITS: dict[torch.dtype, int] = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 #: Dtypes accepted as token ids by embedding ops.
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -77,11 +79,24 @@ class OpInfo:
     members: tuple[str, ...] = ()
     member_widths: tuple[int, ...] = ()
 
-    def expected_width(self, direction: Direction) -> int:
-        """Width of the rows a request in ``direction`` must carry (token ids: 1 per row)."""
+    def expected_width(self, direction: Direction, features: tuple[int, int] | None = None) -> int:
+        """Width of the rows a request in ``direction`` must carry (token ids: 1 per row).
+
+        ``features``: the request uses only the op's output features ``[start, end)`` (rows of W).
+        """
         if self.kind is OpKind.EMBEDDING:
             return 1
-        return self.in_features if direction is Direction.FORWARD else self.out_features
+        if direction is Direction.FORWARD:
+            return self.in_features
+        return self.out_features if features is None else features[1] - features[0]
+
+    def output_width(self, direction: Direction, features: tuple[int, int] | None = None) -> int:
+        """Width of the rows a request in ``direction`` gets back."""
+        if self.kind is OpKind.EMBEDDING:
+            return self.out_features
+        if direction is Direction.BACKWARD:
+            return self.in_features
+        return self.out_features if features is None else features[1] - features[0]
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,14 @@ class OpRequest:
     """One op call of one client: rows ``x`` (2-D; token ids are 1-D) for op ``op`` in ``direction``.
 
     ``out_dtype`` is the dtype the client wants back (defaults to ``x``'s dtype for float inputs).
+    ``compute_dtype`` is the dtype the product is computed in, rows and weight alike (the dtype a
+    client's autocast gives the op, or the dtype of a product the client computes with the weight
+    itself); None: the executor's own dtype. ``weight_dtype``: the weight's values are first rounded
+    to this narrower dtype (client code that cast the weight down and back up, e.g. TRL's chunked
+    LM head on a CPU: ``W.to(bfloat16).float()``); None: no such rounding. ``features`` restricts a
+    linear op to its output features ``[start, end)`` (rows ``start:end`` of W): forward rows get
+    ``end - start`` outputs, backward rows carry ``end - start`` gradients (a product with a slice
+    of the weight).
     """
 
     op: str
@@ -124,6 +147,13 @@ class OpRequest:
     priority: int = PRIORITY_TRAINING
     out_dtype: torch.dtype | None = None
     tenant: str = field(default="default")
+    compute_dtype: torch.dtype | None = None
+    features: tuple[int, int] | None = None
+    weight_dtype: torch.dtype | None = None
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one GEMM: same op, direction and product."""
+        return (self.op, self.direction, self.compute_dtype, self.weight_dtype, self.features)
 
     @property
     def rows(self) -> int:

@@ -21,6 +21,7 @@ EXPERIMENTS = {
     "multi_adapter_decode": ["--no-vllm"],
     "coserve": [],
     "executor_efficiency": [],
+    "training_stacks": ["--stacks", "eager", "autocast", "trl-sft"],
 }
 
 
@@ -44,6 +45,16 @@ def test_multi_adapter_decode_runs_the_symbiosis_mixed_batch(tmp_path: Path) -> 
     assert row["tokens"] == row["k"] * result["config"]["new_tokens"] and row["executor"]["requests_per_gemm"] == 1.0
     assert row["executor"]["rows_per_gemm"] >= row["k"]  # every op of a step carries all K sequences
     assert result["symbiosis_mixed_batch_vs_targets"]["system"] == "symbiosis mixed batch"
+
+
+def test_quantized_base_runs(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    command = [sys.executable, "-m", "bench.quantized_base", "--smoke", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((tmp_path / "quantized_base.json").read_text())["results"]
+    assert set(results) == {"float32", "bfloat16", "int8", "nf4"}
+    assert results["nf4"]["executor_linear_bytes"] < results["int8"]["executor_linear_bytes"] < results["float32"]["executor_linear_bytes"]
 
 
 def test_transport_runs_as_a_module(tmp_path: Path) -> None:

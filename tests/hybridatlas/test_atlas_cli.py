@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hybridatlas.cli import main
 
 
@@ -87,11 +89,43 @@ def test_evaluate_names_components_moved_by_pins(synthetic_dir, capsys):
     assert "moving cart-service:" in out and "moving nothing" not in out
 
 
-def test_pinned_component_error_names_the_rule(synthetic_dir, capsys):
-    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "web-frontend"]) == 2
-    assert "web-frontend by placement.pinned_onprem_kinds (kind 'frontend')" in capsys.readouterr().out
-    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "cart-redis", "--pin-onprem", "cart-redis"]) == 2
-    assert "cart-redis by placement.pinned_onprem" in capsys.readouterr().out
+def test_what_if_answers_plans_that_break_pins_and_lists_them(synthetic_dir, capsys):
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "web-frontend", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["cloud"] == ["web-frontend"] and not plan["feasible"]
+    assert plan["pin_violations"] == ["web-frontend is pinned on-prem by placement.pinned_onprem_kinds (kind 'frontend')"]
+    browse = plan["latency"]["/api/catalog/browse"]
+    assert browse["mean_ms"] > browse["before_mean_ms"] + 2 * 22.7  # ingress and frontend -> service both cross
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "cart-redis", "--pin-onprem", "cart-redis"]) == 0
+    assert "pin violated: cart-redis is pinned on-prem by placement.pinned_onprem" in capsys.readouterr().out
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "istio-ingressgateway"]) == 2
+    assert "the ingress option" in capsys.readouterr().out
+
+
+def test_search_still_honours_pins(synthetic_dir, capsys):
+    assert main(["advise", "--data", str(synthetic_dir), "--scale", "3", "--onprem-cpu", "0.2", "--json",
+                 "--no-baselines", "--pin-onprem", "catalog-service"]) == 0
+    advice = json.loads(capsys.readouterr().out)
+    assert "catalog-service" not in advice["search"]["free_components"]
+    assert all("catalog-service" not in p["cloud"] and "web-frontend" not in p["cloud"] and not p["pin_violations"]
+               for p in advice["plans"])
+
+
+def test_ingress_moves_the_gateway_for_latency_and_egress(synthetic_dir, capsys):
+    results = {}
+    for ingress in ("onprem", "cloud", "0.5"):
+        assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "", "--ingress", ingress, "--json"]) == 0
+        results[ingress] = json.loads(capsys.readouterr().out)
+    before = results["onprem"]["latency"]["/api/cart/add"]
+    assert before["mean_ms"] == before["before_mean_ms"] and results["onprem"]["cost"]["egress"] == 0
+    cloud = results["cloud"]["latency"]["/api/cart/add"]["mean_ms"]
+    assert 22.7 < cloud - before["mean_ms"] < 1.2 * 22.7  # users cross the WAN to the on-prem frontend
+    half = results["0.5"]
+    assert half["latency"]["/api/cart/add"]["mean_ms"] == pytest.approx((before["mean_ms"] + cloud) / 2, rel=1e-6)
+    assert results["cloud"]["cost"]["egress"] > 0
+    assert half["cost"]["egress"] == pytest.approx(results["cloud"]["cost"]["egress"] / 2, rel=1e-6)
+    assert main(["evaluate", "--data", str(synthetic_dir), "--cloud", "", "--ingress", "edge"]) == 2
+    assert "expected onprem, cloud or a number" in capsys.readouterr().out
 
 
 def test_advise_without_capacity_limits_says_why_nothing_moves(synthetic_dir, capsys):

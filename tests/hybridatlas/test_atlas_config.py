@@ -11,7 +11,22 @@ def test_defaults_carry_provenance_and_artifact_wan():
     assert config.round_trip_rule("MongoGetMedia").round_trips(44_000) == 2
     assert config.round_trip_rule("MongoInsertMedia").round_trips(44_000) == 3
     assert config.round_trip_rule("MongoGetMedia").round_trips(600_000) == 4  # 3 GridFS chunks
-    assert config.round_trip_rule("ComposePost").round_trips(100) == 1
+    assert config.round_trip_rule("ComposePost").round_trips(100) == pytest.approx(1.0, abs=0.15)  # measured RPC
+
+
+def test_round_trip_curves_interpolate_and_validate():
+    config = AtlasConfig.load(overrides={"round_trips": [
+        {"operation": "GET", "kind": "redis", "points": [[1000, 1.0], [100000, 3.0]], "warm_points": [[1000, 1.0]]},
+        {"operation": "*", "base": 1}]})
+    rule = config.round_trip_rule("GET", "redis")
+    assert rule.round_trips(10) == 1.0 and rule.round_trips(10_000) == pytest.approx(2.0)  # log-linear
+    assert rule.round_trips(199_000) == pytest.approx(3.0 + 2.0 / 99_000 * 99_000)  # last slope beyond
+    assert rule.round_trips(100_000, warm=True) == 1.0
+    assert config.round_trip_rule("GET", "memcached").base == 1
+    with pytest.raises(AtlasInputError, match="points must be"):
+        AtlasConfig.load(overrides={"round_trips": [{"operation": "*", "points": [[1000, 1], [10, 2]]}]})
+    with pytest.raises(AtlasInputError, match="ingress must be 'onprem', 'cloud' or the cloud share"):
+        AtlasConfig.load(overrides={"ingress": 1.5})
 
 
 def test_toml_file_merges_over_defaults(tmp_path):

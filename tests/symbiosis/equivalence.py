@@ -6,11 +6,16 @@ no adapter is an identity and every gradient is non-trivial).
 
 Bound: for every compared tensor, ``max|split - mono| <= REL_TOL * max|mono|`` (relative to the
 tensor's scale). Greedy generation must give identical tokens.
+
+With ``quantization`` the executor holds the base quantized by bitsandbytes and the reference is a
+QLoRA user's model: loaded with the same ``BitsAndBytesConfig``, then ``prepare_model_for_kbit_training``
+(see ``monolithic``).
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -82,12 +87,55 @@ def copy_trainable(source: torch.nn.Module, target: torch.nn.Module) -> None:
             dst[name].copy_(param)
 
 
+def monolithic(path: Path, device: str = "cpu", quantization: str | None = None, dtype: str = "float32") -> torch.nn.Module:
+    """The reference model: transformers' own, or for ``quantization`` the QLoRA recipe on it.
+
+    A quantized reference is loaded with the executor's ``BitsAndBytesConfig`` (same quantized bits)
+    and prepared with ``prepare_model_for_kbit_training``; its products are bitsandbytes' training
+    products (dequantise, then GEMM), also in eval mode: bitsandbytes' inference-only paths compute
+    otherwise (the AVX512-BF16 CPU 4-bit kernel rounds activations to bfloat16; int8 inference
+    quantises activations too) and the executor computes every product one way.
+    """
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(path).to(device)
+    from peft import prepare_model_for_kbit_training
+
+    from symbiosis.executor.quantized import is_quantized_linear, quantization_config
+
+    torch_dtype = getattr(torch, dtype)
+    mono = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device,
+                                                quantization_config=quantization_config(quantization, torch_dtype))
+    for module in mono.modules():
+        if is_quantized_linear(module) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return prepare_model_for_kbit_training(mono, use_gradient_checkpointing=False)
+
+
+def eval_mode(model: torch.nn.Module) -> None:
+    """``model.eval()``, with bitsandbytes int8 layers kept on their training product (see ``monolithic``)."""
+    from symbiosis.executor.quantized import is_quantized_linear
+
+    model.eval()
+    for module in model.modules():
+        if is_quantized_linear(module) and not hasattr(module.weight, "quant_state"):
+            module.train()
+
+
 def build_pair(
-    path: Path, peft_config: PeftConfig | None, executor: BaseExecutor | None = None, reference_device: str = "cpu", **client_options
+    path: Path,
+    peft_config: PeftConfig | None,
+    executor: BaseExecutor | None = None,
+    reference_device: str = "cpu",
+    quantization: str | None = None,
+    dtype: str = "float32",
+    **client_options,
 ):
-    """(monolithic model on ``reference_device``, split client, executor), with identical adapters when ``peft_config`` is given."""
-    executor = executor or BaseExecutor.from_pretrained(path)
-    mono = AutoModelForCausalLM.from_pretrained(path).to(reference_device)
+    """(monolithic model on ``reference_device``, split client, executor), with identical adapters when ``peft_config`` is given.
+
+    ``quantization`` / ``dtype``: how the executor (when not given) and the reference load the base.
+    """
+    executor = executor or BaseExecutor.from_pretrained(path, quantization=quantization, dtype=dtype)
+    mono = monolithic(path, reference_device, quantization, dtype)
     client = load_model(executor, **client_options)
     if peft_config is not None:
         torch.manual_seed(0)
@@ -107,14 +155,22 @@ def check_equivalence(
     vocab: int = 256,
     rel_tol: float = REL_TOL,
     reference_device: str = "cpu",
+    autocast: torch.dtype | None = None,
+    executor: object | None = None,
+    quantization: str | None = None,
+    dtype: str = "float32",
     **client_options,
 ) -> dict[str, float]:
     """Compare logits, loss, adapter gradients and greedy tokens; return the worst relative errors.
 
     The monolithic reference runs on ``reference_device``; the client on ``client_options["device"]``
-    (both default to the CPU).
+    (both default to the CPU). With ``autocast``, both run every forward pass and generation under
+    ``torch.autocast`` in that dtype (backward passes outside it, as recommended). ``quantization`` /
+    ``dtype``: see ``build_pair``.
     """
-    mono, client, _ = build_pair(path, peft_config, reference_device=reference_device, **client_options)
+    mono, client, _ = build_pair(
+        path, peft_config, executor=executor, reference_device=reference_device, quantization=quantization, dtype=dtype, **client_options
+    )
     device = client_options.get("device", "cpu")
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(3, vocab, (2, 9), generator=generator).to(reference_device)
@@ -123,8 +179,16 @@ def check_equivalence(
     errors = {}
     for model in (mono, client):
         model.train()
-    out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
-    out_client = client(input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.to(device))
+
+    def autocasting(device_type: str):
+        return torch.autocast(device_type, dtype=autocast) if autocast is not None else nullcontext()
+
+    with autocasting(torch.device(reference_device).type):
+        out_mono = mono(input_ids=ids, attention_mask=mask, labels=ids)
+    with autocasting(torch.device(device).type):
+        out_client = client(input_ids=ids.to(device), attention_mask=mask.to(device), labels=ids.to(device))
+    if autocast is not None:
+        assert out_client.logits.dtype == out_mono.logits.dtype == autocast, "autocast was not in effect"
     errors["logits"] = assert_close(out_client.logits, out_mono.logits, "logits", rel_tol)
     errors["loss"] = assert_close(out_client.loss, out_mono.loss, "loss", rel_tol)
     if peft_config is not None:
@@ -133,11 +197,13 @@ def check_equivalence(
         errors["grads"] = assert_gradients_close(trainable_grads(client), trainable_grads(mono), rel_tol)
     if generate:
         for model in (mono, client):
-            model.eval()
+            eval_mode(model)
         prompt = ids[:, :4]
-        tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
-        tokens_client = client.generate(
-            input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), max_new_tokens=6, do_sample=False
-        ).cpu()
+        with autocasting(torch.device(reference_device).type):
+            tokens_mono = mono.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False)
+        with autocasting(torch.device(device).type):
+            tokens_client = client.generate(
+                input_ids=prompt.to(device), attention_mask=torch.ones_like(prompt).to(device), max_new_tokens=6, do_sample=False
+            ).cpu()
         assert torch.equal(tokens_client, tokens_mono.cpu()), f"greedy tokens differ:\n{tokens_client}\n{tokens_mono}"
     return errors

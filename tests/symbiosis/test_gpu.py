@@ -48,6 +48,15 @@ def test_peft_methods_with_client_and_executor_on_the_gpu(model_dir, method):
     check_equivalence(path, METHODS[method](), executor=executor, device="cuda", reference_device="cuda", rel_tol=GPU_REL_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast(model_dir, dtype):
+    """Under CUDA autocast the executor computes every op in the autocast dtype, as the monolithic model
+    does: client, executor and reference on the GPU, within the GPU bound."""
+    path = model_dir("qwen2")
+    executor = BaseExecutor.from_pretrained(path, device="cuda")
+    check_equivalence(path, lora(), executor=executor, device="cuda", reference_device="cuda", rel_tol=GPU_REL_TOL, autocast=dtype)
+
+
 def test_bfloat16_split_is_as_accurate_as_bfloat16_monolithic(model_dir):
     """Against a float32 reference, the bf16 split model errs no more than the bf16 monolithic model (x2)."""
     path = model_dir("llama")

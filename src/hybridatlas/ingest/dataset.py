@@ -12,7 +12,8 @@ from hybridatlas.config import AtlasConfig
 from hybridatlas.errors import AtlasInputError, warn_data
 from hybridatlas.ingest.csvfiles import load_api_calls_csv, load_edge_bytes_csv, load_resources_csv
 from hybridatlas.ingest.files import read_json
-from hybridatlas.ingest.jaeger import Trace, load_traces
+from hybridatlas.ingest.kubernetes import load_kubernetes, peer_component
+from hybridatlas.ingest.traces import Trace, load_traces
 from hybridatlas.ingest.live import JaegerClient, PrometheusClient
 from hybridatlas.ingest.prometheus import component_key, edge_key, label_key, load_query_range
 from hybridatlas.ingest.series import SeriesTable
@@ -51,6 +52,22 @@ class Telemetry:
     resource_runs: list[ResourceRun] = field(default_factory=list)
     component_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     window_s: float = WINDOW_S
+
+    def add_components(self, kubernetes: str | Path | None = None, components: str | Path | None = None,
+                       kind_of=None) -> None:
+        """Component facts from Kubernetes objects, then components.json (which wins per component); trace
+        peers named by a Service or DNS name are resolved to components."""
+        aliases: dict[str, str] = {}
+        if kubernetes is not None:
+            info, aliases = load_kubernetes(kubernetes, kind_of)
+            self.component_info.update(info)
+        if components is not None:
+            for name, facts in load_component_info(components).items():
+                self.component_info[name] = {**self.component_info.get(name, {}), **facts}
+        for trace in self.traces:
+            for span in trace.spans:
+                if span.peer:
+                    span.peer = peer_component(span.peer, aliases)
 
     @property
     def apis(self) -> list[str]:
@@ -146,9 +163,11 @@ def load_component_info(path: str | Path) -> dict[str, dict[str, Any]]:
     return info
 
 
-def load_directory(data_dir: str | Path) -> Telemetry:
+def load_directory(data_dir: str | Path, kind_of=None) -> Telemetry:
     """Load the standard layout: traces/, a network run (istio_*query_range.json[.gz] or edge_bytes.csv,
-    api_calls.csv), resource runs (resources.csv or prometheus/), components.json (optional)."""
+    api_calls.csv), resource runs (resources.csv or prometheus/), and optionally kubernetes.json (kubectl
+    get deploy,sts,svc,pvc -o json) and components.json. `kind_of` names the kind of a Kubernetes
+    workload whose images say nothing (default 'service')."""
     root = Path(data_dir)
     if not root.is_dir():
         raise AtlasInputError(root, "data directory not found")
@@ -173,9 +192,9 @@ def load_directory(data_dir: str | Path) -> Telemetry:
     telemetry.resource_runs = [load_resource_run(d) for d in resource_dirs]
     if not telemetry.resource_runs:
         warn_data(root, "no resource run found: utilisation cannot be forecast")
-    components_file = root / "components.json"
-    if components_file.is_file():
-        telemetry.component_info = load_component_info(components_file)
+    kubernetes, components = root / "kubernetes.json", root / "components.json"
+    telemetry.add_components(kubernetes if kubernetes.is_file() else None,
+                             components if components.is_file() else None, kind_of)
     return telemetry
 
 

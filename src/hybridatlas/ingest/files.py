@@ -30,6 +30,23 @@ def read_json(path: str | Path) -> Any:
         raise AtlasInputError(path, f"not valid JSON: {exc}") from exc
 
 
+def read_json_lines(path: str | Path) -> list[Any]:
+    """Parse a JSON-lines file (one JSON value per non-empty line), naming the first bad line."""
+    path = Path(path)
+    values = []
+    try:
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        values.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise AtlasInputError(path, f"line {number}: not valid JSON: {exc}") from exc
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:
+        raise AtlasInputError(path, f"not valid JSON lines: {exc}") from exc
+    return values
+
+
 def read_csv_rows(path: str | Path, required: list[str]) -> tuple[list[str], Iterator[tuple[int, dict[str, str]]]]:
     """Header and (line number, row) pairs of a CSV file whose header has every `required` column."""
     path = Path(path)

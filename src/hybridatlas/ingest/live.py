@@ -7,7 +7,8 @@ from typing import Any
 import requests
 
 from hybridatlas.errors import AtlasInputError, warn_data
-from hybridatlas.ingest.jaeger import Trace, parse_traces
+from hybridatlas.ingest.jaeger import parse_traces
+from hybridatlas.ingest.traces import Trace
 from hybridatlas.ingest.prometheus import KeyFn, parse_query_range
 from hybridatlas.ingest.series import SeriesTable, merge_tables
 

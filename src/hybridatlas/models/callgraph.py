@@ -1,7 +1,9 @@
 """Traces -> per-API call graphs of components.
 
-A span's component is its process's `container.name`. A client span whose operation matches a
-database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component.
+A span's component is the workload that recorded it. A client span whose operation matches a
+database rule (e.g. `Mongo*` recorded by `user-service`) is a call to that database component; a
+client span that names its peer (OpenTelemetry peer.service / server.address, Zipkin remoteEndpoint)
+and has no child in another component is a call to that peer (a store, or an untraced service).
 Children listed in `async_operations`, or that end after their parent (by more than
 `background_overhang_us`), are background work.
 """
@@ -15,7 +17,7 @@ from typing import Iterator
 
 from hybridatlas.config import AtlasConfig
 from hybridatlas.errors import warn_data
-from hybridatlas.ingest.jaeger import Span, Trace
+from hybridatlas.ingest.traces import Span, Trace
 
 Edge = tuple[str, str]
 
@@ -26,45 +28,76 @@ class DatabaseMapper:
     def __init__(self, rules: list[dict[str, str]]) -> None:
         self.rules = rules
 
-    def target(self, caller: str, operation: str) -> str | None:
-        """The database a client span calls, or None if the span is not a database call."""
+    def target(self, span: Span) -> str | None:
+        """The untraced component (database, queue, service) a client span calls, or None."""
+        caller, operation = span.component, span.operation
         for rule in self.rules:
             if fnmatchcase(caller, rule["caller"]) and operation.startswith(rule["operation_prefix"]):
                 service = caller[: -len("-service")] if caller.endswith("-service") else caller
                 return rule["component"].replace("{service}", service)
+        if span.kind in ("client", "producer") and span.peer and span.peer != caller and \
+                all(child.component == caller for child in span.children):
+            return span.peer
         return None
 
 
 @dataclass(frozen=True)
 class Hop:
-    """One component-to-component call carried by a span: `edge` = (caller, callee)."""
+    """One component-to-component call carried by a span: `edge` = (caller, callee). `warm`: the same
+    caller called the same callee shortly before in the same request, so the connection is in use."""
 
     edge: Edge
     operation: str
+    warm: bool = False
 
 
 def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
-    """Async consumer spans and children that outlive their parent do not add to its latency."""
-    return (any(fnmatchcase(child.operation, pattern) for pattern in config.async_operations)
-            or child.end_us > parent.end_us + config.background_overhang_us)
+    """Async consumer spans and children that outlive their parent do not add to its latency.
+
+    The server side of an RPC (a server span under a client span) is never background, even when it
+    ends after its client span: the server ends its span after writing the response, which the client
+    may already have read, and clocks of different hosts disagree."""
+    if any(fnmatchcase(child.operation, pattern) for pattern in config.async_operations) or child.kind == "consumer":
+        return True
+    if child.kind == "server" and parent.kind == "client":
+        return False
+    return child.end_us > parent.end_us + config.background_overhang_us
 
 
-def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper) -> list[Hop]:
+def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMapper,
+              warm: frozenset[tuple[str, Edge]] = frozenset()) -> list[Hop]:
     """Calls a span stands for: the RPC into its component (from the parent, or the gateway for the
     root) and, for a database client span, the call to the database. A span whose parent is a
     database client span (a message-queue consumer) is itself a client of that database."""
     hops = []
-    parent_target = mapper.target(parent.component, parent.operation) if parent is not None else None
+    parent_target = mapper.target(parent) if parent is not None else None
     if parent_target is not None:
-        hops.append(Hop((span.component, parent_target), span.operation))
+        edge = (span.component, parent_target)
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
     else:
         caller = parent.component if parent is not None else gateway
         if caller != span.component:
-            hops.append(Hop((caller, span.component), span.operation))
-    database = mapper.target(span.component, span.operation)
+            edge = (caller, span.component)
+            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
+    database = mapper.target(span)
     if database is not None:
-        hops.append(Hop((span.component, database), span.operation))
+        edge = (span.component, database)
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
     return hops
+
+
+def warm_calls(trace: Trace, config: AtlasConfig, mapper: DatabaseMapper) -> frozenset[tuple[str, Edge]]:
+    """(span id, edge) of calls that follow another call on the same edge in the same request by less
+    than config.idle_after_s: their connection is in use, its congestion window open."""
+    last_end: dict[Edge, int] = {}
+    warm = set()
+    for span, parent, _ in sorted(walk(trace, config), key=lambda item: item[0].start_us):
+        for hop in span_hops(span, parent, config.gateway, mapper):
+            previous = last_end.get(hop.edge)
+            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6:
+                warm.add((span.span_id, hop.edge))
+            last_end[hop.edge] = max(previous or 0, span.end_us)
+    return frozenset(warm)
 
 
 def walk(trace: Trace, config: AtlasConfig) -> Iterator[tuple[Span, Span | None, bool]]:

@@ -5,7 +5,8 @@ type; for each catalogued type the pool needs ceil(max(cpu / sustained vcpu, mem
 nodes and the cheapest type wins (sustained vcpu = vcpu x baseline_cpu_share: burstable types are
 sized on their baseline). Storage: the forecast disk of each moved stateful component (at least
 `min_volume_gib`). Egress: bytes leaving the cloud on every cut edge (responses of on-prem -> cloud
-calls, requests of cloud -> on-prem calls). Prices come from the configuration (defaults.json states
+calls, requests of cloud -> on-prem calls); users' requests and responses cross where the ingress
+option puts the gateway. Prices come from the configuration (defaults.json states
 their provenance).
 """
 
@@ -32,6 +33,22 @@ class CostModel:
     edge_request_bytes_per_s: np.ndarray
     edge_response_bytes_per_s: np.ndarray
     config: AtlasConfig
+    gateway_index: int | None = None
+
+    def _egress_bytes_per_s(self, cloud: np.ndarray) -> np.ndarray:
+        """Bytes/s leaving the cloud per plan, the gateway placed by the ingress share (mixed linearly)."""
+        share = self.config.ingress_cloud_share
+        total = np.zeros(cloud.shape[0])
+        for weight, in_cloud in ((1.0 - share, False), (share, True)):
+            if weight <= 0:
+                continue
+            side = cloud.copy()
+            if self.gateway_index is not None:
+                side[:, self.gateway_index] = in_cloud
+            src, dst = side[:, self.edge_source], side[:, self.edge_destination]
+            leaving = (~src & dst) * self.edge_response_bytes_per_s + (src & ~dst) * self.edge_request_bytes_per_s
+            total += weight * leaving.sum(axis=1)
+        return total
 
     def breakdown(self, cloud: np.ndarray) -> np.ndarray:
         """(plans x 4) monthly cost: compute, storage, egress, cluster."""
@@ -48,9 +65,7 @@ class CostModel:
         any_cloud = cloud.any(axis=1)
         compute = np.where(any_cloud, compute, 0.0)
         storage = cloud_f @ self.volume_gib * float(cost["storage_per_gib_month"])
-        src, dst = cloud[:, self.edge_source], cloud[:, self.edge_destination]
-        leaving = (~src & dst) * self.edge_response_bytes_per_s + (src & ~dst) * self.edge_request_bytes_per_s
-        egress = leaving.sum(axis=1) * (hours * 3600.0) / 1e9 * float(cost["egress_per_gb"])
+        egress = self._egress_bytes_per_s(cloud) * (hours * 3600.0) / 1e9 * float(cost["egress_per_gb"])
         cluster = any_cloud * float(cost["cluster_fee_per_hour"]) * hours
         return np.column_stack([compute, storage, egress, cluster])
 

@@ -21,8 +21,8 @@ from typing import Callable
 import numpy as np
 
 from hybridatlas.config import AtlasConfig
-from hybridatlas.ingest.jaeger import Span, Trace
-from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops
+from hybridatlas.ingest.traces import Span, Trace
+from hybridatlas.models.callgraph import ApiCallGraph, DatabaseMapper, Hop, is_background, span_hops, warm_calls
 from hybridatlas.models.footprint import Footprint
 
 P95 = 95.0
@@ -37,7 +37,7 @@ class ReplayNode:
     stages: list[list["ReplayNode"]] = field(default_factory=list)
 
     def signature(self) -> tuple:
-        hops = tuple((hop.edge, hop.operation) for hop in self.hops)
+        hops = tuple((hop.edge, hop.operation, hop.warm) for hop in self.hops)
         return hops, tuple(tuple(sorted(child.signature() for child in stage)) for stage in self.stages)
 
 
@@ -56,17 +56,18 @@ def split_stages(children: list[Span]) -> list[list[Span]]:
 
 
 def compile_span(span: Span, parent: Span | None, slack_us: float, config: AtlasConfig,
-                 mapper: DatabaseMapper) -> ReplayNode | None:
-    """ReplayNode for a span, or None if no call in its subtree can cross the boundary."""
+                 mapper: DatabaseMapper, warm: frozenset = frozenset()) -> ReplayNode | None:
+    """ReplayNode for a span, or None if no call in its subtree can cross the boundary; `warm` holds
+    the (span id, edge) calls made on a connection in use (see callgraph.warm_calls)."""
     foreground = [c for c in span.children if not is_background(c, span, config)]
     stages = []
     for stage in split_stages(foreground):
         stage_end = max(child.end_us for child in stage)
-        nodes = [compile_span(child, span, stage_end - child.end_us, config, mapper) for child in stage]
+        nodes = [compile_span(child, span, stage_end - child.end_us, config, mapper, warm) for child in stage]
         kept = [node for node in nodes if node is not None]
         if kept:
             stages.append(kept)
-    hops = span_hops(span, parent, config.gateway, mapper)
+    hops = span_hops(span, parent, config.gateway, mapper, warm)
     if not hops and not stages:
         return None
     return ReplayNode(hops, float(slack_us), stages)
@@ -87,7 +88,7 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
     """Group an API's traces by replay shape; each shape's representative is its median-latency trace."""
     mapper = DatabaseMapper(config.database_rules)
     measured = np.array([trace.duration_ms for trace in traces])
-    compiled = [compile_span(trace.root, None, 0.0, config, mapper) for trace in traces]
+    compiled = [compile_span(trace.root, None, 0.0, config, mapper, warm_calls(trace, config, mapper)) for trace in traces]
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, node in enumerate(compiled):
         groups[node.signature() if node else ()].append(i)
@@ -101,19 +102,46 @@ def group_traces(api: str, traces: list[Trace], config: AtlasConfig) -> ApiTrace
     return ApiTraces(api, measured, representatives, shape_of_trace, np.array(weights))
 
 
-HopCost = Callable[[str, Hop], float]
+HopCost = Callable[[str, Hop, bool], float]
 
 
-def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph]) -> HopCost:
-    """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth."""
-    def cost(api: str, hop: Hop) -> float:
+def warm_shares(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> dict:
+    """Per edge, the share of calls that find their connection warm: with calls arriving at rate r
+    (forecast, all APIs), a gap exceeds `idle_after_s` with probability exp(-r * idle_after_s)."""
+    per_edge: dict = defaultdict(float)
+    for api, graph in graphs.items():
+        for edge, calls in graph.calls.items():
+            per_edge[edge] += rates.get(api, 0.0) * calls
+    return {edge: 1.0 - float(np.exp(-rate * idle_after_s)) for edge, rate in per_edge.items()}
+
+
+def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
+                kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> HopCost:
+    """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth,
+    round trips from the first rule matching the operation and the callee's kind: the warm curve for a
+    call that follows another on the same edge in the request, else the idle and warm curves weighted
+    by the chance that the edge's forecast traffic kept the connection warm."""
+    kinds = kinds or {}
+    warm_share = warm_shares(graphs, rates or {}, config.idle_after_s)
+
+    def cost(api: str, hop: Hop, inside_callee_span: bool = False) -> float:
+        """The call's added latency; with `inside_callee_span`, only the part the callee's server span
+        sees: the request arrives after its first flight, so its later round trips and its transfer
+        (the response is written when the span ends)."""
         request = response = 0.0
         calls = graphs[api].calls.get(hop.edge, 0.0) if api in graphs else 0.0
         if footprint is not None and calls > 0:
             total_request, total_response = footprint.bytes_per_request(api, hop.edge)
             request, response = total_request / calls, total_response / calls
-        rule = config.round_trip_rule(hop.operation)
-        round_trips = rule.round_trips(max(request, response))
+        rule = config.round_trip_rule(hop.operation, kinds.get(hop.edge[1]) or config.kind_of(hop.edge[1]))
+        payload = max(request, response)
+        share = 1.0 if hop.warm else warm_share.get(hop.edge, 0.0)
+        if inside_callee_span:
+            payload, response = request, 0.0
+        round_trips = share * rule.round_trips(payload, warm=True) + (1.0 - share) * rule.round_trips(payload)
+        if inside_callee_span:  # the first flight (a small request's whole cost) precedes the span
+            first = share * rule.round_trips(0.0, warm=True) + (1.0 - share) * rule.round_trips(0.0)
+            round_trips = max(0.0, round_trips - first)
         return round_trips * config.rtt_ms + (request + response) / config.bandwidth_bytes_per_s * 1e3
     return cost
 
@@ -121,20 +149,26 @@ def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[s
 class LatencyModel:
     """Vectorised replay of all representative traces for a batch of placements."""
 
-    def __init__(self, api_traces: list[ApiTraces], components: list[str], hop_cost: HopCost) -> None:
+    def __init__(self, api_traces: list[ApiTraces], components: list[str], hop_cost: HopCost,
+                 gateway: str | None = None, ingress_cloud_share: float = 0.0) -> None:
         self.apis = [group.api for group in api_traces]
+        self.gateway_index = components.index(gateway) if gateway in components else None
+        self.ingress_cloud_share = ingress_cloud_share
         self.groups = api_traces
         self.components = components
         self._pad = len(components)
         index = {name: i for i, name in enumerate(components)}
         src1, dst1, cost1, src2, dst2, cost2, slack, height = [], [], [], [], [], [], [], []
+        entry_cost1: list[float | None] = []
         children_of: list[list[list[int]]] = []
         self.roots: list[int] = []
         weights: list[tuple[int, int, float]] = []  # (representative, api, weight)
 
         def add(node: ReplayNode, api: str) -> int:
             kids = [[add(child, api) for child in stage] for stage in node.stages]
-            hops = [(index[h.edge[0]], index[h.edge[1]], hop_cost(api, h)) for h in node.hops]
+            hops = [(index[h.edge[0]], index[h.edge[1]], hop_cost(api, h, False)) for h in node.hops]
+            ingress = node.hops[0] if node.hops and node.hops[0].edge[0] == gateway else None
+            entry_cost1.append(hop_cost(api, ingress, True) if ingress else None)
             hops += [(self._pad, self._pad, 0.0)] * (2 - len(hops))
             (s1, d1, c1), (s2, d2, c2) = hops[0], hops[1]
             src1.append(s1), dst1.append(d1), cost1.append(c1)
@@ -154,6 +188,8 @@ class LatencyModel:
         for r, a, w in weights:
             self.rep_weights[r, a] = w
         self._build_levels(src1, dst1, cost1, src2, dst2, cost2, slack, height, children_of)
+        entry = np.array([c1 if e is None else e for c1, e in zip(cost1, entry_cost1)], dtype=np.float32)
+        self.entry_cost1 = entry[self._order]
         self.baseline_mean_ms = np.array([g.measured_ms.mean() for g in api_traces])
         self.baseline_p95_ms = np.array([np.percentile(g.measured_ms, P95) for g in api_traces])
         offsets = np.cumsum([0] + [len(g.representatives) for g in api_traces])
@@ -161,6 +197,7 @@ class LatencyModel:
 
     def _build_levels(self, src1, dst1, cost1, src2, dst2, cost2, slack, height, children_of) -> None:
         order = np.argsort(np.asarray(height, dtype=np.int64), kind="stable")
+        self._order = order
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
         self.src1, self.dst1 = np.asarray(src1)[order], np.asarray(dst1)[order]
@@ -187,11 +224,18 @@ class LatencyModel:
                                 np.asarray(stage_starts, dtype=np.int64), np.asarray(parent_starts, dtype=np.int64),
                                 np.asarray(parents_local, dtype=np.int64)))
 
-    def added_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x representatives) latency each representative trace gains; `cloud` is (plans x components) bool."""
+    def added_ms(self, cloud: np.ndarray, gateway_in_cloud: bool = False, include_ingress: bool = True) -> np.ndarray:
+        """(plans x representatives) latency each representative trace gains; `cloud` is (plans x components) bool.
+
+        The gateway sits on the side `gateway_in_cloud` says. Without `include_ingress` the latency is
+        taken from the entry span on, as traces measure it: of the gateway -> entry-service hop only
+        what happens inside the entry span counts (a large request body's later round trips)."""
         plans = cloud.shape[0]
         side = np.concatenate([cloud.astype(bool), np.zeros((plans, 1), dtype=bool)], axis=1)
-        delay = (side[:, self.src1] != side[:, self.dst1]) * self.cost1
+        if self.gateway_index is not None:
+            side[:, self.gateway_index] = gateway_in_cloud
+        cost1 = self.cost1 if include_ingress else self.entry_cost1
+        delay = (side[:, self.src1] != side[:, self.dst1]) * cost1
         delay += (side[:, self.src2] != side[:, self.dst2]) * self.cost2
         value = np.empty_like(delay)
         for start, stop, child_cols, stage_starts, parent_starts, parents_local in self.levels:
@@ -206,24 +250,48 @@ class LatencyModel:
         out[:, has_root] = value[:, self.root_cols[has_root]]
         return out
 
-    def mean_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x APIs) predicted mean latency."""
-        return self.baseline_mean_ms + self.added_ms(cloud).astype(np.float64) @ self.rep_weights
+    def _ingress_mix(self, cloud: np.ndarray, include_ingress: bool) -> list[tuple[float, np.ndarray]]:
+        """(weight, added_ms) for each gateway side users' traffic enters through."""
+        share = self.ingress_cloud_share
+        sides = [(1.0 - share, False), (share, True)] if 0.0 < share < 1.0 else [(1.0, share >= 1.0)]
+        return [(weight, self.added_ms(cloud, in_cloud, include_ingress).astype(np.float64)) for weight, in_cloud in sides]
 
-    def p95_ms(self, cloud: np.ndarray) -> np.ndarray:
-        """(plans x APIs) predicted p95 latency over every measured trace."""
-        added = self.added_ms(cloud).astype(np.float64)
+    def mean_ms(self, cloud: np.ndarray, include_ingress: bool = True) -> np.ndarray:
+        """(plans x APIs) predicted mean latency as users see it from the gateway (with `include_ingress`)
+        or from the entry span on (without)."""
+        return self.baseline_mean_ms + sum(w * added for w, added in self._ingress_mix(cloud, include_ingress)) @ self.rep_weights
+
+    def p95_ms(self, cloud: np.ndarray, include_ingress: bool = True) -> np.ndarray:
+        """(plans x APIs) predicted p95 latency over every measured trace (and every ingress side, weighted)."""
+        mix = self._ingress_mix(cloud, include_ingress)
         out = np.empty((cloud.shape[0], len(self.apis)))
         for a, group in enumerate(self.groups):
-            out[:, a] = np.percentile(group.measured_ms[None, :] + added[:, self._trace_rep[a]], P95, axis=1)
+            samples = np.concatenate([group.measured_ms[None, :] + added[:, self._trace_rep[a]] for _, added in mix], axis=1)
+            weights = np.concatenate([np.full(len(group.measured_ms), w) for w, _ in mix])
+            out[:, a] = [weighted_percentile(row, weights, P95) for row in samples]
         return out
 
 
+def weighted_percentile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    """Percentile of weighted samples, linear between order statistics like np.percentile for equal weights."""
+    keep = weights > 0
+    values, weights = values[keep], weights[keep]
+    order = np.argsort(values, kind="stable")
+    values, cumulative = values[order], np.cumsum(weights[order])
+    if len(values) == 1:
+        return float(values[0])
+    positions = (cumulative - weights[order]) / (cumulative[-1] - weights[order][-1]) if np.allclose(weights, weights[0]) \
+        else (cumulative - 0.5 * weights[order]) / cumulative[-1]
+    return float(np.interp(q / 100.0, positions, values))
+
+
 def build_latency_model(traces: list[Trace], components: list[str], config: AtlasConfig,
-                        footprint: Footprint | None, graphs: dict[str, ApiCallGraph]) -> LatencyModel:
+                        footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
+                        kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> LatencyModel:
     """Group traces per API and compile the replay program."""
     by_api: dict[str, list[Trace]] = defaultdict(list)
     for trace in traces:
         by_api[trace.api].append(trace)
     groups = [group_traces(api, by_api[api], config) for api in sorted(by_api)]
-    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs))
+    return LatencyModel(groups, components, hop_cost_fn(config, footprint, graphs, kinds, rates), config.gateway,
+                        config.ingress_cloud_share)

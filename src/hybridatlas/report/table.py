@@ -53,3 +53,5 @@ def print_plan(console: Console, plan: dict[str, Any]) -> None:
     console.print(cost_table(plan))
     if plan["violations"]:
         console.print(f"[red]constraint violations:[/red] {plan['violations']}")
+    for pin in plan.get("pin_violations", []):
+        console.print(f"[red]pin violated:[/red] {pin}")

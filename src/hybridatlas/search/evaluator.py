@@ -69,17 +69,36 @@ class PlanEvaluator:
         return cloud
 
     def bits_for(self, cloud_components: list[str]) -> np.ndarray:
-        """Bit vector (1 x free) moving exactly these free components."""
-        self.models.check_components(cloud_components, "--cloud")
-        pins = self.models.onprem_pins
-        pinned = sorted(set(cloud_components) & set(pins))
+        """Bit vector (1 x free) moving exactly these free components; raises naming pinned ones."""
+        pinned = self.pin_violations(cloud_components)
         if pinned:
-            raise AtlasInputError("--cloud", "component(s) pinned on-prem: "
-                                  + ", ".join(f"{c} by {pins[c]}" for c in pinned))
+            raise AtlasInputError("--cloud", "; ".join(pinned))
         return np.array([[c in cloud_components for c in self.free]], dtype=bool)
 
+    def placement(self, cloud_components: list[str]) -> np.ndarray:
+        """(1 x components) placement moving exactly these components, pins or not (for what-if questions)."""
+        self.models.check_components(cloud_components, "--cloud")
+        gateway = self.models.config.gateway
+        if gateway in cloud_components:
+            raise AtlasInputError("--cloud", f"{gateway} is the gateway: where users' traffic enters is the ingress "
+                                  "option (--ingress onprem|cloud|SHARE), not a placement")
+        return np.array([[c in cloud_components for c in self.models.components]], dtype=bool)
+
+    def pin_violations(self, cloud_components: list[str]) -> list[str]:
+        """The pins a placement moving exactly `cloud_components` breaks, each with the rule behind it."""
+        self.models.check_components(cloud_components, "--cloud")
+        pins = self.models.onprem_pins
+        moved = [f"{c} is pinned on-prem by {pins[c]}" for c in sorted(set(cloud_components) & set(pins))]
+        kept = [f"{c} is pinned to the cloud (placement.pinned_cloud) but stays on-prem"
+                for c in sorted(self.models.pinned_cloud - set(cloud_components))]
+        return moved + kept
+
     def evaluate(self, bits: np.ndarray) -> Scores:
-        cloud = self.placements(np.asarray(bits, dtype=bool))
+        """Scores of plans given as bit vectors over the free components."""
+        return self.score(self.placements(np.asarray(bits, dtype=bool)))
+
+    def score(self, cloud: np.ndarray) -> Scores:
+        """Scores of full (plans x components) placements; pins are not checked here."""
         self.evaluated += len(cloud)
         latency = self.models.latency.mean_ms(cloud)
         baseline = self.models.latency.baseline_mean_ms

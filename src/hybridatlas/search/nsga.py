@@ -53,9 +53,13 @@ class PlacementProblem(Problem):
 
 
 def initial_population(n_bits: int, size: int, rng: np.random.Generator, seeds: list[np.ndarray]) -> np.ndarray:
-    """All on-prem, every single move, given seed plans, then random plans of random density."""
-    rows = [np.zeros(n_bits, dtype=bool)] + [row for row in np.eye(n_bits, dtype=bool)] + list(seeds)
-    rows = rows[:size]
+    """All on-prem, the given seed plans, single moves (all of them, or a random half-population's worth
+    when there are more free components), then random plans of random density."""
+    singles = np.eye(n_bits, dtype=bool)
+    room = max(0, size // 2 - 1 - len(seeds))
+    if n_bits > room:
+        singles = singles[rng.choice(n_bits, size=room, replace=False)]
+    rows = ([np.zeros(n_bits, dtype=bool)] + [np.asarray(seed, dtype=bool) for seed in seeds] + list(singles))[:size]
     density = rng.random((size - len(rows), 1))
     random_rows = rng.random((size - len(rows), n_bits)) < density
     return np.unique(np.vstack([np.array(rows), random_rows]), axis=0)

@@ -14,6 +14,7 @@ import torch
 from ..executor import BaseExecutor
 from ..executor.scheduler import ACTIVE_WINDOW_S
 from ..executor.sharding import parse_layer_range
+from .executor_args import add_quantize_argument
 from ..server import ExecutorServer, TenantRegistry
 from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
 from ..server.shm_host import DEFAULT_MAX_CHANNELS
@@ -29,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
     parser.add_argument("--device", default="cpu", help="device of the executor's weights and GEMMs")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the weights (and of the products of a --quantize'd base; default float32)")
+    add_quantize_argument(parser)
     parser.add_argument("--layers", type=parse_layer_range, metavar="A:B", help="serve only layers [A, B) (one shard of a sharded base)")
     parser.add_argument("--tenants", type=Path, metavar="FILE", help="tenants file (.toml or .json); without it the service is open")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (with --tls-key: serve TLS only)")
@@ -59,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-inference-lane", action="store_true",
                         help="run inference GEMMs in the same lane as fine-tuning (ahead in the queue, but behind a running GEMM)")
     parser.add_argument("--drain-s", type=float, default=10.0, help="on SIGTERM, let calls in flight finish for this long")
-    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port} as JSON here once serving")
+    parser.add_argument("--ready-file", type=Path, help="write {address, port, metrics_port, parameter_bytes} as JSON here once serving")
     parser.set_defaults(func=run)
 
 
@@ -90,6 +93,7 @@ def start_server(args: argparse.Namespace) -> ExecutorServer:
         args.model_dir,
         dtype=args.dtype,
         device=args.device,
+        quantization=args.quantize,
         layers=args.layers,
         max_wait_s=args.max_wait_ms / 1e3,
         max_rows=args.max_rows,
@@ -122,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, _frame: signals.append(signum))
     print(f"serving {executor} on {server.url}" + (f", metrics on :{server.metrics_port}/metrics" if server.metrics_port else ""), flush=True)
     if args.ready_file:
-        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port}
+        ready = {"address": server.url, "port": server.port, "metrics_port": server.metrics_port,
+                 "parameter_bytes": executor.parameter_bytes()}
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(ready))
         tmp.replace(args.ready_file)

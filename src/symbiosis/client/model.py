@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from ..errors import BaseWeightAccessError, UnsupportedFeatureError
 from ..protocol import ModelSpec, OpKind, config_from_spec, resolve_dtype
 from ..transport import Transport, connect
+from .parallel import exclude_base_from_ddp
 from .phantom import PhantomWeight
 from .proxies import EmbeddingProxy, connect_embedding, connect_linear, make_proxy
 from .remote_ops import FusionGroup, RemoteLinear
@@ -68,6 +69,7 @@ def load_model(
     if spec.generation_config is not None:
         model.generation_config = GenerationConfig.from_dict(spec.generation_config)
     model.requires_grad_(False).eval()
+    exclude_base_from_ddp(model)
     model.symbiosis = session
     model.save_pretrained = _refuse_to_save_base
     return model

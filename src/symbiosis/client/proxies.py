@@ -66,12 +66,17 @@ class _ProxyMixin:
 
 
 class LinearProxy(_ProxyMixin, nn.Linear):
-    """An nn.Linear whose ``x·Wᵀ`` runs on the executor."""
+    """An nn.Linear whose ``x·Wᵀ`` runs on the executor.
+
+    ``torch.compile`` does not trace into a proxy (a request to the executor is a graph break): the
+    code around it — norms, attention, adapters — compiles as usual.
+    """
 
     _remote: RemoteLinear
     _group: FusionGroup | None
     _role: str  # "single", "leader" or "member"
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         if self._role == "leader":
@@ -80,7 +85,8 @@ class LinearProxy(_ProxyMixin, nn.Linear):
             y = self._group.member_call(self.weight.owner, x)
         if y is None:
             y = self._remote(x)
-        return y if self.bias is None else y + self.bias
+        # under autocast y is in the autocast dtype, and so is the bias F.linear would add
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, on the executor"
@@ -101,6 +107,7 @@ class EmbeddingProxy(_ProxyMixin, nn.Embedding):
     _session: ClientSession
     _info: OpInfo
 
+    @torch.compiler.disable
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         priority = self._session.request_priority(Direction.FORWARD)
         rows = self._session.run(self._info.name, Direction.FORWARD, ids.reshape(-1), priority, out_dtype=self.weight.dtype)
@@ -138,7 +145,8 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
             proxy.__dict__[key] = value
     proxy.training = original.training
     weight = original.weight
-    proxy.weight = nn.Parameter(PhantomWeight(tuple(weight.shape), weight.dtype, device, name), requires_grad=False)
+    phantom = PhantomWeight(tuple(weight.shape), weight.dtype, device, name, transposed=isinstance(original, Conv1D))
+    proxy.weight = nn.Parameter(phantom, requires_grad=False)
     for key, param in original._parameters.items():
         if key != "weight":
             proxy.register_parameter(key, param)
@@ -150,7 +158,9 @@ def make_proxy(original: nn.Module, name: str, device: torch.device) -> nn.Modul
 
 
 def connect_linear(proxy: LinearProxy | Conv1DProxy, remote: RemoteLinear, group: FusionGroup | None, role: str) -> None:
-    """Route a linear proxy's product to ``remote`` (and its fusion group, as ``role``)."""
+    """Route a linear proxy's product to ``remote`` (and its fusion group, as ``role``); products that
+    client code computes with the proxy's weight go to ``remote`` too."""
+    proxy.weight.connect(remote)
     proxy._remote = remote
     proxy._group = group
     proxy._role = role

@@ -21,35 +21,79 @@ class RemoteLinear:
     """One linear op (single or fused) of the executor, callable on ``[..., in_features]`` tensors.
 
     The autograd functions work on 2-D rows and return fresh tensors; reshaping happens outside
-    them, so callers (e.g. AdaLoRA's ``result += ...``) may update outputs in place.
+    them, so callers (e.g. AdaLoRA's ``result += ...``) may update outputs in place. Under
+    ``torch.autocast`` the rows are cast to the autocast dtype (recorded by autograd, as autocast
+    casts a module's input) and the executor computes the product in that dtype, weight included:
+    exactly what ``F.linear`` computes under autocast on a monolithic model.
     """
 
     def __init__(self, session: ClientSession, info: OpInfo) -> None:
         self.session = session
         self.info = info
 
-    def call(self, direction: Direction, rows: torch.Tensor, priority: int) -> torch.Tensor:
-        """Forward ``rows·Wᵀ`` or backward ``rows·W`` for 2-D ``rows``."""
-        width = self.info.out_features if direction is Direction.FORWARD else self.info.in_features
+    def call(
+        self,
+        direction: Direction,
+        rows: torch.Tensor,
+        priority: int,
+        compute_dtype: torch.dtype | None = None,
+        features: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Forward ``rows·Wᵀ`` or backward ``rows·W`` for 2-D ``rows`` (see ``OpRequest`` for the options)."""
         if rows.shape[0] == 0:
-            return rows.new_zeros(0, width)
-        return self.session.run(self.info.name, direction, rows, priority)
+            return rows.new_zeros(0, self.info.output_width(direction, features))
+        return self.session.run(
+            self.info.name, direction, rows, priority, compute_dtype=compute_dtype, features=features, weight_dtype=weight_dtype
+        )
+
+    @torch.compiler.disable
+    def product(
+        self, direction: Direction, rows: torch.Tensor, features: tuple[int, int] | None, weight_dtype: torch.dtype | None
+    ) -> torch.Tensor:
+        """A product that client code computes with the weight itself (``PhantomWeight``), in ``rows``'s dtype.
+
+        Autograd differentiates it above this call, so no autograd function is needed here;
+        ``torch.compile`` does not trace into it (a request is a graph break).
+        """
+        return self.call(direction, rows, self.session.request_priority(direction), rows.dtype, features, weight_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         priority = self.session.request_priority(Direction.FORWARD)
-        rows = x.reshape(-1, x.shape[-1])
-        y = _LinearFunction.apply(rows, self, priority) if _needs_graph(rows) else self.call(Direction.FORWARD, rows, priority)
+        rows, compute = _autocast_rows(x)
+        if _needs_graph(rows):
+            y = _LinearFunction.apply(rows, self, priority, compute)
+        else:
+            y = self.call(Direction.FORWARD, rows, priority, compute)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def fused_call(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of every member of a fused op, each shaped ``[..., member_width]``."""
         priority = self.session.request_priority(Direction.FORWARD)
         rows = x.reshape(-1, x.shape[-1])
+        compute = _autocast_dtype(rows)
         if _needs_graph(rows):
-            outputs = _FusedLinearFunction.apply(rows, self, priority)
+            outputs = _FusedLinearFunction.apply(rows, self, priority, compute)
         else:
-            outputs = _member_outputs(self.call(Direction.FORWARD, rows, priority), self.info.member_widths)
+            outputs = _member_outputs(self.call(Direction.FORWARD, _cast(rows, compute), priority, compute), self.info.member_widths)
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outputs)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a linear op on ``x``'s device now; None when autocast is off there."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _cast(rows: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return rows if dtype is None else rows.to(dtype)
+
+
+def _autocast_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
+    """``x`` as 2-D rows, cast to the autocast dtype when autocast is on for its device, and that dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    compute = _autocast_dtype(rows)
+    return _cast(rows, compute), compute
 
 
 def _needs_graph(rows: torch.Tensor) -> bool:
@@ -68,31 +112,49 @@ def _member_outputs(y: torch.Tensor, widths: tuple[int, ...]) -> tuple[torch.Ten
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int) -> torch.Tensor:
-        _save_backward(ctx, op)
-        return op.call(Direction.FORWARD, rows, priority)
+    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int, compute: torch.dtype | None) -> torch.Tensor:
+        _save_backward(ctx, op, compute)
+        return op.call(Direction.FORWARD, rows, priority, compute)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.op.call(Direction.BACKWARD, grad.contiguous(), ctx.backward_priority), None, None
+        return ctx.op.call(Direction.BACKWARD, grad.contiguous(), ctx.backward_priority, ctx.compute), None, None, None
 
 
 class _FusedLinearFunction(torch.autograd.Function):
-    """Forward returns one tensor per member; backward sends the members' gradients as one request."""
+    """Forward returns one tensor per member; backward sends the members' gradients as one request.
+
+    Under autocast (``compute`` set) the rows are cast inside, and the backward multiplies each
+    member's gradient by its own rows of the fused weight and sums the results in the rows' dtype:
+    what the monolithic model's separate, separately cast members compute (one fused backward GEMM
+    would round the sum once, in the autocast dtype, and differ from it at that dtype's precision).
+    """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int):
-        _save_backward(ctx, op)
-        return _member_outputs(op.call(Direction.FORWARD, rows, priority), op.info.member_widths)
+    def forward(ctx, rows: torch.Tensor, op: RemoteLinear, priority: int, compute: torch.dtype | None):
+        _save_backward(ctx, op, compute)
+        ctx.rows_dtype = rows.dtype
+        return _member_outputs(op.call(Direction.FORWARD, _cast(rows, compute), priority, compute), op.info.member_widths)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        return ctx.op.call(Direction.BACKWARD, torch.cat(grads, dim=-1), ctx.backward_priority), None, None
+        op = ctx.op
+        if ctx.compute is None:
+            return op.call(Direction.BACKWARD, torch.cat(grads, dim=-1), ctx.backward_priority), None, None, None
+        total, start = None, 0
+        for grad, width in zip(grads, op.info.member_widths, strict=True):
+            part = op.call(Direction.BACKWARD, grad.contiguous(), ctx.backward_priority, ctx.compute, (start, start + width))
+            part = part.to(ctx.rows_dtype)
+            total = part if total is None else total + part
+            start += width
+        return total, None, None, None
 
 
-def _save_backward(ctx, op: RemoteLinear) -> None:
-    """Keep what the backward request needs: the op, and the session's priority for backward passes."""
+def _save_backward(ctx, op: RemoteLinear, compute: torch.dtype | None) -> None:
+    """Keep what the backward request needs: the op, its compute dtype, and the session's priority
+    for backward passes."""
     ctx.op = op
+    ctx.compute = compute
     ctx.backward_priority = op.session.request_priority(Direction.BACKWARD)
 
 

@@ -49,7 +49,28 @@ class ClientSession:
             return PRIORITY_INFERENCE
         return PRIORITY_TRAINING
 
-    def run(self, op: str, direction: Direction, x: torch.Tensor, priority: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Execute one op on rows ``x`` (2-D, or 1-D token ids)."""
-        request = OpRequest(op, direction, x, client_id=self.client_id, priority=priority, out_dtype=out_dtype)
+    def run(
+        self,
+        op: str,
+        direction: Direction,
+        x: torch.Tensor,
+        priority: int,
+        *,
+        out_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | None = None,
+        features: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Execute one op on rows ``x`` (2-D, or 1-D token ids); see ``OpRequest`` for the options."""
+        request = OpRequest(
+            op,
+            direction,
+            x,
+            client_id=self.client_id,
+            priority=priority,
+            out_dtype=out_dtype,
+            compute_dtype=compute_dtype,
+            features=features,
+            weight_dtype=weight_dtype,
+        )
         return self.transport.run(request)

@@ -1,7 +1,7 @@
 """Finding the frozen base ops of a transformers model, and which of them share an input.
 
 Generic by construction: an op is any module whose forward is exactly ``nn.Linear.forward`` or
-GPT-2's ``Conv1D.forward`` (a pure linear map), and a fusion group is any set of ops that one traced
+GPT-2's ``Conv1D.forward`` (a pure linear map) or a bitsandbytes quantized linear layer, and a fusion group is any set of ops that one traced
 forward pass calls with the very same input tensor. No per-architecture tables.
 """
 
@@ -14,14 +14,17 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .quantized import is_quantized_linear
+
 log = logging.getLogger(__name__)
 
 _LINEAR_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
 
 def is_linear_op(module: nn.Module) -> bool:
-    """True for nn.Linear / Conv1D and subclasses that keep their forward (a pure x·Wᵀ + b)."""
-    return isinstance(module, (nn.Linear, Conv1D)) and type(module).forward in _LINEAR_FORWARDS
+    """True for nn.Linear / Conv1D and subclasses that keep their forward (a pure x·Wᵀ + b), and for
+    bitsandbytes' quantized linear layers."""
+    return (isinstance(module, (nn.Linear, Conv1D)) and type(module).forward in _LINEAR_FORWARDS) or is_quantized_linear(module)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -10,13 +10,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import BadRequestError
 from ..protocol import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    PRECISION_BITS,
     Direction,
     ModelSpec,
     OpInfo,
@@ -28,6 +29,7 @@ from ..protocol import (
 )
 from .discovery import find_fusion_groups, find_linear_ops, linear_weight
 from .ops import FrozenOp
+from .quantized import QuantizedOp, from_conv1d, is_quantized_linear, load_options, prepare_quantized_base
 from .scheduler import BatchScheduler
 from .sharding import owned_ops
 from .stats import BatchStats
@@ -75,12 +77,14 @@ class BaseExecutor:
         layers: tuple[int, int] | None = None,
         active_window_s: float | None = None,
     ) -> None:
+        self.quantization = prepare_quantized_base(model)  # "int8", "nf4", "fp4" or None (dense)
         model.eval().requires_grad_(False)
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.device = next(model.parameters()).device
         self.max_request_rows = max_request_rows
         self.reject_non_finite = reject_non_finite
         self._config = model.config.to_dict()
+        self._config.pop("quantization_config", None)  # clients hold no base weights, quantized or not
         self._generation_config = (generation_config or model.generation_config or GenerationConfig()).to_dict()
         modules = find_linear_ops(model)
         groups = find_fusion_groups(model, modules) if fuse else []
@@ -107,14 +111,27 @@ class BaseExecutor:
     # ----------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", **options: Any
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        quantization: str | BitsAndBytesConfig | None = None,
+        **options: Any,
     ) -> BaseExecutor:
-        """Load a causal LM from a local Hugging Face directory through transformers' own loading."""
+        """Load a causal LM from a local Hugging Face directory through transformers' own loading.
+
+        ``quantization`` (``"int8"``, ``"nf4"`` / ``"4bit"``, ``"fp4"`` or a ``BitsAndBytesConfig``) holds
+        the linear ops quantized by bitsandbytes, as a QLoRA user's model does (``executor.quantization``):
+        4-bit products run in ``dtype``, int8 ones in the dtype of the requests, dense weights are float32.
+        A checkpoint saved quantized by bitsandbytes loads quantized without it.
+        """
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json)")
         torch_dtype = resolve_dtype(dtype)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)))
+        extra = load_options(path, quantization, torch_dtype) if quantization is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=str(torch.device(device)), **extra)
         try:
             generation_config = GenerationConfig.from_pretrained(path)
         except OSError:
@@ -139,19 +156,28 @@ class BaseExecutor:
         return cls(model.to(device), **options)
 
     def _add_linear_ops(self, modules: dict[str, nn.Module], groups: list[tuple[str, ...]]) -> None:
-        self._conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D)}
+        self._conv1d = {name for name, module in modules.items() if isinstance(module, Conv1D) or from_conv1d(module)}
         for name, module in modules.items():
+            if is_quantized_linear(module):
+                self._ops[name] = QuantizedOp.of(OpInfo(name, OpKind.LINEAR, module.in_features, module.out_features), module)
+                continue
             weight = linear_weight(module)
             self._ops[name] = FrozenOp(OpInfo(name, OpKind.LINEAR, weight.shape[1], weight.shape[0]), weight)
         for members in groups:
-            fused = torch.cat([self._ops[m].weight for m in members])
-            widths = tuple(self._ops[m].info.out_features for m in members)
+            ops = [self._ops[m] for m in members]
+            widths = tuple(op.info.out_features for op in ops)
             name = fused_op_name(members)
-            info = OpInfo(name, OpKind.LINEAR, fused.shape[1], fused.shape[0], members, widths)
-            self._ops[name] = FrozenOp(info, fused)
-            # members become row views of the fused weight, so the fused copy is the only copy
-            for member, rows in zip(members, fused.split(widths), strict=True):
-                self._ops[member] = FrozenOp(self._ops[member].info, rows)
+            info = OpInfo(name, OpKind.LINEAR, ops[0].info.in_features, sum(widths), members, widths)
+            if all(isinstance(op, QuantizedOp) for op in ops):
+                self._ops[name] = QuantizedOp.fused(info, ops)  # it holds the members' own quantized weights
+            elif any(isinstance(op, QuantizedOp) for op in ops):
+                continue  # quantized and dense members: served one by one
+            else:
+                fused = torch.cat([op.weight for op in ops])
+                self._ops[name] = FrozenOp(info, fused)
+                # members become row views of the fused weight, so the fused copy is the only copy
+                for member, rows in zip(members, fused.split(widths), strict=True):
+                    self._ops[member] = FrozenOp(self._ops[member].info, rows)
             self._fusion_groups[members[0]] = name
 
     def _add_embedding_op(self, model: PreTrainedModel) -> None:
@@ -209,7 +235,12 @@ class BaseExecutor:
         return self._scheduler.run(request)
 
     def validate(self, request: OpRequest) -> None:
-        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op."""
+        """Raise ``BadRequestError`` unless ``request`` is well-formed for its op.
+
+        A ``compute_dtype`` equal to the executor's dtype is dropped, and so is a ``weight_dtype`` that
+        rounds nothing (the weight already in it, or a wider one), so such requests batch with those
+        that name none.
+        """
         op = self._ops.get(request.op)
         if op is None:
             raise BadRequestError(f"unknown op {request.op!r}")
@@ -223,23 +254,36 @@ class BaseExecutor:
             self._validate_ids(info, request)
         else:
             self._validate_rows(info, request)
+        if request.compute_dtype == self.dtype:
+            request.compute_dtype = None
+        if request.weight_dtype is not None and PRECISION_BITS.get(request.weight_dtype, 0) >= PRECISION_BITS[self.dtype]:
+            request.weight_dtype = None
         if self.max_request_rows is not None and request.rows > self.max_request_rows:
             raise BadRequestError(f"op {info.name}: {request.rows} rows exceed the limit of {self.max_request_rows}")
 
     def _validate_rows(self, info: OpInfo, request: OpRequest) -> None:
-        x, width = request.x, info.expected_width(request.direction)
+        features = request.features
+        if features is not None and not (
+            isinstance(features, tuple) and len(features) == 2 and 0 <= features[0] < features[1] <= info.out_features
+        ):
+            raise BadRequestError(f"op {info.name}: features must be [start, end) within [0, {info.out_features}), got {features!r}")
+        x, width = request.x, info.expected_width(request.direction, features)
         if x.dim() != 2 or x.shape[1] != width:
             raise BadRequestError(
                 f"op {info.name} ({request.direction.name.lower()}): expected rows of width {width}, "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.dtype not in FLOAT_DTYPES.values():
-            raise BadRequestError(f"op {info.name}: dtype {x.dtype} is not one of {', '.join(FLOAT_DTYPES)}")
+        dtypes = {"dtype": x.dtype, "out_dtype": request.out_dtype, "compute_dtype": request.compute_dtype, "weight_dtype": request.weight_dtype}
+        for what, dtype in dtypes.items():
+            if dtype is not None and dtype not in FLOAT_DTYPES.values():
+                raise BadRequestError(f"op {info.name}: {what} {dtype} is not one of {', '.join(FLOAT_DTYPES)}")
 
     def _validate_ids(self, info: OpInfo, request: OpRequest) -> None:
         x = request.x
         if request.direction is not Direction.FORWARD:
             raise BadRequestError(f"op {info.name}: embeddings are frozen and have no backward")
+        if request.compute_dtype is not None or request.weight_dtype is not None or request.features is not None:
+            raise BadRequestError(f"op {info.name}: an embedding lookup takes no compute_dtype, weight_dtype or features")
         if x.dim() != 1 or x.dtype not in INDEX_DTYPES:
             raise BadRequestError(f"op {info.name}: expected a 1-D tensor of token ids, got {x.dtype} {tuple(x.shape)}")
         vocab = self._ops[info.name].weight.shape[0]
@@ -259,8 +303,9 @@ class BaseExecutor:
             if self.reject_non_finite and direction is Direction.FORWARD and not _all_finite(x):
                 culprit = requests[0].client_id if len(requests) == 1 else "a client in this batch"
                 raise BadRequestError(f"op {op_name} (forward): input of {culprit} has NaN or Inf values")
-            x = _moved(x, self.device, self.dtype)
-        y = op.apply(direction, x)
+            # every request of a batch asks for the same product (the scheduler's batch key)
+            x = _moved(x, self.device, requests[0].compute_dtype or self.dtype)
+        y = op.apply(direction, x, features=requests[0].features, weight_dtype=requests[0].weight_dtype)
         if len(requests) == 1:
             return [_deliver(y, requests[0])]
         outputs, start, y = [], 0, y.contiguous()
@@ -282,7 +327,7 @@ class BaseExecutor:
     def parameter_bytes(self) -> int:
         """Bytes of frozen weights held (each storage counted once)."""
         seen, total = set(), 0
-        for t in [op.weight for op in self._ops.values()] + list(self._tensors.values()):
+        for t in [t for op in self._ops.values() for t in op.held_tensors()] + list(self._tensors.values()):
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
@@ -293,7 +338,8 @@ class BaseExecutor:
         linear = sum(op.info.kind is OpKind.LINEAR and not op.info.members for op in self._ops.values())
         return (
             f"BaseExecutor({self._config.get('model_type')}, {linear} linear ops, "
-            f"{len(self._fusion_groups)} fused groups, dtype={dtype_name(self.dtype)}, device={self.device}, "
+            f"{len(self._fusion_groups)} fused groups, dtype={dtype_name(self.dtype)}, "
+            f"{f'quantization={self.quantization}, ' if self.quantization else ''}device={self.device}, "
             f"{self.parameter_bytes() / 2**20:.1f} MiB)"
         )
 

@@ -1,8 +1,9 @@
 """Opportunistic per-op batching by flat combining.
 
 Every caller enqueues its request. Whoever finds the executor idle becomes the *combiner*: it takes
-the most urgent (op, direction) queue, runs all of its waiting requests as one GEMM, hands every
-result back and repeats until its own request is done; then another waiter takes over. A lone
+the most urgent queue (requests for one op and direction that agree on the product: compute dtype,
+weight rounding, output features), runs all of its waiting requests as one GEMM, hands every result back and repeats until
+its own request is done; then another waiter takes over. A lone
 client therefore pays no thread hand-off, and concurrent clients meet in the same GEMM. Nothing
 waits for a batch to fill unless ``max_wait_s`` asks for it, and even then a batch stops waiting as
 soon as every client active in its lane (one that sent a request or got an answer within
@@ -37,7 +38,9 @@ from .stats import BatchStats
 BatchRunner = Callable[[str, Direction, Sequence[OpRequest]], list[torch.Tensor]]
 
 
-_Queues = dict[tuple[str, Direction], list["_Pending"]]
+#: ``OpRequest.batch_key()``: op, direction, and what the product is (dtypes, output features).
+_Key = tuple
+_Queues = dict[_Key, list["_Pending"]]
 
 #: A client idle this long (no request queued, no answer received) no longer holds back a filling batch.
 ACTIVE_WINDOW_S = 0.25
@@ -54,7 +57,7 @@ class _Pending:
 
 
 class BatchScheduler:
-    """Batches concurrent requests for the same (op, direction); thread-safe; see module docstring."""
+    """Batches concurrent requests with equal ``OpRequest.batch_key()``; thread-safe; see module docstring."""
 
     def __init__(
         self,
@@ -95,7 +98,7 @@ class BatchScheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the executor is closed")
-            self._queues[lane].setdefault((request.op, request.direction), []).append(pending)
+            self._queues[lane].setdefault(request.batch_key(), []).append(pending)
             if self._max_wait_s > 0:
                 self._last_seen[lane][request.client_id] = now
                 self._cond.notify_all()  # a combiner waiting for its batch to fill re-checks it
@@ -130,7 +133,7 @@ class BatchScheduler:
         with self._cond:
             self._closed = True
 
-    def _take_batch(self, lane: int) -> tuple[tuple[str, Direction], list[_Pending]]:
+    def _take_batch(self, lane: int) -> tuple[_Key, list[_Pending]]:
         """Pop the most urgent of a lane's queues (up to ``max_rows``). Called with the lock held."""
         queues = self._queues[lane]
         while True:
@@ -179,7 +182,7 @@ class BatchScheduler:
         """A queue's effective deadline: its earliest, advanced by ``batch_credit_s`` per extra request."""
         return min(p.deadline for p in queue) - (len(queue) - 1) * self._batch_credit_s
 
-    def _execute(self, key: tuple[str, Direction], batch: list[_Pending]) -> None:
+    def _execute(self, key: _Key, batch: list[_Pending]) -> None:
         """Run ``batch`` as one GEMM; if that fails, run each request alone so only the culprit fails.
 
         Statistics count the GEMMs that ran: the batch's, or each successful request run alone.
@@ -193,7 +196,7 @@ class BatchScheduler:
             if len(batch) == 1:
                 batch[0].error = exc
             else:
-                self._stats.record_split(*key)
+                self._stats.record_split(key[0], key[1])
                 for pending in batch:
                     self._run_alone(key, pending)
         else:
@@ -201,7 +204,7 @@ class BatchScheduler:
         for pending in batch:
             pending.done = True
 
-    def _run_alone(self, key: tuple[str, Direction], pending: _Pending) -> None:
+    def _run_alone(self, key: _Key, pending: _Pending) -> None:
         start = time.perf_counter()
         try:
             pending.result = self._run_batch(key[0], key[1], [pending.request])[0]
@@ -210,7 +213,7 @@ class BatchScheduler:
         else:
             self._record(key, [pending], start)
 
-    def _record(self, key: tuple[str, Direction], batch: list[_Pending], start: float) -> None:
+    def _record(self, key: _Key, batch: list[_Pending], start: float) -> None:
         """Account one GEMM that served ``batch`` and began at ``start``."""
         requests = [p.request for p in batch]
         self._stats.record(

@@ -32,7 +32,7 @@ import tenacity
 import torch
 
 from ..errors import ExecutorUnavailableError, LimitExceededError, SymbiosisError
-from ..protocol import Direction, ModelSpec, OpKind, OpRequest
+from ..protocol import ModelSpec, OpRequest
 from . import symbiosis_pb2 as pb
 from . import symbiosis_pb2_grpc as pb_grpc
 from .keepalive import DEFAULT_KEEPALIVE_S, keepalive_options
@@ -209,9 +209,8 @@ class RemoteTransport:
         info = self.spec().ops.get(request.op)
         if info is None:
             return 0  # the server will refuse it; any lane will do
-        width = info.out_features if info.kind is OpKind.EMBEDDING or request.direction is Direction.FORWARD else info.in_features
         dtype = request.out_dtype or (request.x.dtype if request.x.is_floating_point() else torch.float32)
-        return request.rows * width * dtype.itemsize
+        return request.rows * info.output_width(request.direction, request.features) * dtype.itemsize
 
     def _stream_lane(self) -> _StreamLane:
         lane = getattr(self._local, "stream", None)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsymbiosis.proto\x12\x0csymbiosis.v1\"l\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12)\n\x06region\x18\x04 \x01(\x0b\x32\x17.symbiosis.v1.ShmRegionH\x00\x42\t\n\x07payload\"+\n\tShmRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"\x91\x01\n\x06OpCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\x05\x12\x1f\n\x01x\x18\x04 \x01(\x0b\x32\x14.symbiosis.v1.Tensor\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tout_dtype\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"o\n\x08OpResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x01y\x18\x02 \x01(\x0b\x32\x14.symbiosis.v1.TensorH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.symbiosis.v1.ErrorH\x00\x42\t\n\x07outcome\"\r\n\x0bSpecRequest\".\n\tSpecReply\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"\x1f\n\x0eTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\rAttachRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"S\n\x0b\x41ttachReply\x12\x10\n\x08\x64oorbell\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x14\n\x0cheader_bytes\x18\x05 \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd6\x02\n\x08\x45xecutor\x12=\n\x07GetSpec\x12\x19.symbiosis.v1.SpecRequest\x1a\x17.symbiosis.v1.SpecReply\x12G\n\nGetTensors\x12\x1c.symbiosis.v1.TensorsRequest\x1a\x19.symbiosis.v1.TensorChunk0\x01\x12;\n\x07Session\x12\x14.symbiosis.v1.OpCall\x1a\x16.symbiosis.v1.OpResult(\x01\x30\x01\x12\x43\n\tAttachShm\x12\x1b.symbiosis.v1.AttachRequest\x1a\x19.symbiosis.v1.AttachReply\x12@\n\x08GetStats\x12\x1a.symbiosis.v1.StatsRequest\x1a\x18.symbiosis.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fsymbiosis.proto\x12\x0csymbiosis.v1\"l\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12)\n\x06region\x18\x04 \x01(\x0b\x32\x17.symbiosis.v1.ShmRegionH\x00\x42\t\n\x07payload\"+\n\tShmRegion\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06nbytes\x18\x02 \x01(\x04\"\xe8\x01\n\x06OpCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\n\n\x02op\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\x05\x12\x1f\n\x01x\x18\x04 \x01(\x0b\x32\x14.symbiosis.v1.Tensor\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x11\n\tout_dtype\x18\x06 \x01(\t\x12\x11\n\tclient_id\x18\x07 \x01(\t\x12\x15\n\rcompute_dtype\x18\x08 \x01(\t\x12(\n\x08\x66\x65\x61tures\x18\t \x01(\x0b\x32\x16.symbiosis.v1.Features\x12\x14\n\x0cweight_dtype\x18\n \x01(\t\"&\n\x08\x46\x65\x61tures\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"o\n\x08OpResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12!\n\x01y\x18\x02 \x01(\x0b\x32\x14.symbiosis.v1.TensorH\x00\x12$\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.symbiosis.v1.ErrorH\x00\x42\t\n\x07outcome\"\r\n\x0bSpecRequest\".\n\tSpecReply\x12\x0c\n\x04json\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\"\x1f\n\x0eTensorsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"W\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\".\n\rAttachRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\"S\n\x0b\x41ttachReply\x12\x10\n\x08\x64oorbell\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61pacity\x18\x04 \x01(\x04\x12\x14\n\x0cheader_bytes\x18\x05 \x01(\x04J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"\x0e\n\x0cStatsRequest\"\x1a\n\nStatsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xd6\x02\n\x08\x45xecutor\x12=\n\x07GetSpec\x12\x19.symbiosis.v1.SpecRequest\x1a\x17.symbiosis.v1.SpecReply\x12G\n\nGetTensors\x12\x1c.symbiosis.v1.TensorsRequest\x1a\x19.symbiosis.v1.TensorChunk0\x01\x12;\n\x07Session\x12\x14.symbiosis.v1.OpCall\x1a\x16.symbiosis.v1.OpResult(\x01\x30\x01\x12\x43\n\tAttachShm\x12\x1b.symbiosis.v1.AttachRequest\x1a\x19.symbiosis.v1.AttachReply\x12@\n\x08GetStats\x12\x1a.symbiosis.v1.StatsRequest\x1a\x18.symbiosis.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,27 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHMREGION']._serialized_start=143
   _globals['_SHMREGION']._serialized_end=186
   _globals['_OPCALL']._serialized_start=189
-  _globals['_OPCALL']._serialized_end=334
-  _globals['_ERROR']._serialized_start=336
-  _globals['_ERROR']._serialized_end=374
-  _globals['_OPRESULT']._serialized_start=376
-  _globals['_OPRESULT']._serialized_end=487
-  _globals['_SPECREQUEST']._serialized_start=489
-  _globals['_SPECREQUEST']._serialized_end=502
-  _globals['_SPECREPLY']._serialized_start=504
-  _globals['_SPECREPLY']._serialized_end=550
-  _globals['_TENSORSREQUEST']._serialized_start=552
-  _globals['_TENSORSREQUEST']._serialized_end=583
-  _globals['_TENSORCHUNK']._serialized_start=585
-  _globals['_TENSORCHUNK']._serialized_end=672
-  _globals['_ATTACHREQUEST']._serialized_start=674
-  _globals['_ATTACHREQUEST']._serialized_end=720
-  _globals['_ATTACHREPLY']._serialized_start=722
-  _globals['_ATTACHREPLY']._serialized_end=805
-  _globals['_STATSREQUEST']._serialized_start=807
-  _globals['_STATSREQUEST']._serialized_end=821
-  _globals['_STATSREPLY']._serialized_start=823
-  _globals['_STATSREPLY']._serialized_end=849
-  _globals['_EXECUTOR']._serialized_start=852
-  _globals['_EXECUTOR']._serialized_end=1194
+  _globals['_OPCALL']._serialized_end=421
+  _globals['_FEATURES']._serialized_start=423
+  _globals['_FEATURES']._serialized_end=461
+  _globals['_ERROR']._serialized_start=463
+  _globals['_ERROR']._serialized_end=501
+  _globals['_OPRESULT']._serialized_start=503
+  _globals['_OPRESULT']._serialized_end=614
+  _globals['_SPECREQUEST']._serialized_start=616
+  _globals['_SPECREQUEST']._serialized_end=629
+  _globals['_SPECREPLY']._serialized_start=631
+  _globals['_SPECREPLY']._serialized_end=677
+  _globals['_TENSORSREQUEST']._serialized_start=679
+  _globals['_TENSORSREQUEST']._serialized_end=710
+  _globals['_TENSORCHUNK']._serialized_start=712
+  _globals['_TENSORCHUNK']._serialized_end=799
+  _globals['_ATTACHREQUEST']._serialized_start=801
+  _globals['_ATTACHREQUEST']._serialized_end=847
+  _globals['_ATTACHREPLY']._serialized_start=849
+  _globals['_ATTACHREPLY']._serialized_end=932
+  _globals['_STATSREQUEST']._serialized_start=934
+  _globals['_STATSREQUEST']._serialized_end=948
+  _globals['_STATSREPLY']._serialized_start=950
+  _globals['_STATSREPLY']._serialized_end=976
+  _globals['_EXECUTOR']._serialized_start=979
+  _globals['_EXECUTOR']._serialized_end=1321
 # @@protoc_insertion_point(module_scope)

@@ -114,6 +114,12 @@ def encode_call(request: OpRequest, call_id: int, out: pb.OpCall | None = None) 
     msg.priority = int(request.priority)
     msg.out_dtype = dtype_name(request.out_dtype) if request.out_dtype is not None else ""
     msg.client_id = request.client_id
+    msg.compute_dtype = dtype_name(request.compute_dtype) if request.compute_dtype is not None else ""
+    msg.weight_dtype = dtype_name(request.weight_dtype) if request.weight_dtype is not None else ""
+    if request.features is not None:
+        msg.features.start, msg.features.end = request.features
+    else:
+        msg.ClearField("features")
     return msg
 
 
@@ -126,11 +132,6 @@ def decode_call(msg: pb.OpCall, *, tenant: str, regions: RegionReader | None = N
         raise BadRequestError(f"unknown direction {msg.direction}")
     if not 0 <= msg.priority <= MAX_PRIORITY:
         raise BadRequestError(f"priority {msg.priority} outside [0, {MAX_PRIORITY}]")
-    out_dtype = None
-    if msg.out_dtype:
-        out_dtype = WIRE_DTYPES.get(msg.out_dtype)
-        if out_dtype is None or not out_dtype.is_floating_point:
-            raise BadRequestError(f"unknown out_dtype {msg.out_dtype[:40]!r}")
     if not msg.HasField("x"):
         raise BadRequestError("the request carries no tensor")
     x = decode_tensor(msg.x, regions=regions)
@@ -140,9 +141,22 @@ def decode_call(msg: pb.OpCall, *, tenant: str, regions: RegionReader | None = N
         x=x,
         client_id=msg.client_id[:64] or "anonymous",
         priority=msg.priority,
-        out_dtype=out_dtype,
+        out_dtype=_float_dtype(msg.out_dtype, "out_dtype"),
         tenant=tenant,
+        compute_dtype=_float_dtype(msg.compute_dtype, "compute_dtype"),
+        weight_dtype=_float_dtype(msg.weight_dtype, "weight_dtype"),
+        features=(msg.features.start, msg.features.end) if msg.HasField("features") else None,
     )
+
+
+def _float_dtype(name: str, field: str) -> torch.dtype | None:
+    """The float dtype a request field names; None when empty; ``BadRequestError`` for another name."""
+    if not name:
+        return None
+    dtype = WIRE_DTYPES.get(name)
+    if dtype is None or not dtype.is_floating_point:
+        raise BadRequestError(f"unknown {field} {name[:40]!r}")
+    return dtype
 
 
 def _wire_dtype_name(dtype: torch.dtype) -> str:

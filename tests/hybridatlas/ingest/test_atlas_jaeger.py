@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from hybridatlas.errors import AtlasDataWarning, AtlasInputError
-from hybridatlas.ingest.jaeger import load_traces, parse_traces
+from hybridatlas.ingest.jaeger import parse_traces
+from hybridatlas.ingest.traces import load_traces
 
 API_OF_FILE = {"compose": "/wrk2-api/post/compose", "getmedia": "/get-media", "login": "/wrk2-api/user/login"}
 
@@ -59,7 +60,7 @@ def test_malformed_files_name_the_file(tmp_path: Path):
         load_traces([bad])
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"status": "success"}))
-    with pytest.raises(AtlasInputError, match=r"wrong\.json: not a Jaeger trace document"):
+    with pytest.raises(AtlasInputError, match=r"wrong\.json: not a trace document: expected Jaeger JSON"):
         load_traces([wrong])
     with pytest.raises(AtlasInputError, match="trace file not found"):
         load_traces([tmp_path / "absent.json"])

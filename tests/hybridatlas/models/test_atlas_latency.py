@@ -36,13 +36,30 @@ def test_gridfs_read_costs_two_round_trips(models, config):
     assert added == pytest.approx(2 * config.rtt_ms + transfer_ms, abs=0.05)
 
 
-def test_moving_the_frontend_costs_the_ingress_round_trip(models, config):
-    a = models.apis.index("/wrk2-api/user/login")
-    added = models.latency.mean_ms(_cloud(models, "nginx-thrift"))[0, a] - models.latency.baseline_mean_ms[a]
+ONE_ROUND_TRIP = {"round_trips": [{"operation": "*", "base": 1}]}
+
+
+def test_moving_the_frontend_costs_the_ingress_round_trip(telemetry, models):
+    config = AtlasConfig.load(overrides=ONE_ROUND_TRIP)
+    latency = build_latency_model(telemetry.traces, models.components, config, None, models.graphs)
+    a = latency.apis.index("/wrk2-api/user/login")
+    added = latency.mean_ms(_cloud(models, "nginx-thrift"))[0, a] - latency.baseline_mean_ms[a]
     # gateway -> nginx and nginx -> user-service both cross: two round trips
     assert added == pytest.approx(2 * config.rtt_ms, abs=0.1)
-    both = models.latency.mean_ms(_cloud(models, "nginx-thrift", "user-service", "user-memcached", "user-mongodb"))
-    assert both[0, a] - models.latency.baseline_mean_ms[a] == pytest.approx(config.rtt_ms, abs=0.1)
+    both = latency.mean_ms(_cloud(models, "nginx-thrift", "user-service", "user-memcached", "user-mongodb"))
+    assert both[0, a] - latency.baseline_mean_ms[a] == pytest.approx(config.rtt_ms, abs=0.1)
+    # from the entry span on (as traces measure it), the gateway -> nginx hop is not counted
+    entry = latency.mean_ms(_cloud(models, "nginx-thrift"), include_ingress=False)
+    assert entry[0, a] - latency.baseline_mean_ms[a] == pytest.approx(config.rtt_ms, abs=0.1)
+
+
+def test_default_round_trips_are_measured_curves(config):
+    for kind in ("redis", "memcached", "service"):
+        rule = config.round_trip_rule("AnyOperation", kind)
+        assert rule.points and rule.warm_points, kind
+        assert 1.0 <= rule.round_trips(100) < 1.2 and 1.0 <= rule.round_trips(100, warm=True) < 1.2
+        assert rule.round_trips(200_000) > rule.round_trips(200_000, warm=True) >= 1.0  # slow start after idle
+    assert config.round_trip_rule("MongoGetMedia", "mongodb").per_chunk_bytes == 261120
 
 
 def test_background_rabbitmq_consumer_does_not_count(models):
@@ -79,7 +96,7 @@ def _synthetic(children):
     ([(10, 20, "X"), (90, 50, "Y")], 1),          # outlives its parent: background
 ])
 def test_stage_semantics(children, expected_round_trips):
-    config = AtlasConfig.load(overrides={"wan": {"rtt_ms": 10.0}})
+    config = AtlasConfig.load(overrides={"wan": {"rtt_ms": 10.0}, **ONE_ROUND_TRIP})
     traces = _synthetic(children)
     components = ["a-frontend", "b-service", config.gateway]
     from hybridatlas.models.callgraph import build_call_graphs
@@ -91,7 +108,7 @@ def test_stage_semantics(children, expected_round_trips):
 def test_parallel_slack_absorbs_a_short_child():
     """X (a-frontend, same side) runs 10-40 ms; Y (moved) runs 12-32 ms in the same stage, 8 ms of
     slack: Y's 10 ms round trip only adds 2 ms."""
-    config = AtlasConfig.load(overrides={"wan": {"rtt_ms": 10.0}})
+    config = AtlasConfig.load(overrides={"wan": {"rtt_ms": 10.0}, **ONE_ROUND_TRIP})
     traces = _synthetic([(10, 30, "X"), (12, 20, "Y")])
     traces[0].root.children[0].component = "a-frontend"
     assert [len(s) for s in split_stages(traces[0].root.children)] == [2]

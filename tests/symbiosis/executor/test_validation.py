@@ -40,6 +40,12 @@ def request(x, op=OP, direction=Direction.FORWARD, **kwargs) -> OpRequest:
         (request(torch.tensor([[1, 2]]), op="model.embed_tokens"), "1-D tensor of token ids"),
         (request(torch.tensor([1]), op="model.embed_tokens", direction=Direction.BACKWARD), "no backward"),
         (request("not a tensor"), "must be a tensor"),
+        (request(torch.randn(3, 64), features=(0, 65)), r"features must be \[start, end\) within \[0, 64\)"),
+        (request(torch.randn(3, 64), features=(5, 5)), "features must be"),
+        (request(torch.randn(3, 64), direction=Direction.BACKWARD, features=(8, 16)), "expected rows of width 8"),
+        (request(torch.randn(3, 64), compute_dtype=torch.float64), "compute_dtype torch.float64"),
+        (request(torch.randn(3, 64), weight_dtype=torch.int8), "weight_dtype torch.int8"),
+        (request(torch.tensor([1]), op="model.embed_tokens", compute_dtype=torch.bfloat16), "takes no compute_dtype"),
     ],
 )
 def test_bad_request_raises_clear_error(executor, bad, message):
@@ -165,3 +171,43 @@ def test_non_finite_request_in_a_batch_fails_alone(executor, hold_batches):
     # one batch of all eight failed; the four good requests then ran one GEMM each
     stats = batching.stats.total()
     assert (stats["split_batches"], stats["gemms"], stats["requests"]) == (1, 4, 4)
+
+
+def test_products_with_a_compute_dtype_or_features_equal_the_reference(executor):
+    """A request may ask for the product in another dtype (the weight is cast to it) and with a slice of
+    the weight's rows; requests that differ in either never share a GEMM."""
+    weight = executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    x = torch.randn(3, 64)
+    y = executor.run(request(x, compute_dtype=torch.bfloat16))  # returned in the rows' dtype
+    assert y.dtype == torch.float32 and torch.equal(y, (x.bfloat16() @ weight.bfloat16().t()).float())
+    assert torch.equal(executor.run(request(x, features=(8, 24))), x @ weight[8:24].t())
+    grad = torch.randn(3, 16)
+    assert torch.equal(executor.run(request(grad, direction=Direction.BACKWARD, features=(8, 24))), grad @ weight[8:24])
+    # the weight rounded to bfloat16 first, the product in float32
+    assert torch.equal(executor.run(request(x, weight_dtype=torch.bfloat16)), x @ weight.bfloat16().float().t())
+    # the executor's own dtype as compute dtype, or a weight dtype that rounds nothing, is the plain request
+    for plain in (request(x, compute_dtype=torch.float32), request(x, weight_dtype=torch.float32)):
+        assert torch.equal(executor.run(plain), x @ weight.t())
+        assert plain.batch_key() == request(x).batch_key()
+
+
+def test_requests_in_different_compute_dtypes_run_in_separate_gemms(hold_batches):
+    executor = hold_batches(BaseExecutor.from_config(tiny_config("llama"), seed=0, max_wait_s=0.2))
+    weight = executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    x = torch.randn(2, 64)
+    results: dict[str, torch.Tensor] = {}
+    kinds = {"float32": {}, "bfloat16": {"compute_dtype": torch.bfloat16}, "float32 again": {}, "slice": {"features": (0, 32)}}
+    threads = [
+        threading.Thread(target=lambda k=k, o=o: results.__setitem__(k, executor.run(OpRequest(OP, Direction.FORWARD, x, client_id=k, **o))))
+        for k, o in kinds.items()
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # (a GEMM's rounding may depend on how many rows it has: compare within float32 precision)
+    assert torch.allclose(results["float32"], x @ weight.t(), atol=1e-6) and torch.equal(results["float32 again"], results["float32"])
+    assert torch.equal(results["bfloat16"], (x.bfloat16() @ weight.bfloat16().t()).float())
+    assert torch.allclose(results["slice"], x @ weight[:32].t(), atol=1e-6)
+    stats = executor.stats.total()
+    assert stats["requests"] == 4 and stats["gemms"] == 3  # the two float32 requests shared one GEMM

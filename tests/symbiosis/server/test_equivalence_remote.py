@@ -8,6 +8,7 @@ the same-host shared-memory channel, and every PEFT method of the core suite.
 from __future__ import annotations
 
 import pytest
+import torch
 from peft import LoraConfig
 
 from symbiosis import load_model
@@ -46,5 +47,11 @@ def test_shared_memory_lane_is_used(served):
     client = load_model(served("llama").url, connect_options={"shared_memory": True})
     transport = client.symbiosis.transport
     assert isinstance(transport, RemoteTransport)
-    client(input_ids=__import__("torch").tensor([[1, 2, 3]]))
+    client(input_ids=torch.tensor([[1, 2, 3]]))
     assert transport.uses_shared_memory
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_autocast_through_server(served, model_dir, path):
+    """The compute dtype of autocast travels with each request (gRPC stream and shared memory)."""
+    check_equivalence(model_dir("qwen2"), lora(), executor=served("qwen2").url, connect_options=PATHS[path], autocast=torch.bfloat16)

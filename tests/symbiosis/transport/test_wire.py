@@ -26,15 +26,22 @@ def test_tensor_round_trip_is_exact(dtype):
     assert torch.equal(decode_tensor(msg, copy=True), t)
 
 
-def test_call_round_trip():
-    request = OpRequest("model.layers.0.mlp.up_proj", Direction.BACKWARD, torch.randn(3, 8), client_id="c1", priority=1, out_dtype=torch.bfloat16)
+@pytest.mark.parametrize(
+    "compute_dtype, weight_dtype, features", [(None, None, None), (torch.bfloat16, None, (4, 12)), (torch.float32, torch.bfloat16, (0, 1))]
+)
+def test_call_round_trip(compute_dtype, weight_dtype, features):
+    request = OpRequest(
+        "model.layers.0.mlp.up_proj", Direction.BACKWARD, torch.randn(3, 8), client_id="c1", priority=1, out_dtype=torch.bfloat16,
+        compute_dtype=compute_dtype, features=features, weight_dtype=weight_dtype,
+    )
     msg = encode_call(request, 42)
     encode_tensor(request.x, msg.x)
     back = decode_call(pb.OpCall.FromString(msg.SerializeToString()), tenant="t")
-    assert (back.op, back.direction, back.client_id, back.priority, back.out_dtype, back.tenant) == (
-        request.op, Direction.BACKWARD, "c1", 1, torch.bfloat16, "t",
-    )
+    assert back.batch_key() == request.batch_key()
+    assert (back.client_id, back.priority, back.out_dtype, back.tenant) == ("c1", 1, torch.bfloat16, "t")
     assert torch.equal(back.x, request.x)
+    # a reused message forgets the previous request's options
+    assert not encode_call(OpRequest("op", Direction.FORWARD, torch.randn(1, 1)), 43, msg).HasField("features")
 
 
 def test_spec_travels_as_json():
@@ -54,6 +61,9 @@ def test_spec_travels_as_json():
         (lambda m: setattr(m, "direction", 7), "unknown direction"),
         (lambda m: setattr(m, "priority", -1), "priority"),
         (lambda m: setattr(m, "out_dtype", "int64"), "out_dtype"),
+        (lambda m: setattr(m, "compute_dtype", "int32"), "compute_dtype"),
+        (lambda m: setattr(m, "compute_dtype", "float64"), "compute_dtype"),
+        (lambda m: setattr(m, "weight_dtype", "int64"), "weight_dtype"),
         (lambda m: m.ClearField("x"), "no tensor"),
         (lambda m: (m.x.region.SetInParent(), setattr(m.x.region, "nbytes", 48)), "outside a shared-memory channel"),
     ],

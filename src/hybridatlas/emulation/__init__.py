@@ -1,0 +1,1 @@
+"""Emulated on-prem/cloud deployments: network namespaces joined by a WAN with set delay and bandwidth."""
