@@ -257,5 +257,5 @@ def _refresh(ref: weakref.ref, stop: threading.Event, period_s: float) -> None:
         try:
             transport._reassign()
         except Exception as exc:  # the next call (or renewal) tries again
-            log.info("could not renew the assignment of %s: %s", transport.client_id, exc)
+            log.warning("could not renew the assignment of %s: %s", transport.client_id, exc)
         del transport
