@@ -4,13 +4,15 @@ One cluster and one deployment (``tiny``: a 3-layer Llama with a tokenizer in 2 
 the ``symbiosis ray deploy`` command in its own process) serve the whole module; the tests run in
 file order: placement and equivalence, refused placements, SIGKILL of shard processes while a
 client trains and generates, scale-out and scale-in while clients train, a restarted registry,
-``symbiosis finetune`` as a Ray task, ``serve-openai`` behind Ray Serve's proxy, and the status and
-shutdown commands.
+``symbiosis finetune`` as a Ray task, ``serve-openai`` behind Ray Serve's proxy, the loss of the
+node holding the shards, and the status and shutdown commands.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import faulthandler
 import gc
 import itertools
 import json
@@ -84,7 +86,9 @@ def eventually(condition, timeout_s: float = 120.0, what: str = "") -> None:
     """Wait for ``condition()`` (a bound on waiting, not a performance check)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what or condition}"
+        if time.monotonic() >= deadline:
+            faulthandler.dump_traceback(sys.stderr)  # where every thread of this process waits
+        assert time.monotonic() < deadline, f"timed out waiting for {(what() if callable(what) else what) or condition}"
         time.sleep(0.1)
 
 
@@ -292,7 +296,8 @@ def test_replicas_scale_out_and_in_while_clients_train(deployed, model):
 
     def training(condition, what: str) -> None:
         """Wait for ``condition()`` while the trainers run; an error of theirs ends the wait."""
-        eventually(lambda: condition() or any(t.errors for t in trainers), what=what)
+        state = lambda: f"{what}; trainers: {[(len(t.losses), [e.replica for e in t.transport.endpoints]) for t in trainers]}; clients: {[(k, r['clients'], r['state']) for k, r in replicas().items()]}"  # noqa: E731
+        eventually(lambda: condition() or any(t.errors for t in trainers), what=state)
         assert [t.errors for t in trainers] == [[], []]
 
     try:
@@ -434,6 +439,11 @@ def test_shards_of_a_lost_node_restart_on_another(cluster, deployed, model):
     before = replicas()
     [lost] = {r["node_id"] for r in before.values()}  # PACK: the replica's two shards share a node
     cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == lost), allow_graceful=False)
+    # the node's worker processes exit once they notice their raylet is gone: wait for that, as on a lost host
+    for r in before.values():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            psutil.Process(r["pid"]).wait(60)
+    assert not [r["pid"] for r in before.values() if psutil.pid_exists(r["pid"])], "shard processes outlived their node"
     with torch.no_grad():
         assert_close(client(input_ids=ids).logits, expected, "logits after the node's loss")
     after = replicas()
