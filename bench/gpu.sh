@@ -77,6 +77,7 @@ step serving 150 python3 -m bench.serving --device "$DEVICE" --dtype "$DTYPE" "$
 CAPACITY=(--device "$DEVICE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}" --budget-gib 16 --n 1 4 16 --duration 5 --batch 4 --seq-len 128 --threads 2)
 step capacity_bf16 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --out "$RESULTS/capacity_bf16"
 step capacity_4bit 150 python3 -m bench.finetune_capacity "${CAPACITY[@]}" --base-dtype bfloat16 --quantize 4bit --out "$RESULTS/capacity_4bit"
+step ray_cluster 150 python3 -m bench.ray_cluster "${COMMON[@]}" --out "$RESULTS/ray_cluster" --iterations 300 --kills 2 --clients 8 --duration 10
 rm -rf "$MODEL"
 tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" .
 echo "=== done $(date +%T)" | tee -a "$LOG"

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import CONFIG_MAPPING, PretrainedConfig
+
+from .errors import UnsupportedFeatureError
 
 #: Priority of latency-sensitive requests (forward passes without autograd, e.g. ``generate()``).
 PRIORITY_INFERENCE = 0
@@ -155,3 +158,12 @@ class OpRequest:
     @property
     def rows(self) -> int:
         return int(self.x.shape[0]) if self.x.dim() > 0 else 0
+
+
+def config_from_spec(spec: ModelSpec) -> PretrainedConfig:
+    """The transformers config the executor serves."""
+    data = dict(spec.config)
+    model_type = data.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedFeatureError(f"model type {model_type!r} is not known to this transformers version")
+    return CONFIG_MAPPING[model_type].from_dict(data)

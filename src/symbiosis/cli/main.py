@@ -8,7 +8,7 @@ import logging
 import sys
 
 #: Modules of ``symbiosis.cli`` that each add one subcommand.
-SUBCOMMANDS = ["demo", "finetune", "serve", "serve_openai", "tiny_model"]
+SUBCOMMANDS = ["demo", "finetune", "ray", "serve", "serve_openai", "tiny_model"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -75,7 +76,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``symbiosis serve`` options (``[MODEL_DIR, *options]``) as the command parses them; a bad
+    option raises ``ValueError`` with argparse's message instead of exiting."""
+    parser = _RaisingParser(prog="symbiosis")
+    register(parser.add_subparsers(parser_class=_RaisingParser))
+    return parser.parse_args(["serve", *argv])
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"symbiosis serve: {message}")
+
+
+def start_server(args: argparse.Namespace) -> ExecutorServer:
+    """Load the executor and start serving it as ``args`` (parsed ``symbiosis serve`` options) say."""
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SystemExit("error: --tls-cert and --tls-key go together")
     if args.threads is not None:
@@ -97,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         inference_lane=not args.no_inference_lane,
         active_window_s=args.active_window_ms / 1e3,
     )
-    server = ExecutorServer(
+    return ExecutorServer(
         executor,
         host=args.host,
         port=args.port,
@@ -114,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         session_idle_s=args.session_idle_s,
         keepalive_s=args.keepalive_s,
     ).start()
+
+
+def run(args: argparse.Namespace) -> int:
+    server = start_server(args)
+    executor = server.executor
     signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: signals.append(signum))

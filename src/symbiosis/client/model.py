@@ -6,10 +6,10 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from ..errors import BaseWeightAccessError, UnsupportedFeatureError
-from ..protocol import ModelSpec, OpKind, resolve_dtype
+from ..protocol import ModelSpec, OpKind, config_from_spec, resolve_dtype
 from ..transport import Transport, connect
 from .parallel import exclude_base_from_ddp
 from .phantom import PhantomWeight
@@ -18,15 +18,6 @@ from .remote_ops import FusionGroup, RemoteLinear
 from .session import ClientSession
 
 Placement = Literal["client", "executor"]
-
-
-def config_from_spec(spec: ModelSpec) -> PretrainedConfig:
-    """The transformers config the executor serves."""
-    data = dict(spec.config)
-    model_type = data.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise UnsupportedFeatureError(f"model type {model_type!r} is not known to this transformers version")
-    return CONFIG_MAPPING[model_type].from_dict(data)
 
 
 def load_model(

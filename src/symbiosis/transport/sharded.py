@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..errors import BadRequestError
-from ..protocol import ModelSpec, OpRequest
+from ..protocol import ModelSpec, OpRequest, config_from_spec
 from .base import Transport
 from .fingerprint import fingerprint_of
 
@@ -86,8 +86,6 @@ def _check_tiling(specs: list[ModelSpec]) -> None:
         if start != expected:
             raise ValueError(f"the shards' layer ranges {ranges} leave a gap or overlap at layer {expected}")
         expected = end
-    from ..client.model import config_from_spec  # deferred: the client package imports this one
-
     layers = getattr(config_from_spec(specs[0]), "num_hidden_layers", expected)
     if expected != layers:
         raise ValueError(f"the shards' layer ranges {ranges} stop at layer {expected}; the model has {layers}")
