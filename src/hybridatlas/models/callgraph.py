@@ -44,11 +44,14 @@ class DatabaseMapper:
 @dataclass(frozen=True)
 class Hop:
     """One component-to-component call carried by a span: `edge` = (caller, callee). `warm`: the same
-    caller called the same callee shortly before in the same request, so the connection is in use."""
+    caller called the same callee shortly before in the same request, so the connection is in use.
+    `request_bytes` / `response_bytes`: the call's sizes where its spans record them, else None."""
 
     edge: Edge
     operation: str
     warm: bool = False
+    request_bytes: int | None = None
+    response_bytes: int | None = None
 
 
 def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
@@ -68,9 +71,12 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
               warm: frozenset[tuple[str, Edge]] = frozenset()) -> list[Hop]:
     """Calls a span stands for: the RPC into its component (from the parent, or the gateway for the
     root) and, for a database client span, the call to the database. A span whose parent is a
-    database client span (a message-queue consumer) is itself a client of that database."""
+    database client span (a message-queue consumer) is itself a client of that database.
+    A call's sizes are those its span records; an RPC's, those of the server span, else of the client
+    span that made it."""
     hops = []
     parent_target = mapper.target(parent) if parent is not None else None
+    database = mapper.target(span)
     if parent_target is not None:
         edge = (span.component, parent_target)
         hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
@@ -78,12 +84,18 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
         caller = parent.component if parent is not None else gateway
         if caller != span.component:
             edge = (caller, span.component)
-            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
-    database = mapper.target(span)
+            sized = span if database is None and _has_sizes(span) else \
+                parent if parent is not None and parent.kind == "client" and _has_sizes(parent) else None
+            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm,
+                            *((sized.request_bytes, sized.response_bytes) if sized else ())))
     if database is not None:
         edge = (span.component, database)
-        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm, span.request_bytes, span.response_bytes))
     return hops
+
+
+def _has_sizes(span: Span) -> bool:
+    return span.request_bytes is not None or span.response_bytes is not None
 
 
 def warm_calls(trace: Trace, config: AtlasConfig, mapper: DatabaseMapper) -> frozenset[tuple[str, Edge]]:
