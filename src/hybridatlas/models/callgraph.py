@@ -98,17 +98,27 @@ def _has_sizes(span: Span) -> bool:
     return span.request_bytes is not None or span.response_bytes is not None
 
 
+INITIAL_WINDOW_BYTES = 10 * 1448  # Linux's initial congestion window (RFC 6928: 10 segments of a 1500-byte MTU)
+
+
 def warm_calls(trace: Trace, config: AtlasConfig, mapper: DatabaseMapper) -> frozenset[tuple[str, Edge]]:
     """(span id, edge) of calls that follow another call on the same edge in the same request by less
-    than config.idle_after_s: their connection is in use, its congestion window open."""
+    than config.idle_after_s, on a congestion window opened wide enough: slow start grows the window by
+    the bytes acknowledged, so a call whose recorded payload exceeds the initial window plus the largest
+    payload recorded before it on the edge in the request still pays slow start (a GridFS read's first
+    chunk after its small file document). Calls without recorded sizes count as fitting."""
     last_end: dict[Edge, int] = {}
+    largest: dict[Edge, int] = {}
     warm = set()
     for span, parent, _ in sorted(walk(trace, config), key=lambda item: item[0].start_us):
         for hop in span_hops(span, parent, config.gateway, mapper):
             previous = last_end.get(hop.edge)
-            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6:
+            payload = max(hop.request_bytes or 0, hop.response_bytes or 0)
+            fits = payload <= INITIAL_WINDOW_BYTES + largest.get(hop.edge, 0)
+            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6 and fits:
                 warm.add((span.span_id, hop.edge))
             last_end[hop.edge] = max(previous or 0, span.end_us)
+            largest[hop.edge] = max(largest.get(hop.edge, 0), payload)
     return frozenset(warm)
 
 

@@ -106,12 +106,15 @@ HopCost = Callable[[str, Hop, bool], float]
 
 
 def warm_shares(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> dict:
-    """Per edge, the share of calls that find their connection warm: with calls arriving at rate r
-    (forecast, all APIs), a gap exceeds `idle_after_s` with probability exp(-r * idle_after_s)."""
+    """Per edge, the chance that a request's first call on it finds the connection warm: with requests
+    using the edge arriving at rate r (forecast, all APIs), the gap since the previous one exceeds
+    `idle_after_s` with probability exp(-r * idle_after_s). Later calls of the same request on the edge
+    are judged from the trace itself (callgraph.warm_calls), so an API counts once per request, not
+    once per call."""
     per_edge: dict = defaultdict(float)
     for api, graph in graphs.items():
         for edge, calls in graph.calls.items():
-            per_edge[edge] += rates.get(api, 0.0) * calls
+            per_edge[edge] += rates.get(api, 0.0) * min(calls, 1.0)
     return {edge: 1.0 - float(np.exp(-rate * idle_after_s)) for edge, rate in per_edge.items()}
 
 

@@ -138,3 +138,20 @@ def test_a_calls_recorded_size_sets_its_round_trips_and_transfer():
     assert added(None) == pytest.approx(10.0 * rule.round_trips(0.0), rel=1e-5)
     assert added(200_000) == pytest.approx(10.0 * rule.round_trips(200_000) + 200_000 / config.bandwidth_bytes_per_s * 1e3,
                                            rel=1e-5)
+
+
+def test_a_call_larger_than_the_open_window_is_not_warm():
+    """A 34-byte call, then two 64 KB calls on the same edge in quick succession (a GridFS read): the first
+    64 KB call exceeds the initial window plus what the edge carried before, so it is not warm (slow
+    start); the second is."""
+    from hybridatlas.models.callgraph import DatabaseMapper, warm_calls
+
+    config = AtlasConfig.load()
+    (trace,) = _synthetic([(10, 5, "HGETALL"), (16, 5, "GET"), (22, 5, "GET")])
+    for child, size in zip(trace.root.children, (34, 65_546, 65_546)):
+        child.response_bytes = size
+    warm = {span_id for span_id, _ in warm_calls(trace, config, DatabaseMapper(config.database_rules))}
+    assert warm == {"c2"}
+    for child in trace.root.children:
+        child.response_bytes = None
+    assert {span_id for span_id, _ in warm_calls(trace, config, DatabaseMapper(config.database_rules))} == {"c1", "c2"}
