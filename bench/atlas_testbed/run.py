@@ -246,7 +246,7 @@ def main() -> None:
     (out / "atlas-config.json").write_text(json.dumps(config_overrides(args.rtt_ms, args.rate_mbit, "onprem"), indent=1))
     results = compare(onprem, runs, args.rtt_ms, args.rate_mbit)
     meta = {"machine": f"{os.cpu_count()} CPU cores, {socket.gethostname()}", "wan_mode": mode, "rtt_ms": args.rtt_ms,
-            "rate_mbit": args.rate_mbit, "requests": size["requests"]}
+            "rate_mbit": args.rate_mbit, "requests": size["requests"], "realtime": bool(realtime_prefix())}
     (out / "results.json").write_text(json.dumps({"meta": meta, "placements": results}, indent=2))
     (out / "results.md").write_text(markdown(results, meta))
     print(markdown(results, meta))
