@@ -92,9 +92,10 @@ def local_search(evaluator: PlanEvaluator, archive: ParetoArchive, rounds: int, 
         before = archive.bits.copy()
         if len(before) == 0 or left <= 0 or n_bits == 0:
             break
-        scored.update(row.tobytes() for row in np.packbits(before, axis=1))
+        rows = np.packbits(before, axis=1)
+        scored.update(row.tobytes() for row in rows)
         plan, bit = np.divmod(np.arange(len(before) * n_bits), n_bits)
-        packed = np.packbits(before[plan], axis=1)
+        packed = np.repeat(rows, n_bits, axis=0)
         packed[np.arange(len(plan)), bit // 8] ^= np.uint8(0x80) >> (bit % 8).astype(np.uint8)
         _, first = np.unique(packed, axis=0, return_index=True)
         new = np.array([i for i in first if packed[i].tobytes() not in scored], dtype=np.int64)  # sorted plans
