@@ -15,6 +15,8 @@ The topology file maps every component to (address, port); services bind their o
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import random
 import signal
@@ -28,12 +30,11 @@ import requests
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 from pymemcache.client.base import Client as MemcacheClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from telemetry import ByteCounter, OtlpJsonFileExporter  # noqa: E402
+from telemetry import ByteCounter, ExportAtExit, OtlpJsonFileExporter  # noqa: E402
 
 CHUNK_BYTES = 64 * 1024
 MEDIA_BYTES = 160 * 1024
@@ -51,8 +52,7 @@ class Service:
     def __init__(self, name: str, topology: dict[str, list], out: Path) -> None:
         self.name, self.topology = name, topology
         provider = TracerProvider(resource=Resource.create({"service.name": name}))
-        self.processor = BatchSpanProcessor(OtlpJsonFileExporter(out / f"{name}.otlp.jsonl"), schedule_delay_millis=500)
-        provider.add_span_processor(self.processor)
+        provider.add_span_processor(ExportAtExit(OtlpJsonFileExporter(out / f"{name}.otlp.jsonl")))
         self.provider = provider
         self.tracer = provider.get_tracer("atlas-testbed")
         self.local = threading.local()
@@ -71,14 +71,17 @@ class Service:
         return self.local.http
 
     def call(self, component: str, method: str, path: str, **kwargs) -> dict:
-        """HTTP call with a client span; the trace context travels in the traceparent header."""
+        """HTTP call with a client span (body sizes as the HTTP semantic conventions name them); the
+        trace context travels in the traceparent header."""
         address, port = self.address(component)
         with self.tracer.start_as_current_span(f"{method} {path}", kind=SpanKind.CLIENT, attributes={
-                "http.request.method": method, "server.address": component, "server.port": port}):
+                "http.request.method": method, "server.address": component, "server.port": port}) as span:
             headers: dict[str, str] = {}
             propagate.inject(headers)
             response = self.http().request(method, f"http://{address}:{port}{path}", headers=headers, timeout=30, **kwargs)
             response.raise_for_status()
+            span.set_attribute("http.request.body.size", len(response.request.body or b""))
+            span.set_attribute("http.response.body.size", len(response.content))
             return response.json()
 
     def redis(self, component: str) -> redis.Redis:
@@ -94,11 +97,19 @@ class Service:
             clients[component] = MemcacheClient(self.address(component), timeout=30, connect_timeout=30)
         return clients[component]
 
+    @contextlib.contextmanager
     def store_span(self, component: str, system: str, operation: str):
-        """A database client span, attributes as the OpenTelemetry semantic conventions name them."""
-        return self.tracer.start_as_current_span(operation, kind=SpanKind.CLIENT, attributes={
-            "db.system.name": system, "db.operation.name": operation, "server.address": component,
-            "server.port": self.address(component)[1]})
+        """A database client span, attributes as the OpenTelemetry semantic conventions name them, plus
+        the bytes the call sent and received on the wire as `request_size` / `response_size` (the tags
+        Envoy puts on its spans; what a sidecar or an eBPF tracer sees per call)."""
+        with self.tracer.start_as_current_span(operation, kind=SpanKind.CLIENT, attributes={
+                "db.system.name": system, "db.operation.name": operation, "server.address": component,
+                "server.port": self.address(component)[1]}) as span:
+            sent, received = self.bytes.thread_totals(component)
+            yield span
+            now_sent, now_received = self.bytes.thread_totals(component)
+            span.set_attribute("request_size", now_sent - sent)
+            span.set_attribute("response_size", now_received - received)
 
 
 def user_profile(svc: Service, query: dict) -> dict:
@@ -213,12 +224,14 @@ def serve(name: str, topology: dict[str, list], out: Path) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             context = propagate.extract(dict(self.headers))
             with svc.tracer.start_as_current_span(f"{method} {path}", context=context, kind=SpanKind.SERVER,
-                                                  attributes={"http.request.method": method, "url.path": path}):
+                                                  attributes={"http.request.method": method, "url.path": path,
+                                                              "http.request.body.size": length}) as span:
                 body = self.rfile.read(length) if length else b""
                 try:
                     payload, status = json.dumps(route(svc, method, path, query, body)).encode(), 200
                 except KeyError:
                     payload, status = b'{"error": "not found"}', 404
+                span.set_attribute("http.response.body.size", len(payload))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -239,10 +252,11 @@ def serve(name: str, topology: dict[str, list], out: Path) -> None:
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
+    gc.freeze()  # what start-up allocated is never scanned again: shorter collections while serving
     print("ready", flush=True)
     server.serve_forever()
     svc.provider.shutdown()
-    svc.bytes.sample()
+    svc.bytes.write()
 
 
 def seed(topology: dict[str, list]) -> None:

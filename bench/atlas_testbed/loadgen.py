@@ -1,5 +1,7 @@
-"""Closed-loop load: one user calling a random API after an exponential think time (so calls on every
-edge arrive like a Poisson stream), recording each request's start, API and client-side latency."""
+"""Open-loop load on one keep-alive connection: requests start at the times of a Poisson process (mean
+gap `--gap-s`), in a random order of APIs, so calls on every edge arrive like a Poisson stream at the
+same rate whatever the placement does to latency (a request due while the previous one runs starts
+when it ends). Records each request's start, API and client-side latency."""
 
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ def main() -> None:
     parser.add_argument("--topology", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--requests", type=int, default=30, help="requests per API")
-    parser.add_argument("--think-s", type=float, default=0.25, help="mean think time between requests")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed requests per API first")
+    parser.add_argument("--gap-s", type=float, default=0.25, help="mean time between request starts")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed requests per API first")
     args = parser.parse_args()
     topology = json.loads(Path(args.topology).read_text())
     out = Path(args.out)
@@ -53,14 +55,16 @@ def main() -> None:
     rows = []
     order = apis * args.requests
     rng.shuffle(order)
+    due = time.perf_counter()
     for api in order:
-        time.sleep(rng.expovariate(1.0 / args.think_s))
+        due += rng.expovariate(1.0 / args.gap_s)
+        time.sleep(max(0.0, due - time.perf_counter()))
         method, path, kwargs = api_requests(rng)[api]
         start = time.time()
         clock = time.perf_counter()
         session.request(method, f"http://{address}:{port}{path}", timeout=60, **kwargs).raise_for_status()
         rows.append((start, api, (time.perf_counter() - clock) * 1e3))
-    counter.sample()
+    counter.write()
     with open(out / "client.csv", "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["start", "api", "latency_ms"])

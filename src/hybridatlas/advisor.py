@@ -110,7 +110,8 @@ def advise(models: AtlasModels, with_baselines: bool = True) -> Advice:
     if 2 ** evaluator.n_bits <= population * generations:
         result: SearchResult = baselines.exhaustive(evaluator)  # cheaper than evolving, and exact
     else:
-        result = nsga2_search(evaluator, population, generations, seed, int(settings["local_search_rounds"]), seeds)
+        result = nsga2_search(evaluator, population, generations, seed, int(settings["local_search_rounds"]), seeds,
+                              float(settings["local_search_budget"]))
     archive = result.archive
     order = np.lexsort((archive.objectives[:, 1], archive.objectives[:, 0]))
     labels = label_plans(archive.objectives[order])

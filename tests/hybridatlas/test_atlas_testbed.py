@@ -1,7 +1,7 @@
 """The project's own ground truth, small: the traced application runs all on-prem and under hybrid
 placements over an emulated WAN (network namespaces, RTT 20 ms), and Atlas, learning from the
-all-on-prem run only, predicts every API's mean latency within the issue's bounds. Needs root,
-iproute2, redis-server and memcached (.ci/run installs them); skipped with the reason otherwise."""
+all-on-prem run only, predicts the mean latency of every API that crosses the WAN within 25%. Needs
+root, iproute2, redis-server and memcached (.ci/run installs them); skipped with the reason otherwise."""
 
 import json
 import shutil
@@ -41,25 +41,42 @@ def testbed(tmp_path_factory):
     return out
 
 
+def _crossing(rows: dict) -> set[str]:
+    return {api for api, row in rows.items() if row["predicted_mean_ms"] > row["onprem_mean_ms"] + 1e-6}
+
+
 def test_the_testbed_measures_hybrid_placements_atlas_predicts(testbed):
     """Both placements ran and were scored per API; every API Atlas predicts to cross the WAN was
     measured at least 15 ms (3/4 of the 20 ms round trip) slower than on-prem, and the others are
-    predicted at their on-prem latency. The accuracy bounds themselves are a benchmark (README, under
-    bench-run): on a machine shared with other jobs, scheduling stalls of the userspace WAN and of the
-    services add tens of ms to a few of 10 requests, which no deterministic bound survives."""
+    predicted at their on-prem latency."""
     results = json.loads((testbed / "results.json").read_text())["placements"]
     assert set(results) == {"stores-in-cloud", "entry-in-cloud"}
     for name, result in results.items():
         rows = result["apis"]
         assert len(rows) == 5 and all(row["measured_traces"] == 10 for row in rows.values()), name
-        predicted_crossing = {api for api, row in rows.items() if row["predicted_mean_ms"] > row["onprem_mean_ms"] + 1e-6}
-        assert len(predicted_crossing) >= 3, (name, rows)
+        assert len(_crossing(rows)) >= 3, (name, rows)
         for api, row in rows.items():
-            if api in predicted_crossing:
+            if api in _crossing(rows):
                 assert row["measured_mean_ms"] >= row["onprem_mean_ms"] + 15, (name, api, row)
                 assert row["predicted_mean_ms"] >= row["onprem_mean_ms"] + 15, (name, api, row)
             else:
                 assert row["predicted_mean_ms"] == pytest.approx(row["onprem_mean_ms"]), (name, api, row)
+
+
+def test_atlas_predicts_every_crossing_api_within_25_percent(testbed):
+    """Each API that crosses the WAN (25-135 ms here) is predicted within 25% of its measured mean (the
+    benchmark's 30-request runs: within 12%; the issue's bound: 30%). APIs that cross nothing take
+    3-6 ms, where one scheduling stall in 10 requests moves the mean by 20%: no bound on them survives
+    a busy machine, so none is asserted. The bound holds with the application and the delay line under
+    real-time scheduling, which keeps other jobs from stalling packets and requests; where that is not
+    permitted (no CAP_SYS_NICE) the test is skipped."""
+    document = json.loads((testbed / "results.json").read_text())
+    if not document["meta"]["realtime"]:
+        pytest.skip("real-time scheduling not permitted: measured latencies carry the machine's scheduling stalls")
+    for name, result in document["placements"].items():
+        for api in _crossing(result["apis"]):
+            row = result["apis"][api]
+            assert abs(row["error"]) <= 0.25, (name, api, row)
 
 
 def test_no_namespace_is_left_behind(testbed):

@@ -6,7 +6,9 @@ side's device. This is what `tc qdisc ... netem delay D rate R` does in the kern
 kernels built without sch_netem (CONFIG_NET_SCH_NETEM unset) cannot run netem.
 
 Run as `python -m hybridatlas.emulation.delayline --ns-a A --ns-b B --dev wan0 --delay-ms 10
---rate-mbit 100`; it prints "ready" once both devices exist and runs until killed.
+--rate-mbit 100 [--rt-priority 30]`; it prints "ready" once both devices exist and runs until killed.
+With `--rt-priority` it runs under SCHED_FIFO (where permitted), so that other work on the machine
+cannot hold packets back: it sleeps in select() between packets and needs the CPU only briefly.
 """
 
 from __future__ import annotations
@@ -78,6 +80,17 @@ class Direction:
         return self.queue[0][0] if self.queue else None
 
 
+def set_realtime(priority: int) -> bool:
+    """SCHED_FIFO at `priority` for this process; False (and a note on stderr) where not permitted."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+        return True
+    except (OSError, AttributeError) as exc:
+        print(f"delay line: real-time priority not set ({exc}); packets may be delayed under CPU load",
+              file=sys.stderr, flush=True)
+        return False
+
+
 def run(ns_a: str, ns_b: str, device: str, delay_ms: float, rate_mbit: float) -> None:
     enter_netns(ns_a)
     fd_a = open_tun(device)
@@ -104,7 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dev", default="wan0")
     parser.add_argument("--delay-ms", type=float, required=True, help="one-way delay")
     parser.add_argument("--rate-mbit", type=float, default=0.0, help="link rate (0 = unlimited)")
+    parser.add_argument("--rt-priority", type=int, help="run under SCHED_FIFO at this priority (1-99)")
     args = parser.parse_args(argv)
+    if args.rt_priority:
+        set_realtime(args.rt_priority)
     try:
         run(args.ns_a, args.ns_b, args.dev, args.delay_ms, args.rate_mbit)
     except KeyboardInterrupt:

@@ -75,13 +75,16 @@ class EmulatedWan:
 
     `mode` is "netem", "delayline" or "auto" (netem when the kernel has it). `congestion_control` is set
     on the routes across the WAN (default cubic, Linux's default; None keeps the host's), since round
-    trips of large transfers depend on it (slow start, restart after idle).
+    trips of large transfers depend on it (slow start, restart after idle). The delay line runs under
+    SCHED_FIFO at `realtime_priority` where permitted (None: normal scheduling), so that CPU load on
+    the machine does not stretch the emulated delay.
     """
 
     rtt_ms: float
     rate_mbit: float = 1000.0
     mode: str = "auto"
     congestion_control: str | None = "cubic"
+    realtime_priority: int | None = 30
 
     def __post_init__(self) -> None:
         if self.rtt_ms < 0 or self.rate_mbit < 0:
@@ -122,7 +125,8 @@ class EmulatedWan:
         elif self.mode == "delayline":
             self._delayline = subprocess.Popen(
                 [sys.executable, "-m", "hybridatlas.emulation.delayline", "--ns-a", a, "--ns-b", b, "--dev", DEVICE,
-                 "--delay-ms", str(self.rtt_ms / 2), "--rate-mbit", str(self.rate_mbit)],
+                 "--delay-ms", str(self.rtt_ms / 2), "--rate-mbit", str(self.rate_mbit),
+                 *(["--rt-priority", str(self.realtime_priority)] if self.realtime_priority else [])],
                 stdout=subprocess.PIPE, text=True)
             if self._delayline.stdout.readline().strip() != "ready":  # type: ignore[union-attr]
                 raise AtlasInputError("WAN emulation", "the delay line did not start")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybridatlas.errors import AtlasInputError, warn_data
-from hybridatlas.ingest.traces import Span, Trace, assemble
+from hybridatlas.ingest.traces import Span, Trace, assemble, payload_sizes
 
 COMPONENT_TAG = "container.name"
 KIND_TAG = "span.kind"
@@ -53,11 +53,12 @@ def parse_trace(source: str, trace: dict[str, Any]) -> Trace:
             spans.append(Span(span_id=str(raw["spanID"]), parent_id=_parent_of(raw), operation=str(raw["operationName"]),
                               start_us=int(raw["startTime"]), duration_us=int(raw["duration"]),
                               component=components[raw["processID"]],
-                              kind=str(tags[KIND_TAG]).lower() if tags.get(KIND_TAG) else None, peer=peer))
+                              kind=str(tags[KIND_TAG]).lower() if tags.get(KIND_TAG) else None, peer=peer,
+                              **payload_sizes(tags)))
         except KeyError as exc:
             raise AtlasInputError(source, f"trace {trace_id}: span lacks field or process {exc}") from exc
         except (TypeError, ValueError) as exc:
-            raise AtlasInputError(source, f"trace {trace_id}: span has a non-numeric time: {exc}") from exc
+            raise AtlasInputError(source, f"trace {trace_id}: span has a malformed time or size: {exc}") from exc
     return assemble(source, trace_id, spans)
 
 

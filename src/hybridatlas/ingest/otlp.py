@@ -5,7 +5,8 @@ nanoseconds as strings or numbers; span kinds are integers or SPAN_KIND_* names.
 
 A span's component is the first resource attribute of COMPONENT_KEYS that is set (the Kubernetes
 workload when the k8s attributes processor added it, else service.name). A client span's peer is
-its peer.service, server.address or net.peer.name attribute.
+its peer.service, server.address or net.peer.name attribute; its payload sizes come from the
+attributes `traces.payload_sizes` reads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import binascii
 from typing import Any
 
 from hybridatlas.errors import AtlasInputError
-from hybridatlas.ingest.traces import Span
+from hybridatlas.ingest.traces import Span, payload_sizes
 
 COMPONENT_KEYS = ("k8s.deployment.name", "k8s.statefulset.name", "k8s.daemonset.name", "k8s.container.name",
                   "container.name", "service.name")
@@ -74,7 +75,7 @@ def _records(source: str, request: dict[str, Any]) -> list[tuple[str, Span]]:
                         span_id=hex_id(str(raw["spanId"]), 16), parent_id=hex_id(str(raw.get("parentSpanId") or ""), 16) or None,
                         operation=str(raw["name"]), start_us=start // 1000, duration_us=end // 1000 - start // 1000,
                         component=component, kind=span_kind(raw.get("kind")),
-                        peer=next((str(tags[k]) for k in PEER_KEYS if tags.get(k)), None))))
+                        peer=next((str(tags[k]) for k in PEER_KEYS if tags.get(k)), None), **payload_sizes(tags))))
                 except KeyError as exc:
                     raise AtlasInputError(source, f"span lacks field {exc}: {str(raw)[:200]}") from exc
                 except (TypeError, ValueError) as exc:

@@ -19,6 +19,8 @@ class Span:
 
     `kind` is server/client/producer/consumer/internal when the format says; `peer` is the component
     a client span calls when the span names it (peer.service, server.address, Zipkin remoteEndpoint).
+    `request_bytes` / `response_bytes` are the sizes of the call the span stands for, when it records
+    them (see `payload_sizes`).
     """
 
     span_id: str
@@ -30,10 +32,31 @@ class Span:
     kind: str | None = None
     peer: str | None = None
     children: list["Span"] = field(default_factory=list)
+    request_bytes: int | None = None
+    response_bytes: int | None = None
 
     @property
     def end_us(self) -> int:
         return self.start_us + self.duration_us
+
+
+# First tag found wins: bytes on the wire as Envoy/Istio sidecars tag their spans, then the body sizes
+# of the OpenTelemetry HTTP semantic conventions (current names, then the names before v1.21).
+REQUEST_SIZE_TAGS = ("request_size", "http.request.body.size", "http.request_content_length")
+RESPONSE_SIZE_TAGS = ("response_size", "http.response.body.size", "http.response_content_length")
+
+
+def payload_sizes(tags: dict[str, Any]) -> dict[str, int | None]:
+    """`request_bytes` / `response_bytes` of a span from its tags (None where it records none)."""
+    def first(keys: tuple[str, ...]) -> int | None:
+        value = next((tags[key] for key in keys if tags.get(key) not in (None, "")), None)
+        if value is None:
+            return None
+        size = int(value)
+        if size < 0:
+            raise ValueError(f"negative size {size}")
+        return size
+    return {"request_bytes": first(REQUEST_SIZE_TAGS), "response_bytes": first(RESPONSE_SIZE_TAGS)}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybridatlas.errors import AtlasInputError
-from hybridatlas.ingest.traces import Span
+from hybridatlas.ingest.traces import Span, payload_sizes
 
 SERVER_SUFFIX = ":server"
 
@@ -27,7 +27,8 @@ def _span(source: str, raw: dict[str, Any]) -> tuple[str, Span, bool]:
         return str(raw["traceId"]), Span(
             span_id=str(raw["id"]), parent_id=str(raw["parentId"]) if raw.get("parentId") else None,
             operation=str(raw.get("name") or ""), start_us=int(raw["timestamp"]), duration_us=int(raw.get("duration", 0)),
-            component=str(local), kind=str(kind).lower() if kind else None, peer=str(peer) if peer else None), \
+            component=str(local), kind=str(kind).lower() if kind else None, peer=str(peer) if peer else None,
+            **payload_sizes(tags)), \
             bool(raw.get("shared"))
     except KeyError as exc:
         raise AtlasInputError(source, f"span lacks field {exc}: {str(raw)[:200]}") from exc

@@ -44,11 +44,14 @@ class DatabaseMapper:
 @dataclass(frozen=True)
 class Hop:
     """One component-to-component call carried by a span: `edge` = (caller, callee). `warm`: the same
-    caller called the same callee shortly before in the same request, so the connection is in use."""
+    caller called the same callee shortly before in the same request, so the connection is in use.
+    `request_bytes` / `response_bytes`: the call's sizes where its spans record them, else None."""
 
     edge: Edge
     operation: str
     warm: bool = False
+    request_bytes: int | None = None
+    response_bytes: int | None = None
 
 
 def is_background(child: Span, parent: Span, config: AtlasConfig) -> bool:
@@ -68,9 +71,12 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
               warm: frozenset[tuple[str, Edge]] = frozenset()) -> list[Hop]:
     """Calls a span stands for: the RPC into its component (from the parent, or the gateway for the
     root) and, for a database client span, the call to the database. A span whose parent is a
-    database client span (a message-queue consumer) is itself a client of that database."""
+    database client span (a message-queue consumer) is itself a client of that database.
+    A call's sizes are those its span records; an RPC's, those of the server span, else of the client
+    span that made it."""
     hops = []
     parent_target = mapper.target(parent) if parent is not None else None
+    database = mapper.target(span)
     if parent_target is not None:
         edge = (span.component, parent_target)
         hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
@@ -78,25 +84,41 @@ def span_hops(span: Span, parent: Span | None, gateway: str, mapper: DatabaseMap
         caller = parent.component if parent is not None else gateway
         if caller != span.component:
             edge = (caller, span.component)
-            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
-    database = mapper.target(span)
+            sized = span if database is None and _has_sizes(span) else \
+                parent if parent is not None and parent.kind == "client" and _has_sizes(parent) else None
+            hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm,
+                            *((sized.request_bytes, sized.response_bytes) if sized else ())))
     if database is not None:
         edge = (span.component, database)
-        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm))
+        hops.append(Hop(edge, span.operation, (span.span_id, edge) in warm, span.request_bytes, span.response_bytes))
     return hops
+
+
+def _has_sizes(span: Span) -> bool:
+    return span.request_bytes is not None or span.response_bytes is not None
+
+
+INITIAL_WINDOW_BYTES = 10 * 1448  # Linux's initial congestion window (RFC 6928: 10 segments of a 1500-byte MTU)
 
 
 def warm_calls(trace: Trace, config: AtlasConfig, mapper: DatabaseMapper) -> frozenset[tuple[str, Edge]]:
     """(span id, edge) of calls that follow another call on the same edge in the same request by less
-    than config.idle_after_s: their connection is in use, its congestion window open."""
+    than config.idle_after_s, on a congestion window opened wide enough: slow start grows the window by
+    the bytes acknowledged, so a call whose recorded payload exceeds the initial window plus the largest
+    payload recorded before it on the edge in the request still pays slow start (a GridFS read's first
+    chunk after its small file document). Calls without recorded sizes count as fitting."""
     last_end: dict[Edge, int] = {}
+    largest: dict[Edge, int] = {}
     warm = set()
     for span, parent, _ in sorted(walk(trace, config), key=lambda item: item[0].start_us):
         for hop in span_hops(span, parent, config.gateway, mapper):
             previous = last_end.get(hop.edge)
-            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6:
+            payload = max(hop.request_bytes or 0, hop.response_bytes or 0)
+            fits = payload <= INITIAL_WINDOW_BYTES + largest.get(hop.edge, 0)
+            if previous is not None and span.start_us - previous < config.idle_after_s * 1e6 and fits:
                 warm.add((span.span_id, hop.edge))
             last_end[hop.edge] = max(previous or 0, span.end_us)
+            largest[hop.edge] = max(largest.get(hop.edge, 0), payload)
     return frozenset(warm)
 
 

@@ -106,18 +106,22 @@ HopCost = Callable[[str, Hop, bool], float]
 
 
 def warm_shares(graphs: dict[str, ApiCallGraph], rates: dict[str, float], idle_after_s: float) -> dict:
-    """Per edge, the share of calls that find their connection warm: with calls arriving at rate r
-    (forecast, all APIs), a gap exceeds `idle_after_s` with probability exp(-r * idle_after_s)."""
+    """Per edge, the chance that a request's first call on it finds the connection warm: with requests
+    using the edge arriving at rate r (forecast, all APIs), the gap since the previous one exceeds
+    `idle_after_s` with probability exp(-r * idle_after_s). Later calls of the same request on the edge
+    are judged from the trace itself (callgraph.warm_calls), so an API counts once per request, not
+    once per call."""
     per_edge: dict = defaultdict(float)
     for api, graph in graphs.items():
         for edge, calls in graph.calls.items():
-            per_edge[edge] += rates.get(api, 0.0) * calls
+            per_edge[edge] += rates.get(api, 0.0) * min(calls, 1.0)
     return {edge: 1.0 - float(np.exp(-rate * idle_after_s)) for edge, rate in per_edge.items()}
 
 
 def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[str, ApiCallGraph],
                 kinds: dict[str, str] | None = None, rates: dict[str, float] | None = None) -> HopCost:
     """Milliseconds one crossing call adds: round trips x RTT + (request + response bytes) / bandwidth,
+    the bytes the call's spans record, else the footprint's mean per call of its API on its edge;
     round trips from the first rule matching the operation and the callee's kind: the warm curve for a
     call that follows another on the same edge in the request, else the idle and warm curves weighted
     by the chance that the edge's forecast traffic kept the connection warm."""
@@ -133,6 +137,8 @@ def hop_cost_fn(config: AtlasConfig, footprint: Footprint | None, graphs: dict[s
         if footprint is not None and calls > 0:
             total_request, total_response = footprint.bytes_per_request(api, hop.edge)
             request, response = total_request / calls, total_response / calls
+        request = request if hop.request_bytes is None else float(hop.request_bytes)
+        response = response if hop.response_bytes is None else float(hop.response_bytes)
         rule = config.round_trip_rule(hop.operation, kinds.get(hop.edge[1]) or config.kind_of(hop.edge[1]))
         payload = max(request, response)
         share = 1.0 if hop.warm else warm_share.get(hop.edge, 0.0)

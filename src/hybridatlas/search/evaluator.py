@@ -54,6 +54,11 @@ class PlanEvaluator:
         capacity = models.config.onprem_capacity()
         self.capacity = np.array([np.inf if capacity[k] is None else capacity[k] for k in ONPREM_RESOURCES])
         self.demand = np.column_stack([models.demand(r) for r in ONPREM_RESOURCES])
+        cost = models.cost
+        self.traffic = np.zeros((len(models.components), len(models.components)))
+        np.add.at(self.traffic, (cost.edge_source, cost.edge_destination),
+                  cost.edge_request_bytes_per_s + cost.edge_response_bytes_per_s)
+        self.traffic += self.traffic.T
         budget = models.config.budget_per_month
         self.budget = np.inf if budget is None else budget
         self.evaluated = 0
@@ -92,6 +97,14 @@ class PlanEvaluator:
         kept = [f"{c} is pinned to the cloud (placement.pinned_cloud) but stays on-prem"
                 for c in sorted(self.models.pinned_cloud - set(cloud_components))]
         return moved + kept
+
+    def boundary_traffic(self, bits: np.ndarray) -> np.ndarray:
+        """(plans x free) forecast bytes/s each free component exchanges with components on the
+        other side (on-prem vs cloud) in each plan."""
+        cloud = self.placements(np.asarray(bits, dtype=bool))
+        with_cloud = cloud.astype(np.float64) @ self.traffic[:, self.free_index]
+        total = self.traffic[:, self.free_index].sum(axis=0)
+        return np.where(cloud[:, self.free_index], total - with_cloud, with_cloud)
 
     def evaluate(self, bits: np.ndarray) -> Scores:
         """Scores of plans given as bit vectors over the free components."""

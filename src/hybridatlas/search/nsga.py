@@ -1,9 +1,11 @@
 """NSGA-II (pymoo) over binary placements, seeded with simple plans and refined by local search.
 
 Every evaluated feasible plan enters a Pareto archive, so the result is the non-dominated set of
-everything the search saw, not only the last population. After the evolutionary run, each archived
-plan's single-component flips are scored (vectorised) until the archive stops changing or the round
-limit is hit.
+everything the search saw, not only the last population. After the evolutionary run, the archived
+plans' single-component moves are scored (vectorised) until the archive stops changing, the round
+limit is hit or an evaluation budget (a multiple of what the evolutionary run scored) is spent; when a
+round's neighbourhood exceeds what is left, the moves scored are sampled, those of components carrying
+the most traffic across the plan's on-prem/cloud boundary most likely.
 """
 
 from __future__ import annotations
@@ -65,26 +67,62 @@ def initial_population(n_bits: int, size: int, rng: np.random.Generator, seeds: 
     return np.unique(np.vstack([np.array(rows), random_rows]), axis=0)
 
 
-def local_search(evaluator: PlanEvaluator, archive: ParetoArchive, rounds: int) -> None:
-    """Score every single-bit neighbour of the archive; repeat while the archive changes."""
-    flips = np.eye(evaluator.n_bits, dtype=bool)
+def _sample(weights: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of k rows drawn without replacement, with probability proportional to `weights`
+    (Gumbel top-k; every weight must be positive)."""
+    keys = np.log(weights) - np.log(-np.log(rng.random(len(weights))))
+    return np.argpartition(-keys, k - 1)[:k]
+
+
+def local_search(evaluator: PlanEvaluator, archive: ParetoArchive, rounds: int, budget: int | None = None,
+                 rng: np.random.Generator | None = None) -> int:
+    """Score single-component moves of the archive's plans; repeat while the archive changes.
+
+    A move is scored at most once. A round scores all new moves if they fit in what is left of
+    `budget` (None: unbounded), else a sample of that many, weighted by the traffic the moved
+    component exchanges across the plan's boundary (plus the mean, so that no move is excluded),
+    and the search ends. Returns the number of plans scored.
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    left = np.inf if budget is None else budget
+    n_bits = evaluator.n_bits
+    scored: set[bytes] = set()
+    spent = 0
     for _ in range(rounds):
         before = archive.bits.copy()
-        if len(before) == 0:
-            return
-        neighbours = np.unique((before[:, None, :] ^ flips[None, :, :]).reshape(-1, evaluator.n_bits), axis=0)
+        if len(before) == 0 or left <= 0 or n_bits == 0:
+            break
+        rows = np.packbits(before, axis=1)
+        scored.update(row.tobytes() for row in rows)
+        plan, bit = np.divmod(np.arange(len(before) * n_bits), n_bits)
+        packed = np.repeat(rows, n_bits, axis=0)
+        packed[np.arange(len(plan)), bit // 8] ^= np.uint8(0x80) >> (bit % 8).astype(np.uint8)
+        _, first = np.unique(packed, axis=0, return_index=True)
+        new = np.array([i for i in first if packed[i].tobytes() not in scored], dtype=np.int64)  # sorted plans
+        if len(new) > left:
+            crossing = evaluator.boundary_traffic(before)[plan[new], bit[new]]
+            weights = crossing + (crossing.mean() if crossing.any() else 1.0)
+            new = new[np.sort(_sample(weights, int(left), rng))]
+        left -= len(new)
+        spent += len(new)
+        scored.update(packed[i].tobytes() for i in new)
+        neighbours = np.unpackbits(packed[new], axis=1, count=n_bits).astype(bool)
         for start in range(0, len(neighbours), 16384):
             chunk = neighbours[start:start + 16384]
             scores = evaluator.evaluate(chunk)
             archive.add(chunk, scores.objectives, scores.feasible)
         if archive.bits.shape == before.shape and (np.sort(archive.bits.view(np.uint8), axis=0) ==
                                                   np.sort(before.view(np.uint8), axis=0)).all():
-            return
+            break
+    return spent
 
 
 def nsga2_search(evaluator: PlanEvaluator, population: int = 200, generations: int = 200, seed: int = 0,
-                 local_rounds: int = 10, seeds: list[np.ndarray] | None = None) -> SearchResult:
-    """Run NSGA-II plus local refinement; returns the archive of feasible non-dominated plans."""
+                 local_rounds: int = 10, seeds: list[np.ndarray] | None = None,
+                 local_budget: float = 2.0) -> SearchResult:
+    """Run NSGA-II plus local refinement; returns the archive of feasible non-dominated plans.
+
+    The local search scores at most `local_budget` times the plans the evolutionary run scored."""
     start, evaluated_before = time.perf_counter(), evaluator.evaluated
     archive = ParetoArchive(evaluator.n_bits)
     rng = np.random.default_rng(seed)
@@ -93,5 +131,6 @@ def nsga2_search(evaluator: PlanEvaluator, population: int = 200, generations: i
                       mutation=BitflipMutation(prob=1.0, prob_var=1.0 / max(evaluator.n_bits, 1)),
                       eliminate_duplicates=True)
     minimize(PlacementProblem(evaluator, archive), algorithm, ("n_gen", generations), seed=seed, verbose=False)
-    local_search(evaluator, archive, local_rounds)
+    evolved = evaluator.evaluated - evaluated_before
+    local_search(evaluator, archive, local_rounds, int(local_budget * evolved), rng)
     return SearchResult(archive, evaluator.evaluated - evaluated_before, time.perf_counter() - start, "nsga2")

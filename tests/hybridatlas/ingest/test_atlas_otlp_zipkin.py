@@ -108,10 +108,12 @@ def test_collector_lines_across_files_with_store_clients(tmp_path: Path):
         _otlp_span("eee19b7ec3c1b175", "eee19b7ec3c1b174", "GET /items", 3, 1, 9,
                    attrs={"server.address": {"stringValue": "cart.shop.svc.cluster.local"}})])
     cart = _resource("cart", [
-        _otlp_span("eee19b7ec3c1b176", "eee19b7ec3c1b175", "GET /items", "SPAN_KIND_SERVER", 2, 8),
+        _otlp_span("eee19b7ec3c1b176", "eee19b7ec3c1b175", "GET /items", "SPAN_KIND_SERVER", 2, 8,
+                   attrs={"http.request.body.size": {"intValue": "0"}, "http.response.body.size": {"intValue": "5120"}}),
         _otlp_span("eee19b7ec3c1b177", "eee19b7ec3c1b176", "HGETALL", 3, 3, 5,
                    attrs={"db.system.name": {"stringValue": "redis"}, "server.address": {"stringValue": "cart-redis"},
-                          "server.port": {"intValue": "6379"}})])
+                          "server.port": {"intValue": "6379"}, "request_size": {"intValue": "45"},
+                          "response_size": {"intValue": "4990"}})])
     (tmp_path / "a.jsonl").write_text(json.dumps(front) + "\n")
     (tmp_path / "b.jsonl").write_text("\n" + json.dumps(cart) + "\n")
     (trace,) = load_traces([tmp_path])
@@ -120,6 +122,9 @@ def test_collector_lines_across_files_with_store_clients(tmp_path: Path):
     assert (client.kind, client.peer, client.children[0].component) == ("client", "cart.shop.svc.cluster.local", "cart")
     store = client.children[0].children[0]
     assert (store.kind, store.peer, store.duration_us) == ("client", "cart-redis", 2000)
+    assert (store.request_bytes, store.response_bytes) == (45, 4990)  # the sidecar's wire bytes
+    assert (client.children[0].request_bytes, client.children[0].response_bytes) == (0, 5120)  # HTTP body sizes
+    assert (client.request_bytes, trace.root.response_bytes) == (None, None)
 
 
 def test_base64_ids_and_k8s_workload_names_are_understood(tmp_path: Path):
@@ -141,13 +146,15 @@ def test_zipkin_shared_spans_split_into_client_and_server(tmp_path: Path):
         {"traceId": "a1", "id": "2", "parentId": "1", "name": "get /items", "kind": "SERVER", "shared": True,
          "timestamp": 2000, "duration": 6000, "localEndpoint": {"serviceName": "cart"}},
         {"traceId": "a1", "id": "3", "parentId": "2", "name": "get", "kind": "CLIENT", "timestamp": 3000,
-         "duration": 2000, "localEndpoint": {"serviceName": "cart"}, "remoteEndpoint": {"serviceName": "redis"}}]
+         "duration": 2000, "localEndpoint": {"serviceName": "cart"}, "remoteEndpoint": {"serviceName": "redis"},
+         "tags": {"request_size": "31", "response_size": "70000"}}]
     (tmp_path / "z.json").write_text(json.dumps(spans))
     (trace,) = load_traces([tmp_path / "z.json"])
     client = trace.root.children[0]
     server = client.children[0]
     assert (client.component, client.kind, server.component, server.kind) == ("frontend", "client", "cart", "server")
     assert server.children[0].peer == "redis" and server.children[0].component == "cart"
+    assert (server.children[0].request_bytes, server.children[0].response_bytes) == (31, 70000)
 
 
 def test_bad_otlp_and_zipkin_input_names_file_and_problem(tmp_path: Path):
@@ -166,6 +173,10 @@ def test_bad_otlp_and_zipkin_input_names_file_and_problem(tmp_path: Path):
     (tmp_path / "partial.jsonl").write_text(json.dumps(orphan) + "\n")
     with pytest.warns(AtlasDataWarning, match="skipped a trace: trace 0+1: span eee19b7ec3c1b175 references missing parent"):
         assert len(load_traces([tmp_path / "partial.jsonl"])) == 1
+    sized = _resource("web", [_otlp_span("eee19b7ec3c1b174", "", "GET /", 2, 0, 1, attrs={"request_size": {"intValue": "-3"}})])
+    (tmp_path / "sized.jsonl").write_text(json.dumps(sized) + "\n")
+    with pytest.raises(AtlasInputError, match=r"sized\.jsonl: span has a malformed value \(negative size -3\)"):
+        load_traces([tmp_path / "sized.jsonl"])
     (tmp_path / "zip.json").write_text(json.dumps([{"traceId": "1", "id": "1", "timestamp": 0}]))
     with pytest.raises(AtlasInputError, match=r"zip\.json: span 1 has no localEndpoint\.serviceName"):
         load_traces([tmp_path / "zip.json"])

@@ -117,3 +117,41 @@ def test_parallel_slack_absorbs_a_short_child():
                                 build_call_graphs(traces, config))
     added = model.mean_ms(np.array([[False, True, False]]))[0, 0] - model.baseline_mean_ms[0]
     assert added == pytest.approx(2.0, abs=1e-4)
+
+
+def test_a_calls_recorded_size_sets_its_round_trips_and_transfer():
+    """A call from a-frontend to b-service whose span records 200 KB on the wire pays the slow-start round
+    trips of 200 KB on an idle connection and the transfer; without recorded sizes (and no byte series)
+    the same call costs one round trip."""
+    config = AtlasConfig.load(overrides={"wan": {"rtt_ms": 10.0, "bandwidth_gbps": 0.1}})
+    from hybridatlas.models.callgraph import build_call_graphs
+
+    def added(request_bytes):
+        traces = _synthetic([(10, 20, "Y")])
+        traces[0].root.children[0].request_bytes = request_bytes
+        model = build_latency_model(traces, ["a-frontend", "b-service", config.gateway], config, None,
+                                    build_call_graphs(traces, config))
+        return model.mean_ms(np.array([[False, True, False]]))[0, 0] - model.baseline_mean_ms[0]
+
+    rule = config.round_trip_rule("Y", "service")
+    assert rule.round_trips(200_000) > 2.0
+    assert added(None) == pytest.approx(10.0 * rule.round_trips(0.0), rel=1e-5)
+    assert added(200_000) == pytest.approx(10.0 * rule.round_trips(200_000) + 200_000 / config.bandwidth_bytes_per_s * 1e3,
+                                           rel=1e-5)
+
+
+def test_a_call_larger_than_the_open_window_is_not_warm():
+    """A 34-byte call, then two 64 KB calls on the same edge in quick succession (a GridFS read): the first
+    64 KB call exceeds the initial window plus what the edge carried before, so it is not warm (slow
+    start); the second is."""
+    from hybridatlas.models.callgraph import DatabaseMapper, warm_calls
+
+    config = AtlasConfig.load()
+    (trace,) = _synthetic([(10, 5, "HGETALL"), (16, 5, "GET"), (22, 5, "GET")])
+    for child, size in zip(trace.root.children, (34, 65_546, 65_546)):
+        child.response_bytes = size
+    warm = {span_id for span_id, _ in warm_calls(trace, config, DatabaseMapper(config.database_rules))}
+    assert warm == {"c2"}
+    for child in trace.root.children:
+        child.response_bytes = None
+    assert {span_id for span_id, _ in warm_calls(trace, config, DatabaseMapper(config.database_rules))} == {"c1", "c2"}

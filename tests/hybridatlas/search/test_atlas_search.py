@@ -10,8 +10,8 @@ from hybridatlas.errors import AtlasInputError
 from hybridatlas.pipeline import build_models
 from hybridatlas.search import baselines
 from hybridatlas.search.evaluator import PlanEvaluator
-from hybridatlas.search.nsga import nsga2_search
-from hybridatlas.search.pareto import label_plans, nondominated
+from hybridatlas.search.nsga import local_search, nsga2_search
+from hybridatlas.search.pareto import ParetoArchive, label_plans, nondominated
 from hybridatlas.search.quality import coverage, hypervolume_ratio
 
 SMALL_PINS = ["media-memcached", "url-shorten-memcached", "user-mongodb", "social-graph-mongodb",
@@ -66,6 +66,47 @@ def test_search_matches_exhaustive_front(small):
     for point in found.archive.objectives:
         exact_front = exact.archive.objectives
         assert not ((point <= exact_front).all(axis=1) & (point < exact_front).any(axis=1)).any()
+
+
+def _archive_of(evaluator, plan):
+    archive = ParetoArchive(evaluator.n_bits)
+    scores = evaluator.evaluate(plan[None, :])
+    archive.add(plan[None, :], scores.objectives, scores.feasible)
+    return archive, scores.objectives[0]
+
+
+def test_local_search_respects_its_budget_and_improves_a_plan(small):
+    start = np.ones(small.n_bits, dtype=bool)  # everything moved: feasible, but costly and slow
+    runs = []
+    for _ in range(2):
+        archive, start_objectives = _archive_of(small, start)
+        before = small.evaluated
+        spent = local_search(small, archive, rounds=10, budget=20, rng=np.random.default_rng(5))
+        assert spent == small.evaluated - before and 15 < spent <= 20  # one full round, then a sample
+        assert ((archive.objectives <= start_objectives).all(axis=1) &
+                (archive.objectives < start_objectives).any(axis=1)).any()
+        assert small.evaluate(archive.bits).feasible.all()
+        runs.append(archive.bits)
+    assert np.array_equal(*runs)  # deterministic under the seed
+    unbounded, _ = _archive_of(small, start)
+    spent = local_search(small, unbounded, rounds=10)
+    roomy, _ = _archive_of(small, start)
+    assert local_search(small, roomy, rounds=10, budget=spent, rng=np.random.default_rng(1)) == spent
+    assert np.array_equal(roomy.bits, unbounded.bits)  # a budget that is not reached changes nothing
+
+
+def test_boundary_traffic_counts_edges_across_the_placement(small):
+    rng = np.random.default_rng(2)
+    bits = rng.random((4, small.n_bits)) < 0.5
+    cloud = small.placements(bits)
+    cost = small.models.cost
+    expected = np.zeros((4, len(small.models.components)))
+    for s, d, rate in zip(cost.edge_source, cost.edge_destination,
+                          cost.edge_request_bytes_per_s + cost.edge_response_bytes_per_s):
+        crossing = cloud[:, s] != cloud[:, d]
+        expected[:, s] += rate * crossing
+        expected[:, d] += rate * crossing
+    assert np.allclose(small.boundary_traffic(bits), expected[:, small.free_index])
 
 
 def test_baselines_fit_the_capacity(small):
