@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--memory", type=_size, metavar="SIZE")
     serve.add_argument("--device", default="cpu", help="device of the replicas' clients (attention, KV cache, adapters)")
     serve.add_argument("--base-name", default="base", help="model name of the base model (default 'base')")
-    serve.add_argument("--max-rows", type=int, default=32)
+    serve.add_argument("--max-seqs", type=int, default=64, help="sequences running at once per replica, all adapters together (default 64)")
     serve.add_argument("--embeddings", choices=["client", "executor"], default="client")
     serve.add_argument("--token", help="access token for the executor")
     serve.add_argument("--api-key", help="require Authorization: Bearer API_KEY on /v1")
@@ -209,7 +209,7 @@ def run_serve_openai(args: argparse.Namespace) -> int:
         memory=args.memory,
         device=args.device,
         base_name=args.base_name,
-        max_rows=args.max_rows,
+        max_seqs=args.max_seqs,
         embeddings=args.embeddings,
         token=args.token,
         api_key=args.api_key,
