@@ -208,16 +208,9 @@ def grpc_echo(port_queue, use_aio: bool) -> None:
 
         asyncio.run(serve())
     else:
-        from concurrent import futures
+        from bench.transport import echo_server
 
-        def echo(requests, context):
-            yield from requests
-
-        handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.stream_stream_rpc_method_handler(echo)})
-        server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
-        port_queue.put(server.add_insecure_port("127.0.0.1:0"))
-        server.start()
-        server.wait_for_termination()
+        echo_server(port_queue)
 
 
 def grpc_client(port: int, iterations: int) -> list[float]:
