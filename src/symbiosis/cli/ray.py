@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SymbiosisError
+from .serve_openai import add_engine_arguments, engine_options
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 
@@ -97,7 +98,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--memory", type=_size, metavar="SIZE")
     serve.add_argument("--device", default="cpu", help="device of the replicas' clients (attention, KV cache, adapters)")
     serve.add_argument("--base-name", default="base", help="model name of the base model (default 'base')")
-    serve.add_argument("--max-seqs", type=int, default=64, help="sequences running at once per replica, all adapters together (default 64)")
     serve.add_argument("--embeddings", choices=["client", "executor"], default="client")
     serve.add_argument("--token", help="access token for the executor")
     serve.add_argument("--api-key", help="require Authorization: Bearer API_KEY on /v1")
@@ -106,6 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--http-port", type=int, default=8000, help="port of Serve's proxies, when this starts Serve (default 8000)")
     serve.add_argument("--route-prefix", default="/")
     serve.add_argument("--proxy-location", choices=["HeadOnly", "EveryNode", "Disabled"], help="where Serve runs proxies (Serve's default: EveryNode)")
+    add_engine_arguments(serve)
     serve.set_defaults(func=run, action=run_serve_openai)
 
 
@@ -209,7 +210,7 @@ def run_serve_openai(args: argparse.Namespace) -> int:
         memory=args.memory,
         device=args.device,
         base_name=args.base_name,
-        max_seqs=args.max_seqs,
+        engine_options=engine_options(args),
         embeddings=args.embeddings,
         token=args.token,
         api_key=args.api_key,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,11 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base-name", help="model name of the base model (default: the --model directory's name, or 'base')")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; default 8000)")
-    parser.add_argument("--max-seqs", "--max-rows", type=int, default=64, help="sequences (choices) running at once, all adapters together (default 64)")
-    parser.add_argument("--max-step-tokens", type=int, default=256, help="tokens computed per step: decode rows plus prompt chunks (default 256)")
-    parser.add_argument("--kv-cache-gib", type=float, help="KV cache memory budget in GiB (default: a full context per sequence, at most 1)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
-    parser.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once, least recently used evicted first (default 64)")
+    add_engine_arguments(parser)
     parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
     parser.add_argument(
@@ -48,6 +45,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--admin-token", help="require Authorization: Bearer ADMIN_TOKEN on /admin (open without it)")
     parser.add_argument("--ready-file", type=Path, help="write {url, port} as JSON here once serving")
     parser.set_defaults(func=run)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serving engine's options (``engine_options`` turns them into ``ModelRegistry`` keywords)."""
+    group = parser.add_argument_group("serving engine")
+    group.add_argument("--max-seqs", "--max-rows", type=int, default=64, help="sequences (choices) running at once, all adapters together (default 64)")
+    group.add_argument("--max-step-tokens", type=int, default=256, help="tokens computed per step: decode rows plus prompt chunks (default 256)")
+    group.add_argument("--kv-cache-gib", type=float, help="KV cache memory budget in GiB (default: a full context per sequence, at most 1)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    group.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once, least recently used evicted first (default 64)")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine keywords of ``ModelRegistry`` (and ``Engine``) from ``add_engine_arguments``' options."""
+    return dict(
+        max_seqs=args.max_seqs,
+        max_step_tokens=args.max_step_tokens,
+        kv_cache_bytes=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
+        block_size=args.block_size,
+        max_adapters=args.max_adapters,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,11 +85,7 @@ def run(args: argparse.Namespace) -> int:
         base_name=base_name,
         device=args.device,
         embeddings=args.embeddings,
-        max_seqs=args.max_seqs,
-        max_step_tokens=args.max_step_tokens,
-        kv_cache_bytes=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
-        block_size=args.block_size,
-        max_adapters=args.max_adapters,
+        **engine_options(args),
     )
     try:
         for index, (name, path) in enumerate(adapters):

@@ -31,6 +31,8 @@ PG_PREFIX = "symbiosis-pg:"
 PLACEMENT_TIMEOUT_S = 120.0
 #: Default seconds to wait for shard actors to load their weights and serve.
 START_TIMEOUT_S = 600.0
+#: Seconds Ray may take to destroy removed shard actors and placement groups.
+STOP_TIMEOUT_S = 60.0
 #: Weight files counted for the default memory of a shard (loading reads the whole checkpoint).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 #: ``symbiosis serve`` options that the deployment sets itself for each shard.
@@ -374,6 +376,21 @@ def _placement_groups(name: str, replicas: Iterable[int] | None) -> list[Any]:
     ]
 
 
+def _wait_gone(name: str, replicas: list[int] | None, actor_names: set[str], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Return once Ray has destroyed the named shard actors and removed the replicas' placement
+    groups (``ray.kill`` and group removal only start that), so their resources are free and no
+    listing shows them; ``DeployError`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors = actor_names & {entry["name"] for entry in _named_shard_actors()}
+        groups = _placement_groups(name, replicas)
+        if not actors and not groups:
+            return
+        if time.monotonic() >= deadline:
+            raise DeployError(f"{len(actors)} shard actors and {len(groups)} placement groups of {name} still exist {timeout_s:.0f} s after their removal")
+        time.sleep(0.05)
+
+
 def _clients_on(name: str, replicas: Sequence[int]) -> int:
     [current] = status(name)
     return sum(r["clients"] for shard in current["shards"] for r in shard["replicas"] if r["replica"] in replicas)
@@ -392,6 +409,7 @@ def _stop_replicas(name: str, replicas: Iterable[int] | None, *, grace_s: float)
         ray.kill(actor, no_restart=True)
     for group in _placement_groups(name, replicas):
         remove_placement_group(group)
+    _wait_gone(name, replicas, {shard_actor_name(name, shard, replica) for shard, replica in actors})
     try:
         handle = registry()
     except DeploymentNotFoundError:

@@ -12,6 +12,7 @@ would change one replica only, so this deployment refuses them (409) and says ho
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,21 @@ def _model_registry(options: dict[str, Any]) -> Any:
         executor,
         AutoTokenizer.from_pretrained(options["tokenizer"]),
         base_name=options["base_name"],
-        max_seqs=options["max_seqs"],
         device=options["device"],
         embeddings=options["embeddings"],
+        **options["engine"],
     )
+
+
+def _checked_engine_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` if ``Engine`` takes every one of them; ``ValueError`` naming those it does not."""
+    from ..serving.engine import Engine
+
+    accepted = {name for name, p in inspect.signature(Engine).parameters.items() if p.kind is p.KEYWORD_ONLY} - {"eos_ids", "base_name"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"unknown engine options {unknown}: the serving engine takes {sorted(accepted)}")
+    return dict(options)
 
 
 def _sync_adapters(registry: Any, wanted: Mapping[str, str]) -> None:
@@ -100,7 +112,7 @@ def serve_openai(
     num_gpus: float = 0.0,
     memory: int | None = None,
     base_name: str = "base",
-    max_seqs: int = 64,
+    engine_options: Mapping[str, Any] | None = None,
     device: str = "cpu",
     embeddings: str = "client",
     token: str | None = None,
@@ -114,7 +126,9 @@ def serve_openai(
 ) -> str:
     """Deploy (or update) Serve application ``app_name`` with ``replicas`` replicas of the
     OpenAI-compatible server over ``executor`` (a ``symbiosis+ray://NAME`` or ``symbiosis://``
-    address, or a list of addresses) and return its base URL (``.../v1``). ``http_host``,
+    address, or a list of addresses) and return its base URL (``.../v1``). ``engine_options``
+    configure each replica's serving engine as ``serve-openai``'s options do (``max_seqs``,
+    ``max_step_tokens``, ``kv_cache_bytes``, ``block_size``, ``max_adapters``). ``http_host``,
     ``http_port`` and ``proxy_location`` configure Serve's proxies when this starts Serve on the
     cluster (Serve keeps them while it runs). Deploying again with other ``adapters`` reloads
     only the adapters, on every replica."""
@@ -124,7 +138,7 @@ def serve_openai(
         executor=list(executor) if not isinstance(executor, str) else executor,
         tokenizer=str(Path(tokenizer).resolve()),
         base_name=base_name,
-        max_seqs=max_seqs,
+        engine=_checked_engine_options(engine_options or {}),
         device=device,
         embeddings=embeddings,
         token=token,
