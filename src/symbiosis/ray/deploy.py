@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import SymbiosisError
 from ..transport.ray_directory import NAMESPACE, REGISTRY_NAME, DeploymentNotFoundError, check_name, init_ray, registry
-from .registry import SHARD_PREFIX, shard_actor_name, start_registry
+from .registry import shard_actor_name, shard_actor_names, start_registry
 from .shard import ShardServer
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -194,7 +194,7 @@ def shutdown_all(*, grace_s: float = 10.0, address: str | None = None) -> list[s
     init_ray(address)
     import ray
 
-    names = {d["name"] for d in status()} | {entry["name"].split(":")[1] for entry in _named_shard_actors()}
+    names = {d["name"] for d in status()} | {actor.split(":")[1] for actor in shard_actor_names()}
     for name in sorted(names):
         shutdown(name, grace_s=grace_s)
     try:
@@ -341,23 +341,17 @@ def _cause(exc: Exception) -> str:
     return (errors or lines or [type(exc).__name__])[-1].strip()
 
 
-def _named_shard_actors() -> list[dict[str, str]]:
-    import ray
-
-    return [e for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == NAMESPACE and e["name"].startswith(SHARD_PREFIX)]
-
-
 def _shard_actors(name: str, replicas: Iterable[int] | None) -> dict[tuple[int, int], Any]:
     """Handles of the shard actors of ``name`` (only of ``replicas`` if given) by (shard, replica)."""
     import ray
 
     wanted = None if replicas is None else set(replicas)
     out = {}
-    for entry in _named_shard_actors():
-        _, deployment, shard, replica = entry["name"].split(":")
-        if deployment == name and (wanted is None or int(replica) in wanted):
+    for actor in shard_actor_names(name):
+        _, _, shard, replica = actor.split(":")
+        if wanted is None or int(replica) in wanted:
             try:
-                out[(int(shard), int(replica))] = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                out[(int(shard), int(replica))] = ray.get_actor(actor, namespace=NAMESPACE)
             except ValueError:  # gone meanwhile
                 continue
     return out
@@ -382,7 +376,7 @@ def _wait_gone(name: str, replicas: list[int] | None, actor_names: set[str], tim
     listing shows them; ``DeployError`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        actors = actor_names & {entry["name"] for entry in _named_shard_actors()}
+        actors = actor_names & set(shard_actor_names(name))
         groups = _placement_groups(name, replicas)
         if not actors and not groups:
             return

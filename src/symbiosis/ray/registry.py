@@ -129,6 +129,8 @@ class Registry:
         ready replica, or ``{"unknown": why}`` for a deployment that does not exist."""
         deployment = self._deployments.get(name)
         if deployment is None:
+            if shard_actor_names(name):
+                return {"unavailable": f"the registry restarted and the shards of {name} have not reported again yet"}
             deployed = ", ".join(sorted(self._deployments)) or "none"
             return {"unknown": f"no Symbiosis deployment named {name!r} on this Ray cluster (deployed: {deployed})"}
         now = time.monotonic()
@@ -182,23 +184,38 @@ class Registry:
         actor, that rebuilds what it knew."""
         import ray
 
-        if not ray.is_initialized():  # a Registry outside Ray (unit tests)
-            return
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith(SHARD_PREFIX):
-                try:
-                    ray.get_actor(entry["name"], namespace=NAMESPACE).announce.remote()
-                except ValueError:  # gone meanwhile
-                    continue
+        for name in shard_actor_names():
+            try:
+                ray.get_actor(name, namespace=NAMESPACE).announce.remote()
+            except ValueError:  # gone meanwhile
+                continue
+
+
+def shard_actor_names(deployment: str | None = None) -> list[str]:
+    """Names of the shard actors Ray knows (of ``deployment`` only, if given); none outside Ray."""
+    import ray
+
+    if not ray.is_initialized():  # a Registry outside Ray (unit tests)
+        return []
+    prefix = SHARD_PREFIX if deployment is None else f"{SHARD_PREFIX}{deployment}:"
+    return [e["name"] for e in ray.util.list_named_actors(all_namespaces=True) if e["namespace"] == NAMESPACE and e["name"].startswith(prefix)]
+
+
+#: The resource Ray gives the head node (one unit): the registry asks for a sliver of it.
+HEAD_RESOURCE = "node:__internal_head__"
 
 
 def start_registry() -> Any:
-    """The registry actor, started (detached, restarted by Ray whenever it dies) if it is not running."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """The registry actor, started (detached, restarted by Ray whenever it dies) if it is not running.
 
-    head = next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
-    strategy = NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
+    It runs on the head node, which a cluster cannot lose and keep running (the GCS lives there), so
+    losing a worker node never costs the registry its state. It asks for a sliver of the head's
+    marker resource rather than for node affinity: Ray honours a resource on every restart (a
+    replaced head has it too), while a soft affinity was measured to restart the actor on any node.
+    """
+    import ray
+
+    on_head = any(n["Alive"] and HEAD_RESOURCE in n["Resources"] for n in ray.nodes())
     return (
         ray.remote(Registry)
         .options(
@@ -209,7 +226,7 @@ def start_registry() -> Any:
             max_restarts=-1,
             max_task_retries=-1,
             num_cpus=0,
-            scheduling_strategy=strategy,
+            resources={HEAD_RESOURCE: 0.001} if on_head else None,
         )
         .remote()
     )

@@ -342,7 +342,7 @@ def sray_stats(address: str) -> dict:
         transport.close()
 
 
-def test_a_restarted_registry_recovers_every_deployment(deployed, model):
+def test_a_restarted_registry_recovers_every_deployment(cluster, deployed, model):
     """SIGKILL the registry actor: Ray restarts it, the shard actors report again, a client that was
     running keeps working and renewing, and new clients resolve the deployment as before."""
     before = sray.status(NAME)[0]
@@ -351,6 +351,8 @@ def test_a_restarted_registry_recovers_every_deployment(deployed, model):
     pid = ray.get(registry.pid.remote())
     sigkill(pid)
     eventually(lambda: ray.get(registry.pid.remote()) != pid, what="the registry to restart")
+    head = ray.get(registry.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+    assert head == cluster.head_node.node_id  # where no worker node's loss can take it
     eventually(lambda: sray.status() and all(r["state"] == "ready" for r in replicas().values()) and len(replicas()) == 2, what="shards to report")
     after = sray.status(NAME)[0]
     strip = lambda d: [[{k: r[k] for k in ("replica", "state", "address", "fingerprint", "pid")} for r in s["replicas"]] for s in d["shards"]]  # noqa: E731

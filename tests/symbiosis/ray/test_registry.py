@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("ray")
 
+from symbiosis.ray import registry as registry_module  # noqa: E402
 from symbiosis.ray.registry import Registry  # noqa: E402
 
 SPEC = {"name": "base", "uid": "u1", "layers": [(0, 2), (2, 4)]}
@@ -103,3 +104,14 @@ def test_a_restarted_registry_learns_deployments_from_their_actors():
     registry.delete("base")
     ready(registry, 0, 0)  # a late report from an actor of the deleted deployment
     assert registry.describe() == []
+
+
+def test_a_restarted_registry_holds_clients_off_until_the_shards_report(monkeypatch):
+    """While shard actors of a deployment exist that have not reported to a restarted registry yet,
+    a client is told to retry, not that the deployment does not exist."""
+    monkeypatch.setattr(registry_module, "shard_actor_names", lambda deployment=None: [f"symbiosis-shard:{deployment}:0:0"])
+    registry = Registry()
+    assert "have not reported again yet" in assign(registry, "a")["unavailable"]
+    for shard in (0, 1):
+        ready(registry, shard, 0)
+    assert replicas_of(assign(registry, "a")) == [0, 0]
