@@ -148,7 +148,7 @@ def run_vllm(python: Path, path: Path, ks: list[int], args, scratch: Path) -> li
                "--out", str(out), "--repeats", "1" if args.smoke else "2",
                # its KV cache gets what is left of this share after the weights and K LoRA slots (K = 64 needs ~0.3)
                "--memory-fraction", f"{min(0.5, 0.1 + 0.0032 * most):.3f}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.engine_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
     log = scratch / "vllm.log"
     with MemorySampler() as sampler:
         proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=scratch)
@@ -174,9 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=16, help="tokens per client (default 16)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM baseline")
     p.add_argument("--roofline-threads", type=int, default=os.cpu_count(), help="torch threads of the second roofline (default: every core)")
+    p.add_argument("--engine-threads", type=int, help="torch threads of the one-process systems: the engine, PEFT's mixed batch, vLLM "
+                                                      "(default: --threads; the K processes keep --threads each)")
     args = p.parse_args(argv)
     if args.smoke:
         args.k, args.new_tokens, args.roofline_threads = [2], 4, args.threads
+    args.engine_threads = args.engine_threads or args.threads
     path = common.model_dir(args)
     start = common.start(args)
     began = time.time()
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         for k in args.k:
             rows.append(measure("symbiosis", k, engine_job,
-                                [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)]))
+                                [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS, threads=args.engine_threads)]))
             if one_process_gib is None or k * one_process_gib <= args.budget_gib:
                 specs = [dict(base, system="peft", method=DECODE_METHODS[i % len(DECODE_METHODS)]) for i in range(k)]
                 rows.append(measure("peft processes", k, decode_job, specs))
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 skipped.append({"system": "peft processes", "k": k,
                                 "reason": f"needs ~{k * one_process_gib:.1f} GiB ({one_process_gib:.2f} GiB per process) > budget {args.budget_gib:g} GiB"})
-            rows.append(measure("peft mixed batch", k, mixed_batch_job, [dict(base, clients=k)]))
+            rows.append(measure("peft mixed batch", k, mixed_batch_job, [dict(base, clients=k, threads=args.engine_threads)]))
             for threads in dict.fromkeys((args.threads, args.roofline_threads)):
                 report = run_workers(roofline_job, [dict(base, clients=k, threads=threads)]).reports[0]
                 rows += [summarise(f"roofline: {name}, {threads} thread{'s' if threads > 1 else ''}", k, [report[name]], report["peak_rss_bytes"])
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     target_k = 16 if 16 in args.k else max(args.k)
     targets = targets_at(rows, target_k)
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start, "vllm": vllm_status,
-              "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads")},
+              "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads", "engine_threads", "roofline_threads")},
               "rows": rows, "skipped": skipped, "targets": targets,
               "elapsed_s": time.time() - began, "vllm_elapsed_s": vllm_seconds}
     md = common.table(["system", "K", "aggregate tokens/s", "TPOT p50 ms", "TPOT p99 ms", "peak RSS GiB"],
