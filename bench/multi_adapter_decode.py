@@ -12,10 +12,17 @@ batch 1); all start together. Systems, in the same run:
   ``adapter_names`` (PEFT's mixed-adapter inference; LoRA only).
 * ``vllm``: vLLM's CPU build (own venv, see ``bench.vllm_env``) with K LoRA adapters (LoRA only);
   one engine, configured for the largest K, runs every K (``bench/vllm_runner.py``).
+* ``roofline``: this machine's ceiling for one forward per step over K rows of the base model (no
+  adapters, no serving): ``gemms`` only the step's matrix products (one ``torch.mm`` per linear
+  weight, LM head included, weights streamed from memory as in decoding: nothing else of a
+  forward), and ``forward`` the monolithic transformers model at batch K with a static KV cache;
+  each with ``--threads`` and with every core (``--roofline-threads``). Whatever shares the base
+  one forward per step (the engine, vLLM) can at best reach ``gemms``.
 
 Reported: aggregate tokens/s (tokens generated / wall time from the common start to the last
 client's end), time per output token (decode steps, without the prefill) p50/p99, peak memory.
-Targets at K = 16: >= 5x the K-process baseline, >= PEFT's mixed batch, >= vLLM.
+Targets at K = 16: >= 5x the K-process baseline, >= PEFT's mixed batch, >= vLLM; the report also
+gives the rooflines over the K-process baseline (the most any shared-base system could reach).
 """
 
 from __future__ import annotations
@@ -33,9 +40,10 @@ import numpy as np
 
 from bench import common, vllm_env
 from bench.procs import REPO, MemorySampler, run_workers
-from bench.workers import DECODE_METHODS, decode_job, engine_job, mixed_batch_job
+from bench.workers import DECODE_METHODS, decode_job, engine_job, mixed_batch_job, synchronize
 
 GIB = 2**30
+ROOFLINES = ("gemms", "forward")
 TARGETS = {"vs_processes_min": 5.0, "vs_mixed_batch_min": 1.0, "vs_vllm_min": 1.0}
 
 
@@ -56,6 +64,49 @@ def summarise(system: str, k: int, reports: list[dict], peak_rss: float) -> dict
     return {"system": system, "k": k, "tokens": tokens, "wall_s": end - start, "aggregate_tokens_per_s": tokens / (end - start),
             "tpot_ms": common.percentiles(steps, 1e3), "ttft_ms": common.percentiles([q["steps_s"][0] for q in requests], 1e3),
             "peak_rss_sum_gib": peak_rss / GIB, **({"executor": reports[0]["executor"]} if "executor" in reports[0] else {})}
+
+
+def roofline_job(spec: dict, ready) -> dict:
+    """The ceilings of one base forward per step over ``spec["clients"]`` rows (see the module docstring),
+    one after the other: ``new_tokens`` steps each, every step timed; step 0 of ``forward`` is the prefill."""
+    import torch
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    dtype, device = getattr(torch, spec["dtype"]), spec["device"]
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device).eval()
+    rows, steps = spec["clients"], spec["new_tokens"]
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=device) for w in weights}
+    products = [(inputs[w.shape[1]], w.t()) for w in weights]
+    prompts = torch.randint(3, model.config.vocab_size, (rows, spec["prompt_len"]), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def gemms(step: int, state: dict) -> None:
+        for x, w in products:
+            torch.mm(x, w)
+
+    def forward(step: int, state: dict) -> None:
+        if step == 0:  # prefill
+            state["cache"] = StaticCache(config=model.config, max_cache_len=spec["prompt_len"] + steps)
+            ids, position = prompts, torch.arange(prompts.shape[1], device=device)
+        else:
+            ids, position = state["token"], state["position"][-1:] + 1
+        logits = model(input_ids=ids, past_key_values=state["cache"], cache_position=position, use_cache=True, logits_to_keep=1).logits
+        state["token"], state["position"] = logits[:, -1].argmax(-1, keepdim=True), position
+
+    def run(step_fn, count: int) -> dict:
+        times, state, start = [], {}, time.time()
+        with torch.no_grad():
+            for i in range(count):
+                begin = time.perf_counter()
+                step_fn(i, state)
+                synchronize(device)
+                times.append(time.perf_counter() - begin)
+        return {"start": start, "end": time.time(), "requests": [{"start": start, "steps_s": times, "tokens": rows * count}]}
+
+    for fn in (gemms, forward):  # warm-up
+        run(fn, 2)
+    ready()
+    return {"gemms": run(gemms, steps), "forward": run(forward, steps)}
 
 
 def save_lora_adapters(path: Path, k: int, scratch: Path) -> list[str]:
@@ -97,7 +148,7 @@ def run_vllm(python: Path, path: Path, ks: list[int], args, scratch: Path) -> li
                "--out", str(out), "--repeats", "1" if args.smoke else "2",
                # its KV cache gets what is left of this share after the weights and K LoRA slots (K = 64 needs ~0.3)
                "--memory-fraction", f"{min(0.5, 0.1 + 0.0032 * most):.3f}"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.engine_threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind", "PYTHONPATH": ""}
     log = scratch / "vllm.log"
     with MemorySampler() as sampler:
         proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=scratch)
@@ -122,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16, help="tokens per client (default 16)")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM baseline")
+    p.add_argument("--roofline-threads", type=int, default=os.cpu_count(), help="torch threads of the second roofline (default: every core)")
+    p.add_argument("--engine-threads", type=int, help="torch threads of the one-process systems: the engine, PEFT's mixed batch, vLLM "
+                                                      "(default: --threads; the K processes keep --threads each)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.k, args.new_tokens = [2], 4
+        args.k, args.new_tokens, args.roofline_threads = [2], 4, args.threads
+    args.engine_threads = args.engine_threads or args.threads
     path = common.model_dir(args)
     start = common.start(args)
     began = time.time()
@@ -136,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         for k in args.k:
             rows.append(measure("symbiosis", k, engine_job,
-                                [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS)]))
+                                [dict(base, system="symbiosis", embeddings="executor", clients=k, methods=DECODE_METHODS, threads=args.engine_threads)]))
             if one_process_gib is None or k * one_process_gib <= args.budget_gib:
                 specs = [dict(base, system="peft", method=DECODE_METHODS[i % len(DECODE_METHODS)]) for i in range(k)]
                 rows.append(measure("peft processes", k, decode_job, specs))
@@ -144,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 skipped.append({"system": "peft processes", "k": k,
                                 "reason": f"needs ~{k * one_process_gib:.1f} GiB ({one_process_gib:.2f} GiB per process) > budget {args.budget_gib:g} GiB"})
-            rows.append(measure("peft mixed batch", k, mixed_batch_job, [dict(base, clients=k)]))
+            rows.append(measure("peft mixed batch", k, mixed_batch_job, [dict(base, clients=k, threads=args.engine_threads)]))
+            for threads in dict.fromkeys((args.threads, args.roofline_threads)):
+                report = run_workers(roofline_job, [dict(base, clients=k, threads=threads)]).reports[0]
+                rows += [summarise(f"roofline: {name}, {threads} thread{'s' if threads > 1 else ''}", k, [report[name]], report["peak_rss_bytes"])
+                         for name in ROOFLINES]
         if vllm_python is not None:
             clock = time.time()
             try:
@@ -158,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     target_k = 16 if 16 in args.k else max(args.k)
     targets = targets_at(rows, target_k)
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start, "vllm": vllm_status,
-              "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads")},
+              "config": {k: getattr(args, k) for k in ("k", "budget_gib", "prompt_len", "new_tokens", "threads", "engine_threads", "roofline_threads")},
               "rows": rows, "skipped": skipped, "targets": targets,
               "elapsed_s": time.time() - began, "vllm_elapsed_s": vllm_seconds}
     md = common.table(["system", "K", "aggregate tokens/s", "TPOT p50 ms", "TPOT p99 ms", "peak RSS GiB"],
@@ -181,10 +240,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def verdicts(title: str, targets: dict) -> str:
-    """One Markdown line: each comparison's ratio, its target and whether it is met."""
-    return f"{title}: " + "; ".join(f"{name} {v['ratio']:.2f}x (target {v['target']}x, {'met' if v['met'] else 'missed'})"
+    """One Markdown line: each comparison's ratio, its target and whether it is met; then the rooflines' ratios."""
+    line = f"{title}: " + "; ".join(f"{name} {v['ratio']:.2f}x (target {v['target']}x, {'met' if v['met'] else 'missed'})"
                                     if v["ratio"] is not None else f"{name}: baseline not run"
                                     for name, v in targets["comparisons"].items()) + "\n"
+    ceilings = {name: ratio for name, ratio in targets.get("rooflines_vs_peft_processes", {}).items() if ratio is not None}
+    if ceilings:
+        line += "\nCeilings over the K-process baseline: " + "; ".join(f"{name} {ratio:.2f}x" for name, ratio in ceilings.items()) + "\n"
+    return line
 
 
 def metric_of(row: dict, metric: str) -> float:
@@ -205,7 +268,10 @@ def targets_at(rows: list[dict], k: int, ours_system: str = "symbiosis") -> dict
         other = best(system)
         ratio = ours["aggregate_tokens_per_s"] / other["aggregate_tokens_per_s"] if ours and other else None
         comparisons[name] = {"target": target, "ratio": ratio, "baseline_k": other and other["k"], "met": ratio is not None and ratio >= target}
-    return {"k": k, "system": ours_system, "comparisons": comparisons}
+    processes = best("peft processes")
+    ceilings = {r["system"]: r["aggregate_tokens_per_s"] / processes["aggregate_tokens_per_s"] if processes else None
+                for r in rows if r["system"].startswith("roofline") and r["k"] == k}
+    return {"k": k, "system": ours_system, "comparisons": comparisons, "rooflines_vs_peft_processes": ceilings}
 
 
 if __name__ == "__main__":
