@@ -11,7 +11,9 @@ the rounds' samples pooled. Writes ``transport.json``, ``transport.md`` and ``tr
 ``--out``. The GEMM itself is part of every path; ``overhead`` subtracts the in-process p50. For
 reference, ``grpc-echo`` is the bare gRPC stack on the same machine at the same moment: a stream
 whose server (another process) echoes the bytes back, with no tensors, no protobuf messages and no
-executor (``bench.wakeup`` measures the bare wake-up mechanisms).
+executor; ``socket-echo`` is the floor of the shared-memory path: a 96-byte message (an op call's
+size) back and forth over a Unix ``SOCK_SEQPACKET`` socket to another Python process that echoes
+it — the two wake-ups every call costs, nothing else (``bench.wakeup`` compares wake-up mechanisms).
 
     python -m bench.transport [--iterations 2000] [--rounds 5] [--threads 1] [--out bench/results/transport]
 """
@@ -21,6 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +81,24 @@ def echo_client(port: int):
     return run
 
 
+ECHO = "import socket, sys\nsock = socket.socket(fileno=int(sys.argv[1]))\nwhile message := sock.recv(65536):\n    sock.send(message)\n"
+
+
+def socket_echo():
+    """A call that sends a 96-byte message over a ``SOCK_SEQPACKET`` socket to an echoing process
+    and waits for it to come back; and that process."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    message = b"m" * 96
+
+    def run(request: OpRequest) -> bytes:
+        ours.send(message)
+        return ours.recv(65536)
+
+    return run, echo
+
+
 def measure(run, rows: int, iterations: int, device: str, warm_up: bool = True) -> list[float]:
     x = torch.randn(rows, 64, device=device)
     request = OpRequest(OP, Direction.FORWARD, x)
@@ -117,7 +140,9 @@ def main() -> int:
     ports = ctx.Queue()
     echo = ctx.Process(target=echo_server, args=(ports,), daemon=True)
     echo.start()
+    socket_run, socket_process = socket_echo()
     paths = {
+        "socket-echo": socket_run,
         "grpc-echo": echo_client(ports.get(timeout=60)),
         "in-process": executor.run,
         "shm": RemoteTransport(address, shared_memory=True).run,
@@ -130,19 +155,21 @@ def main() -> int:
         samples: dict[str, list[float]] = {path: [] for path in paths}
         for round_ in range(args.rounds):
             for path, run in paths.items():
-                device = "cpu" if path == "grpc-echo" else client_device
+                device = "cpu" if path.endswith("-echo") else client_device
                 samples[path] += measure(run, n, max(1, iterations // args.rounds), device, warm_up=round_ == 0)
         for path in paths:
             nbytes = n * 64 * 4
             rows.append({"path": path, "payload": payload, "bytes_each_way": nbytes, **percentiles_us(samples[path])})
     server.stop()
     echo.terminate()
+    socket_process.terminate()
     base = {r["payload"]: r["p50"] for r in rows if r["path"] == "in-process"}
     for r in rows:
-        r["overhead_p50_us"] = r["p50"] - (0.0 if r["path"] == "grpc-echo" else base[r["payload"]])  # echo runs no GEMM
-        r["gbps_each_way_p50"] = r["bytes_each_way"] / (r["p50"] * 1e-6) / 1e9
+        r["overhead_p50_us"] = r["p50"] - (0.0 if r["path"].endswith("-echo") else base[r["payload"]])  # echoes run no GEMM
+        carries = r["path"] != "socket-echo"  # which sends 96 bytes whatever the payload
+        r["gbps_each_way_p50"] = r["bytes_each_way"] / (r["p50"] * 1e-6) / 1e9 if carries else None
         # bytes moved both ways per second of time spent beyond the in-process call (the transfer's own cost)
-        r["transfer_gbps"] = 2 * r["bytes_each_way"] / (r["overhead_p50_us"] * 1e-6) / 1e9 if r["overhead_p50_us"] > 0 else None
+        r["transfer_gbps"] = 2 * r["bytes_each_way"] / (r["overhead_p50_us"] * 1e-6) / 1e9 if carries and r["overhead_p50_us"] > 0 else None
         r["target_p50_us"] = TARGETS_US.get((r["path"], r["payload"]))
         if r["path"] == "shm" and r["payload"] == "1 MiB":
             r["target_gbps"] = TARGET_SHM_GBPS
@@ -154,8 +181,8 @@ def main() -> int:
     for r in rows:
         target = f"p50 ≤ {r['target_p50_us']:.0f} µs" if r["target_p50_us"] else (f"≥ {r['target_gbps']} GB/s" if r.get("target_gbps") else "")
         lines.append(
-            f"| {r['path']} | {r['payload']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['overhead_p50_us']:.0f} | {r['gbps_each_way_p50']:.2f} | "
-            f"{'' if r['transfer_gbps'] is None else format(r['transfer_gbps'], '.2f')} | {target} |"
+            f"| {r['path']} | {r['payload']} | {r['p50']:.0f} | {r['p99']:.0f} | {r['overhead_p50_us']:.0f} | {_number(r['gbps_each_way_p50'])} | "
+            f"{_number(r['transfer_gbps'])} | {target} |"
         )
     (args.out / "transport.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -170,6 +197,10 @@ def main() -> int:
     fig.savefig(args.out / "transport.png", dpi=120)
     print("\n".join(lines))
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -332,56 +332,64 @@ class BaseExecutor:
         their own rows in their dtype and on their device. Runs without autograd, whatever the
         calling thread's grad mode (a combiner computes other clients' requests too).
         """
+        if torch.is_grad_enabled() and any(r.x.requires_grad for r in requests):
+            with torch.no_grad():
+                return self._compute(op_name, direction, requests, outs)
+        return self._compute(op_name, direction, requests, outs)  # nothing to record: no mode switch
+
+    def _compute(
+        self, op_name: str, direction: Direction, requests: Sequence[OpRequest], outs: Sequence[torch.Tensor | None]
+    ) -> list[torch.Tensor]:
+        """``_run_batch``'s work, on inputs autograd does not track."""
         op = self._ops[op_name]
         linear = op.info.kind is OpKind.LINEAR
         first = requests[0]
         # every request of a batch asks for the same product (the scheduler's batch key)
         compute = (first.compute_dtype or self.dtype) if linear else None
+        check = self.reject_non_finite and linear and direction is Direction.FORWARD
+        if len(requests) == 1:
+            x = _moved(first.x, self.device, compute)
+            total = x.sum(dtype=torch.float32) if check else None  # read after the GEMM: one device sync
+            out = outs[0]
+            direct = out is not None and _writable_by(out, self.device, compute or op.weight.dtype)
+            y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype, out=out if direct else None)
+            if total is not None:
+                self._check_finite(total, requests, op_name)
+            if out is None:
+                return [_deliver(y, first)]
+            if not direct:
+                out.copy_(y, non_blocking=True)
+            self._finish_copies(outs)
+            return [out]
         staging = self._staging.pop() if self._staging else _Staging(self.device)
         try:
-            with torch.no_grad():
-                x = self._gather(requests, compute, staging)
-                check = self.reject_non_finite and linear and direction is Direction.FORWARD
-                total = x.sum(dtype=torch.float32) if check else None  # read after the GEMM: one device sync
-                if len(requests) == 1:
-                    out = outs[0]
-                    direct = out is not None and _writable_by(out, self.device, compute or op.weight.dtype)
-                    y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype, out=out if direct else None)
-                    if total is not None:
-                        self._check_finite(total, requests, op_name)
-                    if out is None:
-                        return [_deliver(y, first)]
-                    if not direct:
-                        out.copy_(y, non_blocking=True)
-                    self._finish_copies(outs)
-                    return [out]
-                if all(out is not None for out in outs):  # every output is copied out: compute into reused memory
-                    width = op.info.output_width(direction, first.features)
-                    y = op.apply(
-                        direction, x, features=first.features, weight_dtype=first.weight_dtype,
-                        out=staging.output(x.shape[0], width, compute or op.weight.dtype),
-                    )
+            x = self._gather(requests, compute, staging)
+            total = x.sum(dtype=torch.float32) if check else None
+            if all(out is not None for out in outs):  # every output is copied out: compute into reused memory
+                width = op.info.output_width(direction, first.features)
+                y = op.apply(
+                    direction, x, features=first.features, weight_dtype=first.weight_dtype,
+                    out=staging.output(x.shape[0], width, compute or op.weight.dtype),
+                )
+            else:
+                y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype)
+            if total is not None:
+                self._check_finite(total, requests, op_name)
+            outputs, start = [], 0
+            for request, out in zip(requests, outs, strict=True):
+                rows = request.rows
+                if out is None:
+                    outputs.append(_deliver(_own_rows(y, start, rows), request))
                 else:
-                    y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype)
-                if total is not None:
-                    self._check_finite(total, requests, op_name)
-                outputs, start = [], 0
-                for request, out in zip(requests, outs, strict=True):
-                    rows = request.rows
-                    if out is None:
-                        outputs.append(_deliver(_own_rows(y, start, rows), request))
-                    else:
-                        outputs.append(out.copy_(y[start : start + rows], non_blocking=True))
-                    start += rows
-                self._finish_copies(outs)
-                return outputs
+                    outputs.append(out.copy_(y[start : start + rows], non_blocking=True))
+                start += rows
+            self._finish_copies(outs)
+            return outputs
         finally:
             self._staging.append(staging)
 
     def _gather(self, requests: Sequence[OpRequest], compute: torch.dtype | None, staging: _Staging) -> torch.Tensor:
-        """The batch's input rows, on the executor's device and (linear ops) in the compute dtype."""
-        if len(requests) == 1:
-            return _moved(requests[0].x, self.device, compute)
+        """The rows of a batch of several requests, on the executor's device and (linear ops) in the compute dtype."""
         xs = [r.x for r in requests]
         dtype = compute or xs[0].dtype
         rows = sum(x.shape[0] for x in xs)

@@ -162,12 +162,17 @@ class BatchScheduler:
 
     def _combine(self, lane: int, own: _Pending) -> None:
         """Compute the lane's batches until ``own`` is done and a waiting caller can take over, or
-        nothing is queued. Called with the lock held and the lane idle."""
+        nothing is queued. Called with the lock held and the lane idle.
+
+        Waiters are woken only when one exists: a caller in ``run`` whose request was in the batch
+        or who could take over (a lone channel thread that computes its own requests wakes no one).
+        """
         self._busy[lane] = True
         try:
             while self._queues[lane] and not (own.done and self._waiting[lane]):
                 key, batch = self._take_batch(lane)
-                self._waiting[lane] -= sum(p.on_done is None for p in batch)
+                callers = sum(p.on_done is None for p in batch) if len(batch) > 1 else batch[0].on_done is None
+                self._waiting[lane] -= callers
                 self._cond.release()
                 try:
                     self._execute(key, batch)
@@ -177,10 +182,13 @@ class BatchScheduler:
                     now = time.perf_counter()
                     for pending in batch:
                         self._last_seen[lane][pending.request.client_id] = now
-                self._cond.notify_all()  # callers whose requests are done, or who may take over
+                    self._cond.notify_all()  # a filling batch re-checks who is on the way
+                elif callers or self._waiting[lane]:
+                    self._cond.notify_all()  # callers whose requests are done, or who may take over
         finally:
             self._busy[lane] = False
-            self._cond.notify_all()
+            if self._waiting[lane] or self._max_wait_s > 0:
+                self._cond.notify_all()
 
     def _take_batch(self, lane: int) -> tuple[_Key, list[_Pending]]:
         """Pop the most urgent of a lane's queues (up to ``max_rows``). Called with the lock held."""

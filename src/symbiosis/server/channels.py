@@ -24,7 +24,7 @@ import torch
 from ..errors import BadRequestError, ExecutorUnavailableError, LimitExceededError
 from ..transport import symbiosis_pb2 as pb
 from ..transport.frames import FrameError
-from ..transport.wire import RegionReader, status_code_of
+from ..transport.wire import RegionReader, describe_region, status_code_of
 from .handler import RequestHandler
 from .tenancy import TenantState
 
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Longest error message sent back.
 MAX_ERROR_CHARS = 1024
+#: Serialized output descriptions a channel keeps (see ``Channel._described``).
+MAX_DESCRIPTIONS = 256
 
 
 class Channel(threading.Thread):
@@ -47,6 +49,7 @@ class Channel(threading.Thread):
         self.idle_since = time.monotonic()
         self._answered = threading.Lock()  # held while a call is in flight
         self._call_id = 0
+        self._descriptions: dict[tuple, bytes] = {}
 
     # ------------------------------------------------------------------------ for subclasses
     def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
@@ -61,8 +64,13 @@ class Channel(threading.Thread):
         """Where the current call's output is written (``LimitExceededError`` if it cannot be)."""
         raise NotImplementedError
 
-    def send(self, result: pb.OpResult, y: torch.Tensor | None) -> None:
-        """Send ``result`` for the current call (``y``: its output, written by ``output``'s tensor)."""
+    def send(self, result: bytes, y: torch.Tensor | None) -> None:
+        """Send the serialized ``OpResult`` of the current call (``y``: its output, written into
+        ``output``'s tensor; None for an error)."""
+        raise NotImplementedError
+
+    def region(self, y: torch.Tensor) -> tuple[int, bool]:
+        """Where the output ``y`` lies: its offset in the channel's memory, and whether on the device."""
         raise NotImplementedError
 
     def hang_up(self) -> None:
@@ -95,14 +103,15 @@ class Channel(threading.Thread):
 
     def complete(self, y: torch.Tensor | None, error: BaseException | None) -> None:
         """Answer the current call (called once per call, by whichever thread computed it)."""
-        result = pb.OpResult(call_id=self._call_id)
-        if error is None:
-            self.describe(y, result.y)
-        else:
-            result.error.code = status_code_of(error).name
-            result.error.message = str(error)[:MAX_ERROR_CHARS]
-            y = None
         try:
+            if error is None:
+                # two serialized messages concatenated parse as their merge: the call id, then the output
+                result = pb.OpResult(call_id=self._call_id).SerializeToString() + self._described(y)
+            else:
+                message = pb.OpResult(call_id=self._call_id)
+                message.error.code = status_code_of(error).name
+                message.error.message = str(error)[:MAX_ERROR_CHARS]
+                result, y = message.SerializeToString(), None
             self.send(result, y)
         except OSError as exc:  # the client is gone; its channel ends when its thread reads again
             log.debug("answer on channel %s dropped: %s", self.name, exc)
@@ -110,9 +119,19 @@ class Channel(threading.Thread):
             self.idle_since = time.monotonic()
             self._answered.release()
 
-    def describe(self, y: torch.Tensor, msg: pb.Tensor) -> None:
-        """Fill ``msg`` with the output ``y`` (a region of the channel's memory)."""
-        raise NotImplementedError
+    def _described(self, y: torch.Tensor) -> bytes:
+        """A serialized ``OpResult`` holding only the output ``y`` (a region of the channel's memory),
+        kept per shape and dtype: the calls of a channel have few distinct output shapes."""
+        offset, device = self.region(y)
+        key = (y.shape, y.dtype, offset, device)
+        message = self._descriptions.get(key)
+        if message is None:
+            result = pb.OpResult()
+            describe_region(y, offset, result.y, device=device)
+            if len(self._descriptions) >= MAX_DESCRIPTIONS:
+                self._descriptions.clear()
+            message = self._descriptions[key] = result.SerializeToString()
+        return message
 
 
 class ChannelHost:

@@ -29,7 +29,7 @@ from ..transport import symbiosis_pb2 as pb
 from ..transport.frames import PREFIX, receive_into, receive_prefix, send_frame, tensor_view
 from ..transport.keepalive import DEFAULT_KEEPALIVE_S, enable_tcp_keepalive
 from ..transport.shm import Area
-from ..transport.wire import RegionReader, describe_region, status_code_of
+from ..transport.wire import RegionReader, status_code_of
 from .channels import MAX_ERROR_CHARS, Channel, ChannelHost
 from .handler import RequestHandler
 from .tenancy import TenantRegistry, TenantState
@@ -228,11 +228,11 @@ class _DataChannel(Channel):
             self._responses = Area(torch.empty(_rounded(nbytes), dtype=torch.uint8))
         return self._responses.tensor(0, shape, dtype)
 
-    def describe(self, y: torch.Tensor, msg: pb.Tensor) -> None:
-        describe_region(y, 0, msg)
+    def region(self, y: torch.Tensor) -> tuple[int, bool]:
+        return 0, False
 
-    def send(self, result: pb.OpResult, y: torch.Tensor | None) -> None:
-        send_frame(self._sock, result.SerializeToString(), y)
+    def send(self, result: bytes, y: torch.Tensor | None) -> None:
+        send_frame(self._sock, result, y)
 
     def hang_up(self) -> None:
         with self._lock:

@@ -47,7 +47,7 @@ from ..transport.shm import (
     refuse,
     unmap,
 )
-from ..transport.wire import RegionReader, describe_region
+from ..transport.wire import RegionReader
 from .channels import Channel, ChannelHost
 from .handler import RequestHandler
 from .tenancy import TenantState
@@ -224,14 +224,14 @@ class _ShmChannel(Channel):
             return self._device_responses.tensor(0, shape, dtype)
         return self._responses.tensor(self.layout.response_data, shape, dtype)
 
-    def describe(self, y: torch.Tensor, msg: pb.Tensor) -> None:
-        on_device = self._call_on_device
-        if on_device:
+    def region(self, y: torch.Tensor) -> tuple[int, bool]:
+        if self._call_on_device:
             self._device_buffers.mark_response()
-        describe_region(y, 0 if on_device else self.layout.response_data, msg, device=on_device)
+            return 0, True
+        return self.layout.response_data, False
 
-    def send(self, result: pb.OpResult, y: torch.Tensor | None) -> None:
-        self._conn.send(result.SerializeToString())
+    def send(self, result: bytes, y: torch.Tensor | None) -> None:
+        self._conn.send(result)
 
     def hang_up(self) -> None:
         with self._lock:

@@ -34,6 +34,8 @@ from .keepalive import enable_tcp_keepalive
 from .shm import MAX_MESSAGE_BYTES, Area, ShmLayout, map_tensor, open_channel, receive, set_receive_timeout, unmap
 from .wire import WIRE_DTYPES, decode_tensor, describe_region, encode_call, encode_tensor, exception_for
 
+#: Serialized call descriptions a channel lane keeps (see ``_SocketLane._header``).
+MAX_DESCRIPTIONS = 256
 #: Status codes that mean "the server is not there right now" (or ended the session): the call is retried.
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -98,8 +100,27 @@ class _SocketLane:
         self._sock = sock
         self._patience_s = patience_s
         self._alive = alive
-        self._msg = pb.OpCall()  # reused for every call
+        self._msg = pb.OpCall()
+        self._descriptions: dict[tuple, bytes] = {}
         weakref.finalize(self, sock.close)
+
+    def _header(self, request: OpRequest, call_id: int, x: torch.Tensor, offset: int, device: bool = False) -> bytes:
+        """The serialized ``OpCall`` of ``request``, its rows ``x`` at ``offset`` of the channel's
+        request memory (``device``: of its CUDA request buffer). All but the call id is kept per
+        distinct call (a thread makes the same few calls, one per op and shape, again and again)
+        and the call id prepended: two serialized messages concatenated parse as their merge."""
+        key = (
+            request.op, request.direction, request.priority, request.out_dtype, request.client_id,
+            request.compute_dtype, request.weight_dtype, request.features, x.shape, x.dtype, offset, device,
+        )
+        header = self._descriptions.get(key)
+        if header is None:
+            msg = encode_call(request, 0, self._msg)
+            describe_region(x, offset, msg.x, device=device)
+            if len(self._descriptions) >= MAX_DESCRIPTIONS:
+                self._descriptions.clear()
+            header = self._descriptions[key] = msg.SerializeToString()
+        return pb.OpCall(call_id=call_id).SerializeToString() + header
 
     def _impatient(self) -> None:
         """A receive timed out: go on waiting while the server is alive, else ``Transient``."""
@@ -165,9 +186,7 @@ class ShmLane(_SocketLane):
             self.cuda.send(x)
         else:
             self._requests.tensor(self.layout.request_data, tuple(x.shape), x.dtype).copy_(x)
-        msg = encode_call(request, call_id, self._msg)
-        describe_region(x, 0 if on_device else self.layout.request_data, msg.x, device=on_device)
-        header = msg.SerializeToString()
+        header = self._header(request, call_id, x, 0 if on_device else self.layout.request_data, on_device)
         self._send(lambda: self._sock.send(header))
         while True:
             try:
@@ -182,7 +201,8 @@ class ShmLane(_SocketLane):
         y = _checked(pb.OpResult.FromString(answer), call_id)
         if y.region.device:
             return self.cuda.receive(y.region.offset, tuple(y.shape), _dtype(y), x.device)
-        return decode_tensor(y, regions=self._response_region, copy=True).to(x.device)
+        out = decode_tensor(y, regions=self._response_region, copy=True)
+        return out if out.device == x.device else out.to(x.device)
 
     def _response_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
         if device:
@@ -243,9 +263,7 @@ class DataLane(_SocketLane):
         nbytes = x.numel() * x.element_size()
         if nbytes > self.max_payload:
             raise LimitExceededError(f"a tensor of {nbytes} bytes exceeds the limit of {self.max_payload} bytes per message")
-        msg = encode_call(request, call_id, self._msg)
-        describe_region(x, 0, msg.x)
-        header = msg.SerializeToString()
+        header = self._header(request, call_id, x, 0)
         self._send(lambda: send_frame(self._sock, header, x))
         if not self._fill(memoryview(self._prefix), at_start=True):
             raise Transient("the server closed the data channel")

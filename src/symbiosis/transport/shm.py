@@ -54,6 +54,7 @@ MAX_MESSAGE_BYTES = 64 << 10
 #: The byte before a serialized ``ChannelGrant`` (a message needs one byte even if the grant is empty).
 _GRANT = b"\x01"
 _PEERCRED = struct.Struct("3i")
+_TRUNCATED = int(socket.MSG_TRUNC)  # a plain int: testing an IntFlag costs an enum construction per message
 _TIMEVAL = struct.Struct("ll")
 
 
@@ -80,17 +81,38 @@ class ShmLayout:
 class Area:
     """Bytes ``[start, start + size)`` of ``memory`` (a 1-D uint8 tensor whose length is a multiple
     of 8), from which tensors of any dtype are cut in one operation (``as_strided`` on a view of the
-    whole memory in that dtype: a channel's hot path creates a tensor per call)."""
+    whole memory in that dtype). A channel cuts the same few tensors call after call (one op's rows,
+    one output shape), so the views handed out are kept (at most ``MAX_VIEWS``) and a repeated
+    request returns the same tensor object: callers must not resize or re-stride it."""
+
+    #: Views kept per area (beyond this many distinct regions the cache starts afresh).
+    MAX_VIEWS = 256
 
     def __init__(self, memory: torch.Tensor, start: int = 0, size: int | None = None) -> None:
         self.memory = memory
         self.start = start
+        self._views: dict[tuple[int, tuple[int, ...], torch.dtype], torch.Tensor] = {}
         self.size = memory.numel() - start if size is None else size
         self._typed: dict[torch.dtype, torch.Tensor] = {}
+
+    @property
+    def size(self) -> int:
+        """Bytes of the area (tensors must lie inside it); shrinking it forgets the views kept."""
+        return self._size
+
+    @size.setter
+    def size(self, size: int) -> None:
+        if self._views and size < self._size:
+            self._views.clear()
+        self._size = size
 
     def tensor(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The ``shape`` tensor of ``dtype`` whose bytes start at ``offset`` of the memory; it must lie
         inside the area and ``offset`` be a multiple of the dtype's size (``BadRequestError``)."""
+        key = (offset, shape, dtype)
+        view = self._views.get(key)
+        if view is not None:
+            return view
         itemsize = dtype.itemsize
         nbytes = math.prod(shape) * itemsize
         if not (self.start <= offset and offset + nbytes <= self.start + self.size) or offset % itemsize:
@@ -98,7 +120,10 @@ class Area:
         typed = self._typed.get(dtype)
         if typed is None:
             typed = self._typed[dtype] = self.memory.view(dtype)
-        return typed.as_strided(shape, contiguous_strides(shape), offset // itemsize)
+        if len(self._views) >= self.MAX_VIEWS:
+            self._views.clear()
+        view = self._views[key] = typed.as_strided(shape, contiguous_strides(shape), offset // itemsize)
+        return view
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -128,7 +153,7 @@ def receive(sock: socket.socket, buffer: bytearray) -> memoryview | None:
     Raises ``BadRequestError`` for a message longer than ``buffer`` (it is discarded whole).
     """
     nbytes, _ancillary, flags, _address = sock.recvmsg_into([buffer])
-    if flags & socket.MSG_TRUNC:
+    if flags & _TRUNCATED:
         raise BadRequestError(f"a message on the channel exceeds {len(buffer)} bytes")
     if nbytes == 0:
         return None

@@ -38,6 +38,8 @@ MAX_RANK = 8
 MAX_ELEMENTS = 1 << 40
 #: Largest priority a request may carry (priorities scale the scheduler's aging deadline).
 MAX_PRIORITY = 1000
+#: Directions by their wire value.
+_DIRECTIONS = {int(d): d for d in Direction}
 
 #: Resolves a region of a channel's memory (see ``ShmRegion``) — ``(offset, shape, dtype, device)``
 #: — to a tensor viewing it; raises BadRequestError for a region outside the channel.
@@ -70,10 +72,16 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
     if dtype is None:
         raise BadRequestError(f"unknown tensor dtype {msg.dtype[:40]!r}: use one of {', '.join(WIRE_DTYPES)}")
     shape = tuple(msg.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape) or math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+    elements = math.prod(shape)
+    if (
+        len(shape) > MAX_RANK
+        or (shape and min(shape) < 0)
+        or elements > MAX_ELEMENTS
+        or (not elements and math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS)
+    ):
         raise BadRequestError(f"invalid tensor shape {shape[:MAX_RANK + 1]}")
     itemsize = dtype.itemsize
-    nbytes = math.prod(shape) * itemsize
+    nbytes = elements * itemsize
     kind = msg.WhichOneof("payload")
     if kind == "region":
         region = msg.region
@@ -81,9 +89,10 @@ def decode_tensor(msg: pb.Tensor, *, regions: RegionReader | None = None, copy: 
             raise BadRequestError("a shared-memory region was sent outside a shared-memory channel")
         if region.nbytes != nbytes:
             raise BadRequestError(f"region holds {region.nbytes} bytes, dtype and shape need {nbytes}")
-        if region.offset % itemsize:
-            raise BadRequestError(f"region offset {region.offset} is not a multiple of {itemsize} ({msg.dtype})")
-        t = regions(region.offset, shape, dtype, region.device)
+        offset = region.offset
+        if offset % itemsize:
+            raise BadRequestError(f"region offset {offset} is not a multiple of {itemsize} ({msg.dtype})")
+        t = regions(offset, shape, dtype, region.device)
         # Integer tensors (token ids) are copied out of shared memory before anyone validates them:
         # the client can rewrite its channel at any time, and an index changed between validation
         # and use fails the gather (on CUDA, a device-side assert poisons the context of every
@@ -134,23 +143,25 @@ def decode_call(msg: pb.OpCall, *, tenant: str, regions: RegionReader | None = N
 
     Only the envelope is checked here; the executor checks the request against its op.
     """
-    if msg.direction not in (Direction.FORWARD, Direction.BACKWARD):
-        raise BadRequestError(f"unknown direction {msg.direction}")
-    if not 0 <= msg.priority <= MAX_PRIORITY:
-        raise BadRequestError(f"priority {msg.priority} outside [0, {MAX_PRIORITY}]")
+    direction, priority = msg.direction, msg.priority
+    if direction not in _DIRECTIONS:
+        raise BadRequestError(f"unknown direction {direction}")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise BadRequestError(f"priority {priority} outside [0, {MAX_PRIORITY}]")
     if not msg.HasField("x"):
         raise BadRequestError("the request carries no tensor")
     x = decode_tensor(msg.x, regions=regions)
+    out_dtype, compute_dtype, weight_dtype = msg.out_dtype, msg.compute_dtype, msg.weight_dtype
     return OpRequest(
         op=msg.op,
-        direction=Direction(msg.direction),
+        direction=_DIRECTIONS[direction],
         x=x,
         client_id=msg.client_id[:64] or "anonymous",
-        priority=msg.priority,
-        out_dtype=_float_dtype(msg.out_dtype, "out_dtype"),
+        priority=priority,
+        out_dtype=_float_dtype(out_dtype, "out_dtype") if out_dtype else None,
         tenant=tenant,
-        compute_dtype=_float_dtype(msg.compute_dtype, "compute_dtype"),
-        weight_dtype=_float_dtype(msg.weight_dtype, "weight_dtype"),
+        compute_dtype=_float_dtype(compute_dtype, "compute_dtype") if compute_dtype else None,
+        weight_dtype=_float_dtype(weight_dtype, "weight_dtype") if weight_dtype else None,
         features=(msg.features.start, msg.features.end) if msg.HasField("features") else None,
     )
 

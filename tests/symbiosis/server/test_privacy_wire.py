@@ -54,15 +54,20 @@ def found(tensors: dict[str, torch.Tensor], haystack: bytes) -> list[str]:
 def shm_recorder(monkeypatch):
     """Records the call message and tensor bytes of every shared-memory call, as the server reads them."""
     recorded: list[bytes] = []
-    original = lanes.ShmLane.call
+    original_call, original_header = lanes.ShmLane.call, lanes.ShmLane._header
+
+    def header(self, *args, **kwargs):
+        message = original_header(self, *args, **kwargs)
+        recorded.append(message)  # the message this call sends
+        return message
 
     def call(self, request, call_id):
-        out = original(self, request, call_id)
+        out = original_call(self, request, call_id)
         nbytes = request.x.numel() * request.x.element_size()
-        recorded.append(self._msg.SerializeToString())  # the message this call sent
         recorded.append(self._requests.memory[:nbytes].numpy().tobytes())
         return out
 
+    monkeypatch.setattr(lanes.ShmLane, "_header", header)
     monkeypatch.setattr(lanes.ShmLane, "call", call)
     return recorded
 

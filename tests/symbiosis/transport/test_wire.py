@@ -146,6 +146,44 @@ def test_token_ids_are_copied_out_of_shared_memory():
     assert torch.equal(got_rows, torch.zeros(2, 4))
 
 
+def test_area_keeps_its_views_within_its_bounds():
+    """A channel's area hands the same view out for the same region (no tensor built per call), and
+    shrinking the area (a TCP frame smaller than the previous one) forgets views that lie beyond it."""
+    memory = torch.zeros(1024, dtype=torch.uint8)
+    area = Area(memory, 0, 544)
+    view = area.tensor(512, (2, 4), torch.float32)
+    assert area.tensor(512, (2, 4), torch.float32) is view
+    memory[512:544] = torch.arange(8, dtype=torch.float32).view(torch.uint8)
+    assert torch.equal(view, torch.arange(8, dtype=torch.float32).view(2, 4))  # a view, not a copy
+    area.size = 1024  # growing the bounds keeps the views
+    assert area.tensor(512, (2, 4), torch.float32) is view
+    area.size = 256
+    with pytest.raises(BadRequestError, match="outside"):
+        area.tensor(512, (2, 4), torch.float32)
+    area.size = 1024
+    for shape in ((1,), (1, 1)):  # 512 distinct regions: the views kept stay bounded
+        for offset in range(0, 1024, 4):
+            area.tensor(offset, shape, torch.float32)
+    assert 0 < len(area._views) <= Area.MAX_VIEWS
+
+
+def test_a_call_id_prepended_to_a_kept_description_parses_as_the_whole_call():
+    """Lanes keep each call's serialized description and prepend the call id (two serialized messages
+    concatenated parse as their merge): the server reads exactly the call that ``encode_call`` makes."""
+    from symbiosis.transport.lanes import _SocketLane
+
+    lane = _SocketLane.__new__(_SocketLane)
+    lane._msg, lane._descriptions = pb.OpCall(), {}
+    x = torch.randn(3, 8)
+    for call_id, features in ((7, None), (2**40, (1, 5)), (9, None)):
+        request = OpRequest("model.layers.0.mlp.up_proj", Direction.FORWARD, x, client_id="c", priority=3, features=features)
+        expected = encode_call(request, call_id, pb.OpCall())
+        expected.x.dtype, expected.x.shape[:] = "float32", [3, 8]
+        expected.x.region.offset, expected.x.region.nbytes = 64, 96
+        assert pb.OpCall.FromString(lane._header(request, call_id, x, 64)) == expected
+    assert len(lane._descriptions) == 2  # one per distinct call, whatever its id
+
+
 def test_committed_stubs_match_the_proto(tmp_path):
     for path in protogen.generate(tmp_path):
         assert filecmp.cmp(path, protogen.HERE / path.name, shallow=False), f"{path.name} is stale: run python -m symbiosis.transport.protogen"
