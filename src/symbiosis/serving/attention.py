@@ -10,9 +10,10 @@ stores the keys and values in their slots, then attends:
   null slot and masked out;
 * each longer chunk (a prompt being prefilled) on its own, causally from its offset.
 
-Sliding windows (``sliding_window``) and logit soft-capping (``softcap``, Gemma 2) are applied as
-the model's own attention applies them; grouped-query attention folds each key/value head's query
-heads into one product.
+Sliding windows (``sliding_window``), logit soft-capping (``softcap``, Gemma 2) and attention
+sinks (GPT-OSS) are applied as the model's own attention applies them; grouped-query attention folds
+each key/value head's query heads into one product; values may be narrower than keys (multi-head
+latent attention, DeepSeek V2/V3).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class AttentionPlan:
 
 @dataclass
 class LayoutProbe:
-    """A plan that only records each layer's ``(kv_heads, head_dim)`` (one forward at engine start)."""
+    """A plan that only records each layer's ``(kv_heads, key_dim, value_dim)`` (one forward at engine start)."""
 
     layers: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -108,16 +109,16 @@ def paged_attention(
     if plan is None or layer is None:
         raise UnsupportedFeatureError("the paged attention runs only inside an engine step, on attention modules with a layer_idx")
     if isinstance(plan, LayoutProbe):
-        plan.layers[layer] = (key.shape[1], key.shape[-1])
-        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
-    if getattr(module, "sinks", None) is not None:
-        raise UnsupportedFeatureError("attention sinks are not supported by the serving engine")
+        plan.layers[layer] = (key.shape[1], key.shape[-1], value.shape[-1])
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     cache = plan.cache
     cache.write(layer, plan.write_slots, key[0].transpose(0, 1), value[0].transpose(0, 1))
     queries = query[0].transpose(0, 1)  # [N, heads, head_dim]
-    heads, kv_heads, dim = queries.shape[1], key.shape[1], queries.shape[2]
+    heads, kv_heads, dim, value_dim = queries.shape[1], key.shape[1], queries.shape[2], value.shape[-1]
     group = heads // kv_heads
-    out = queries.new_empty(queries.shape)
+    sinks = getattr(module, "sinks", None)  # per head, GPT-OSS: one more logit in each softmax, attending to nothing
+    sinks = sinks.detach().to(queries.dtype).view(kv_heads, group, 1) if sinks is not None else None
+    out = queries.new_empty(queries.shape[0], heads, value_dim)
     keys, values = cache.keys[layer], cache.values[layer]
     if plan.decode_rows is not None:
         rows, slots = plan.decode_rows, plan.decode_slots
@@ -125,9 +126,9 @@ def paged_attention(
         every_row = count == queries.shape[0]  # a step of decoding rows only: no gather or scatter of queries
         gathered = slots.view(-1)
         k = keys.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
-        v = values.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
+        v = values.index_select(0, gathered).view(count, width, kv_heads, value_dim).transpose(1, 2)
         q = (queries if every_row else queries.index_select(0, rows)).reshape(count, kv_heads, group, dim)
-        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap).reshape(count, heads, dim)
+        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap, sinks).reshape(count, heads, value_dim)
         if every_row:
             return o[None], None
         out.index_copy_(0, rows, o)
@@ -137,19 +138,30 @@ def paged_attention(
         v = values.index_select(0, segment.slots).transpose(0, 1)[None]
         q = queries[segment.start : segment.start + n].transpose(0, 1).reshape(1, kv_heads, group * n, dim)
         mask = plan.prefill_mask(segment, sliding_window)
-        o = _attend(q, k, v, mask.repeat(group, 1)[None, None], scaling, softcap)
-        out[segment.start : segment.start + n] = o.view(heads, n, dim).transpose(0, 1)
+        segment_sinks = sinks.expand(kv_heads, group, n).reshape(kv_heads, group * n, 1) if sinks is not None else None
+        o = _attend(q, k, v, mask.repeat(group, 1)[None, None], scaling, softcap, segment_sinks)
+        out[segment.start : segment.start + n] = o.view(heads, n, value_dim).transpose(0, 1)
     return out[None], None
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None, softcap: float | None) -> torch.Tensor:
-    """Softmax attention of ``q`` over ``k``/``v`` where ``mask`` is True; soft-capped logits as Gemma 2 does."""
-    if softcap is None:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float | None, softcap: float | None, sinks: torch.Tensor | None
+) -> torch.Tensor:
+    """Softmax attention of ``q`` over ``k``/``v`` where ``mask`` is True; soft-capped logits as Gemma 2
+    does; ``sinks`` (one logit per query row, broadcast over the scores' leading dimensions) join each
+    softmax and attend to nothing, as GPT-OSS's do."""
+    if softcap is None and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
     scores = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype), v)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.expand(*scores.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if sinks is not None:
+        probs = probs[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 AttentionInterface.register(ATTENTION, paged_attention)

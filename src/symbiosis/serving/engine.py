@@ -170,6 +170,7 @@ class Engine:
         self._incoming: list[GenerationRequest] = []
         self._arrivals = 0
         self._closing = False
+        self._failure: Exception | None = None
         self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -180,6 +181,8 @@ class Engine:
         for request in requests:
             self._validate(request)
         with self._cond:
+            if self._failure is not None:
+                raise EngineClosed(f"the serving engine stopped after an internal error: {self._failure}")
             if self._closing:
                 raise EngineClosed("the server is shutting down")
             self._incoming.extend(requests)
@@ -229,6 +232,20 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except Exception as exc:  # an engine bug: fail every request and refuse new ones, never leave them waiting
+            log.exception("the serving engine stopped")
+            with self._cond:
+                self._closing = True
+                self._failure = exc
+                incoming, self._incoming = self._incoming, []
+            for request in incoming:
+                request.emit(Event(request.first_choice, error=exc))
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                self._fail(seq, exc)
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._incoming and not self.scheduler.has_work() and not self._closing:
@@ -482,7 +499,7 @@ class Engine:
     def _attach(self, loaded: LoadedAdapter) -> None:
         """Serve ``loaded``'s PEFT layers on its rows (engine thread, between steps)."""
         if loaded.prefix is not None:
-            shapes = tuple((k.shape[0], k.shape[2]) for k, _ in loaded.prefix)
+            shapes = tuple((k.shape[0], k.shape[2], v.shape[2]) for k, v in loaded.prefix)
             if shapes != self.cache.layout.layers:
                 raise AdapterLoadError(f"adapter {loaded.name!r}: its prefix has shapes {shapes}, this model's cache {self.cache.layout.layers}")
         if loaded.prompt is not None and loaded.prompt.shape[-1] != self._embed.weight.shape[-1]:

@@ -1,7 +1,8 @@
 """The engine's key/value cache: fixed-size blocks of slots in one pool per layer, handed to sequences
 as they grow (paged, as in vLLM), within a memory budget fixed at start.
 
-Slot ``s`` of layer ``l`` holds one token's key and value: ``keys[l][s]`` is ``[kv_heads, head_dim]``.
+Slot ``s`` of layer ``l`` holds one token's key and value: ``keys[l][s]`` is ``[kv_heads, key_dim]``,
+``values[l][s]`` ``[kv_heads, value_dim]`` (the two differ in multi-head latent attention, DeepSeek V2/V3).
 Block ``b`` owns slots ``[b * block_size, (b + 1) * block_size)``; a sequence's block table lists its
 blocks in order, so its position ``p`` lives in slot ``table[p // block_size] * block_size + p %
 block_size``. Block 0 is never handed out: it stays zero and pads gathers (a padded key is masked
@@ -23,7 +24,7 @@ NULL_BLOCK = 0
 
 @dataclass(frozen=True)
 class CacheLayout:
-    """The shape of one token's cache entry: ``(kv_heads, head_dim)`` per attention layer."""
+    """The shape of one token's cache entry: ``(kv_heads, key_dim, value_dim)`` per attention layer."""
 
     layers: tuple[tuple[int, int], ...]
     dtype: torch.dtype
@@ -31,7 +32,7 @@ class CacheLayout:
     @property
     def bytes_per_token(self) -> int:
         element = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * heads * dim * element for heads, dim in self.layers)
+        return sum(heads * (key_dim + value_dim) * element for heads, key_dim, value_dim in self.layers)
 
 
 class BlockPool:
@@ -82,8 +83,8 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks)
         slots = num_blocks * block_size
         # empty, not zeros: a slot is read only after it was written, except the null block's
-        self.keys = [torch.empty(slots, heads, dim, dtype=layout.dtype, device=device) for heads, dim in layout.layers]
-        self.values = [torch.empty(slots, heads, dim, dtype=layout.dtype, device=device) for heads, dim in layout.layers]
+        self.keys = [torch.empty(slots, heads, key_dim, dtype=layout.dtype, device=device) for heads, key_dim, _ in layout.layers]
+        self.values = [torch.empty(slots, heads, value_dim, dtype=layout.dtype, device=device) for heads, _, value_dim in layout.layers]
         for tensor in (*self.keys, *self.values):
             tensor[:block_size].zero_()
         self._offsets = torch.arange(block_size, device=device)
@@ -121,7 +122,7 @@ class PagedKVCache:
         return slots.where(within, NULL_BLOCK)
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``keys``/``values`` (``[n, kv_heads, head_dim]``) of layer ``layer`` in ``slots``."""
+        """Store ``keys``/``values`` (``[n, kv_heads, key_dim / value_dim]``) of layer ``layer`` in ``slots``."""
         self.keys[layer].index_copy_(0, slots, keys.to(self.layout.dtype))
         self.values[layer].index_copy_(0, slots, values.to(self.layout.dtype))
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from symbiosis import BaseExecutor, load_model
 from symbiosis.protocol import Direction
-from symbiosis.serving import Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
+from symbiosis.serving import AdapterError, Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
 from symbiosis.serving.adapters import store
 from symbiosis.tiny import save_tiny_model_with_tokenizer
 
@@ -253,12 +253,31 @@ def test_bad_requests_are_refused_and_a_failing_step_fails_only_its_sequences(ch
     assert engine.cache.pool.free == engine.cache.pool.capacity
 
 
-@pytest.mark.parametrize(("model_type", "overrides"), [("gpt2", {}), ("qwen2", {}), ("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 8})])
-def test_other_architectures_sliding_windows_and_soft_capping(tmp_path, model_type, overrides):
-    """GPT-2 (Conv1D, learned positions), Qwen2 (biases), Mistral and Gemma 2 (sliding windows shorter
-    than the sequences; Gemma 2's soft-capped attention and logits), each with a LoRA adapter beside the base."""
+#: Per architecture: config overrides and the LoRA adapter served beside the base.
+ARCHITECTURES = {
+    "gpt2": ({}, LORA_GPT2),  # Conv1D, learned positions
+    "qwen2": ({}, ADAPTER_CONFIGS["lora"]),  # biases
+    "mistral": ({"sliding_window": 8}, ADAPTER_CONFIGS["lora"]),  # windows shorter than the sequences
+    "gemma2": ({"sliding_window": 8}, ADAPTER_CONFIGS["lora"]),  # soft-capped attention and logits
+    "opt": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),  # MLP on [tokens, hidden]
+    "qwen2_moe": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj", "down_proj", "shared_expert_gate"])),
+    "gpt_oss": ({"sliding_window": 8}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])),  # sinks
+    "deepseek_v3": (  # multi-head latent attention: keys 24 wide, values 12
+        dict(qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=12, kv_lora_rank=24, q_lora_rank=40, num_key_value_heads=4,
+             n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32, n_group=1, topk_group=1),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_b_proj", "o_proj"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_other_architectures_sliding_windows_soft_capping_and_sinks(tmp_path, model_type):
+    """Each architecture's quirk (see ``ARCHITECTURES``: Qwen2-MoE's shared expert also sees its tokens
+    flattened, GPT-OSS adds attention sinks, DeepSeek V3 values narrower than keys; the last three have
+    mixture-of-experts layers), with a LoRA adapter beside the base."""
+    overrides, lora = ARCHITECTURES[model_type]
     model_dir = save_tiny_model_with_tokenizer(tmp_path / model_type, model_type, **overrides)
-    adapter = save_adapter(model_dir, ADAPTER_CONFIGS["lora"] if model_type != "gpt2" else LORA_GPT2, tmp_path / "lora", seed=1)
+    adapter = save_adapter(model_dir, lora, tmp_path / "lora", seed=1)
     engine = Engine(load_model(BaseExecutor.from_pretrained(model_dir)), AutoTokenizer.from_pretrained(model_dir), eos_ids=[], max_step_tokens=8)
     info = read_adapter("lora", adapter)
     engine.adapters.register(info)
@@ -269,6 +288,64 @@ def test_other_architectures_sliding_windows_and_soft_capping(tmp_path, model_ty
     assert engine.join(timeout=30)
     for (spec_info, prompt, _), event in zip(specs, events, strict=True):
         assert_matches_reference(event, monolithic(model_dir, adapter if spec_info else None), prompt, 6, f"{model_type} {spec_info}")
+
+
+def test_adapters_on_parameters_are_refused_when_read(tmp_path):
+    """PEFT's ``all-linear`` on a mixture-of-experts model also targets the experts' and router's
+    parameters (``target_parameters``); the engine serves adapters on modules only and says so."""
+    model_dir = save_tiny_model_with_tokenizer(tmp_path / "mixtral", "mixtral")
+    adapter = save_adapter(model_dir, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"), tmp_path / "lora", seed=1)
+    with pytest.raises(AdapterError, match="target_parameters"):
+        read_adapter("lora", adapter)
+
+
+def test_an_adapter_that_cannot_be_attached_fails_its_requests_only(setup, monkeypatch):
+    """Attaching runs on the engine's thread when a request first needs the adapter: a failure there
+    is that adapter's requests' error, and the engine goes on serving everyone else."""
+    engine = setup.engine
+    broken = read_adapter("broken", setup.paths["lora"])
+    engine.adapters.register(broken)
+    attach = engine.adapters._attach
+
+    def refuse(loaded):
+        if loaded.info is broken:
+            raise RuntimeError("this layer cannot be dispatched")
+        attach(loaded)
+
+    monkeypatch.setattr(engine.adapters, "_attach", refuse)
+    events: queue.Queue[Event] = queue.Queue()
+    try:
+        engine.submit(GenerationRequest(PROMPTS[0], greedy(4), events.put, adapter=broken))
+        error = events.get(timeout=60).error
+        assert "'broken' cannot be served" in str(error) and "cannot be dispatched" in str(error)
+        [event] = generate(engine, [(None, PROMPTS[1], greedy(4))])
+        assert len(event.token_ids) == 4
+    finally:
+        engine.adapters.unregister("broken")
+
+
+def test_an_engine_failure_fails_every_request_and_refuses_new_ones(chat_model_dir, monkeypatch):
+    """An error outside any step (a bug in the engine itself) ends the engine's loop: every queued request
+    gets it as its error (none is left waiting) and new requests are refused, naming it."""
+    engine = Engine(load_model(BaseExecutor.from_pretrained(chat_model_dir)), None, eos_ids=[])
+    started = threading.Event()
+
+    def broken_schedule(ready):
+        started.wait(timeout=60)
+        raise RuntimeError("scheduler bug")
+
+    monkeypatch.setattr(engine.scheduler, "schedule", broken_schedule)
+    events: queue.Queue[Event] = queue.Queue()
+    engine.submit(*(GenerationRequest(prompt, greedy(4), events.put, first_choice=i) for i, prompt in enumerate(PROMPTS)))
+    started.set()
+    errors = {}
+    while len(errors) < len(PROMPTS):
+        event = events.get(timeout=60)
+        errors[event.choice] = event.error
+    assert all("scheduler bug" in str(error) for error in errors.values())
+    assert engine.join(timeout=30)
+    with pytest.raises(EngineClosed, match="internal error: scheduler bug"):
+        engine.submit(GenerationRequest(PROMPTS[0], greedy(1), events.put))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -176,10 +176,23 @@ class RowDispatch(nn.Module):
         return [(self.entries[g.adapter], g.rows) for g in groups if g.adapter in self.entries]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() or (x.dim() == 3 and x.shape[0] == 1):
+            return self._rows(x, x)
+        # a model that flattens its tokens first (OPT's MLP, Qwen2-MoE's shared expert): the same rows
+        return self._rows(x.reshape(1, -1, x.shape[-1]), x).reshape(*x.shape[:-1], -1)
+
+    def _rows(self, x: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+        """The output for the step's rows ``x`` (``[1, N, features]``, or ``[1, N]`` token ids), ``given``
+        as the module was called with (a fused op's members share a product per input tensor)."""
         step = batch.current()
         active = self.active(step)
+        if active and x.shape[1] != (step.logit_groups if self.lm_head else step.groups)[-1].rows.stop:
+            raise DispatchError(
+                f"an adapter targets a module that sees {x.shape[1]} of the step's rows (e.g. a mixture-of-experts expert); "
+                "the serving engine applies adapters only to modules that see every token"
+            )
         if self.fused is not None:
-            y = self.fused.output(self, x, step)
+            y = self.fused.output(self, x, step, given)
         elif any(entry.side is Side.INPUT for entry, _ in active):
             inputs = x.clone()
             for entry, rows in active:
@@ -212,13 +225,14 @@ class FusedBase:
         self.members = members
         self._pending: tuple[weakref.ref, int, dict[RowDispatch, torch.Tensor]] | None = None
 
-    def output(self, member: RowDispatch, x: torch.Tensor, step: batch.StepBatch | None) -> torch.Tensor:
+    def output(self, member: RowDispatch, x: torch.Tensor, step: batch.StepBatch | None, given: torch.Tensor) -> torch.Tensor:
+        """``member``'s product of rows ``x``; members called with the same tensor ``given`` share one request."""
         pending = self._pending
-        if pending is not None and pending[0]() is x and pending[1] == x._version and member in pending[2]:
+        if pending is not None and pending[0]() is given and pending[1] == given._version and member in pending[2]:
             return pending[2].pop(member)
         outputs = self._compute(x, step)
         mine = outputs.pop(member)
-        self._pending = (weakref.ref(x), x._version, outputs) if outputs else None
+        self._pending = (weakref.ref(given), given._version, outputs) if outputs else None
         return mine
 
     def _compute(self, x: torch.Tensor, step: batch.StepBatch | None) -> dict[RowDispatch, torch.Tensor]:

@@ -90,6 +90,11 @@ def read_adapter(name: str, path: str | Path) -> AdapterInfo:
         raise AdapterError(f"prompt-learning adapters must be saved with task_type CAUSAL_LM, not {config.task_type!r}")
     if getattr(config, "modules_to_save", None):
         raise AdapterError("adapters with modules_to_save (full copies of base modules) are not supported")
+    if getattr(config, "target_parameters", None):
+        raise AdapterError(
+            f"adapters on parameters (target_parameters {list(config.target_parameters)}, e.g. mixture-of-experts experts or routers) "
+            "are not supported by the serving engine: it applies adapters to modules (target_modules) only"
+        )
     if json.loads(config_file.read_text()).get("use_dora"):
         raise AdapterError("DoRA adapters are not supported: they need the base weights, which live on the executor")
     return AdapterInfo(name, path, config)

@@ -144,9 +144,9 @@ class AdapterStore:
         del self._loading[info]
         try:
             loaded = future.result()
+            self._admit(loaded)  # attaching can fail too (a PEFT layer the dispatch cannot serve)
         except Exception as exc:
-            raise AdapterLoadError(f"loading adapter {info.name!r} failed: {exc}") from exc
-        self._admit(loaded)
+            raise AdapterLoadError(f"adapter {info.name!r} cannot be served: {exc}") from exc
         return loaded
 
     def _admit(self, loaded: LoadedAdapter) -> None:
