@@ -28,12 +28,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+from peft.tuners.lora.layer import ParamWrapper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UnsupportedFeatureError
 from . import batch
 from .adapters import AdapterInfo, AdapterLoadError, AdapterStore, LoadedAdapter
 from .adapters import layer as dispatch
+from .adapters import parameters
 from .attention import ATTENTION, AttentionPlan, LayoutProbe, PrefillSegment
 from .kv import CacheLayout, PagedKVCache
 from .sampling import SamplingParams, TokenLogprob, next_token, token_logprobs
@@ -507,6 +509,11 @@ class Engine:
         attached = []
         try:
             for path, layer in loaded.layers.items():
+                if isinstance(layer, ParamWrapper):  # LoRA on parameters (mixture-of-experts experts, routers)
+                    wrapper = parameters.wrap(self.model, path)
+                    wrapper.attach(loaded, layer)
+                    attached.append(wrapper)
+                    continue
                 wrapper = dispatch.wrap(self.model, path)
                 side = wrapper.attach(loaded, layer)
                 attached.append(wrapper)

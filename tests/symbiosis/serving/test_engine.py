@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from symbiosis import BaseExecutor, load_model
 from symbiosis.protocol import Direction
-from symbiosis.serving import AdapterError, Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
+from symbiosis.serving import Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
 from symbiosis.serving.adapters import store
 from symbiosis.tiny import save_tiny_model_with_tokenizer
 
@@ -262,6 +262,8 @@ ARCHITECTURES = {
     "opt": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),  # MLP on [tokens, hidden]
     "qwen2_moe": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj", "down_proj", "shared_expert_gate"])),
     "gpt_oss": ({"sliding_window": 8}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])),  # sinks
+    # PEFT's all-linear here also targets the experts' and the router's parameters (target_parameters)
+    "mixtral": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")),
     "deepseek_v3": (  # multi-head latent attention: keys 24 wide, values 12
         dict(qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8, v_head_dim=12, kv_lora_rank=24, q_lora_rank=40, num_key_value_heads=4,
              n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=32, n_group=1, topk_group=1),
@@ -273,8 +275,9 @@ ARCHITECTURES = {
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_other_architectures_sliding_windows_soft_capping_and_sinks(tmp_path, model_type):
     """Each architecture's quirk (see ``ARCHITECTURES``: Qwen2-MoE's shared expert also sees its tokens
-    flattened, GPT-OSS adds attention sinks, DeepSeek V3 values narrower than keys; the last three have
-    mixture-of-experts layers), with a LoRA adapter beside the base."""
+    flattened, GPT-OSS adds attention sinks, Mixtral's adapter targets expert and router parameters,
+    DeepSeek V3 has values narrower than keys; the last four have mixture-of-experts layers), with a LoRA
+    adapter beside the base."""
     overrides, lora = ARCHITECTURES[model_type]
     model_dir = save_tiny_model_with_tokenizer(tmp_path / model_type, model_type, **overrides)
     adapter = save_adapter(model_dir, lora, tmp_path / "lora", seed=1)
@@ -290,13 +293,24 @@ def test_other_architectures_sliding_windows_soft_capping_and_sinks(tmp_path, mo
         assert_matches_reference(event, monolithic(model_dir, adapter if spec_info else None), prompt, 6, f"{model_type} {spec_info}")
 
 
-def test_adapters_on_parameters_are_refused_when_read(tmp_path):
-    """PEFT's ``all-linear`` on a mixture-of-experts model also targets the experts' and router's
-    parameters (``target_parameters``); the engine serves adapters on modules only and says so."""
+def test_adapters_on_expert_parameters_share_steps_with_other_adapters(tmp_path):
+    """Two adapters on a mixture-of-experts model's expert and router parameters, and the bare base, in the
+    same steps: each request's answer is its own monolithic PEFT model's."""
     model_dir = save_tiny_model_with_tokenizer(tmp_path / "mixtral", "mixtral")
-    adapter = save_adapter(model_dir, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear"), tmp_path / "lora", seed=1)
-    with pytest.raises(AdapterError, match="target_parameters"):
-        read_adapter("lora", adapter)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["gate_up_proj", "down_proj"])
+    paths = {name: save_adapter(model_dir, config, tmp_path / name, seed=seed) for seed, name in enumerate(["a", "b"], start=1)}
+    engine = Engine(load_model(BaseExecutor.from_pretrained(model_dir)), AutoTokenizer.from_pretrained(model_dir), eos_ids=[])
+    infos = {name: read_adapter(name, path) for name, path in paths.items()}
+    for info in infos.values():
+        engine.adapters.register(info)
+        engine.adapters.offer(engine.adapters.load(info))
+    specs = [(infos["a"], PROMPTS[0], greedy(5, logprobs=1)), (None, PROMPTS[2], greedy(5, logprobs=1)), (infos["b"], PROMPTS[1], greedy(5, logprobs=1))]
+    events = generate(engine, specs)
+    engine.close()
+    assert engine.join(timeout=30)
+    assert engine.stats.max_adapters_in_step == 3
+    for (info, prompt, _), event in zip(specs, events, strict=True):
+        assert_matches_reference(event, monolithic(model_dir, paths[info.name] if info else None), prompt, 5, f"{info.name if info else None}")
 
 
 def test_an_adapter_that_cannot_be_attached_fails_its_requests_only(setup, monkeypatch):

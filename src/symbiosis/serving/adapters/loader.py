@@ -6,7 +6,8 @@ the engine's model: fresh container modules (model, decoder layers, attention an
 around the model's own leaf modules, so PEFT wraps the real base modules in its layers while the
 engine's model stays untouched and nothing is copied. What the engine keeps:
 
-* tuner methods (LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, ...): PEFT's layer for each targeted module;
+* tuner methods (LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, ...): PEFT's layer for each targeted module
+  (for LoRA on parameters, ``target_parameters``: the outermost ``ParamWrapper`` of each module);
 * prompt tuning and p-tuning: the virtual tokens' input embeddings (``get_prompt``);
 * prefix tuning: each layer's prefix keys and values (``get_prompt``).
 """
@@ -90,11 +91,6 @@ def read_adapter(name: str, path: str | Path) -> AdapterInfo:
         raise AdapterError(f"prompt-learning adapters must be saved with task_type CAUSAL_LM, not {config.task_type!r}")
     if getattr(config, "modules_to_save", None):
         raise AdapterError("adapters with modules_to_save (full copies of base modules) are not supported")
-    if getattr(config, "target_parameters", None):
-        raise AdapterError(
-            f"adapters on parameters (target_parameters {list(config.target_parameters)}, e.g. mixture-of-experts experts or routers) "
-            "are not supported by the serving engine: it applies adapters to modules (target_modules) only"
-        )
     if json.loads(config_file.read_text()).get("use_dora"):
         raise AdapterError("DoRA adapters are not supported: they need the base weights, which live on the executor")
     return AdapterInfo(name, path, config)
@@ -111,7 +107,9 @@ def load_adapter(model: nn.Module, info: AdapterInfo) -> LoadedAdapter:
         raise AdapterError(f"cannot load the adapter in {info.path}: {exc}") from exc
     if not info.config.is_prompt_learning:
         prefix = "base_model.model."
-        layers = {name.removeprefix(prefix): module for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)}
+        tuners = {name.removeprefix(prefix): module for name, module in peft_model.named_modules() if isinstance(module, BaseTunerLayer)}
+        # LoRA on several parameters of one module nests PEFT's wrappers: the outermost one serves them all
+        layers = {name: module for name, module in tuners.items() if not _inside(name, tuners)}
         if not layers:
             raise AdapterError(f"the adapter in {info.path} targets no module of this model")
         return LoadedAdapter(info, layers)
@@ -120,6 +118,12 @@ def load_adapter(model: nn.Module, info: AdapterInfo) -> LoadedAdapter:
     if info.config.peft_type == PeftType.PREFIX_TUNING:
         return LoadedAdapter(info, {}, prefix=_prefix_layers(prompt))
     return LoadedAdapter(info, {}, prompt=prompt[0].detach())
+
+
+def _inside(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether module path ``name`` lies inside another path of ``modules``."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
 
 
 def _prefix_layers(prompt) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
