@@ -10,8 +10,8 @@ stores the keys and values in their slots, then attends:
   null slot and masked out;
 * each longer chunk (a prompt being prefilled) on its own, causally from its offset.
 
-Sliding windows (``sliding_window``), logit soft-capping (``softcap``, Gemma 2) and attention
-sinks (GPT-OSS) are applied as the model's own attention applies them; grouped-query attention folds
+Sliding windows (``sliding_window``), chunked attention (Llama 4), logit soft-capping
+(``softcap``, Gemma 2) and attention sinks (GPT-OSS) are applied as the model's own attention applies them; grouped-query attention folds
 each key/value head's query heads into one product; values may be narrower than keys (multi-head
 latent attention, DeepSeek V2/V3).
 """
@@ -57,21 +57,24 @@ class AttentionPlan:
     prefills: list[PrefillSegment] = field(default_factory=list)
     _masks: dict = field(default_factory=dict)
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """``[B, 1, 1, longest]``: which gathered keys each decoding row sees."""
-        key = ("decode", window)
+    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """``[B, 1, 1, longest]``: which gathered keys each decoding row sees (within ``window`` of it, or
+        within its own ``chunk`` of positions)."""
+        key = ("decode", window, chunk)
         if key not in self._masks:
             lengths = self.decode_lengths[:, None]
             index = torch.arange(self.decode_slots.shape[1], device=lengths.device)[None, :]
             mask = index < lengths
             if window is not None:
                 mask &= index >= lengths - window
+            if chunk is not None:
+                mask &= index >= (lengths - 1) // chunk * chunk
             self._masks[key] = mask[:, None, None, :]
         return self._masks[key]
 
-    def prefill_mask(self, segment: PrefillSegment, window: int | None) -> torch.Tensor:
-        """``[count, keys]``: causal from the segment's offset (and within ``window``)."""
-        key = (segment.start, window)
+    def prefill_mask(self, segment: PrefillSegment, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        """``[count, keys]``: causal from the segment's offset (and within ``window``, or the query's ``chunk``)."""
+        key = (segment.start, window, chunk)
         if key not in self._masks:
             device = segment.slots.device
             query = torch.arange(segment.keys - segment.count, segment.keys, device=device)[:, None]
@@ -79,6 +82,8 @@ class AttentionPlan:
             mask = index <= query
             if window is not None:
                 mask &= index > query - window
+            if chunk is not None:
+                mask &= index >= query // chunk * chunk
             self._masks[key] = mask
         return self._masks[key]
 
@@ -116,6 +121,7 @@ def paged_attention(
     queries = query[0].transpose(0, 1)  # [N, heads, head_dim]
     heads, kv_heads, dim, value_dim = queries.shape[1], key.shape[1], queries.shape[2], value.shape[-1]
     group = heads // kv_heads
+    chunk = _attention_chunk(module, layer)
     sinks = getattr(module, "sinks", None)  # per head, GPT-OSS: one more logit in each softmax, attending to nothing
     sinks = sinks.detach().to(queries.dtype).view(kv_heads, group, 1) if sinks is not None else None
     out = queries.new_empty(queries.shape[0], heads, value_dim)
@@ -128,7 +134,7 @@ def paged_attention(
         k = keys.index_select(0, gathered).view(count, width, kv_heads, dim).transpose(1, 2)
         v = values.index_select(0, gathered).view(count, width, kv_heads, value_dim).transpose(1, 2)
         q = (queries if every_row else queries.index_select(0, rows)).reshape(count, kv_heads, group, dim)
-        o = _attend(q, k, v, plan.decode_mask(sliding_window), scaling, softcap, sinks).reshape(count, heads, value_dim)
+        o = _attend(q, k, v, plan.decode_mask(sliding_window, chunk), scaling, softcap, sinks).reshape(count, heads, value_dim)
         if every_row:
             return o[None], None
         out.index_copy_(0, rows, o)
@@ -137,11 +143,21 @@ def paged_attention(
         k = keys.index_select(0, segment.slots).transpose(0, 1)[None]  # [1, kv_heads, keys, dim]
         v = values.index_select(0, segment.slots).transpose(0, 1)[None]
         q = queries[segment.start : segment.start + n].transpose(0, 1).reshape(1, kv_heads, group * n, dim)
-        mask = plan.prefill_mask(segment, sliding_window)
+        mask = plan.prefill_mask(segment, sliding_window, chunk)
         segment_sinks = sinks.expand(kv_heads, group, n).reshape(kv_heads, group * n, 1) if sinks is not None else None
         o = _attend(q, k, v, mask.repeat(group, 1)[None, None], scaling, softcap, segment_sinks)
         out[segment.start : segment.start + n] = o.view(heads, n, value_dim).transpose(0, 1)
     return out[None], None
+
+
+def _attention_chunk(module: torch.nn.Module, layer: int) -> int | None:
+    """The chunk size of a chunked-attention layer (Llama 4: a query sees the keys of its own chunk of
+    ``attention_chunk_size`` positions only; transformers applies it through the mask), else None."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    if not types or types[layer] != "chunked_attention":
+        return None
+    return int(config.attention_chunk_size)
 
 
 def _attend(

@@ -549,11 +549,11 @@ class Engine:
 
 
 def _check_architecture(model: PreTrainedModel) -> None:
-    """Refuse models whose layers are not all full or sliding-window attention (e.g. linear attention, state-space)."""
+    """Refuse models whose layers are not all full, sliding-window or chunked attention (e.g. linear attention, state-space)."""
     kinds = set(getattr(model.config, "layer_types", None) or ["full_attention"])
-    unsupported = kinds - {"full_attention", "sliding_attention"}
+    unsupported = kinds - {"full_attention", "sliding_attention", "chunked_attention"}
     if unsupported:
-        raise UnsupportedFeatureError(f"the serving engine batches full and sliding-window attention; this model has {sorted(unsupported)} layers")
+        raise UnsupportedFeatureError(f"the serving engine batches full, sliding-window and chunked attention; this model has {sorted(unsupported)} layers")
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:

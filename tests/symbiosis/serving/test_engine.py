@@ -262,6 +262,10 @@ ARCHITECTURES = {
     "opt": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),  # MLP on [tokens, hidden]
     "qwen2_moe": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj", "down_proj", "shared_expert_gate"])),
     "gpt_oss": ({"sliding_window": 8}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])),  # sinks
+    "llama4_text": (  # chunked attention in chunks of 4 positions, no rotary embedding in the full-attention layer
+        dict(attention_chunk_size=4, layer_types=["chunked_attention", "full_attention"], no_rope_layers=[1, 0]),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+    ),
     # PEFT's all-linear here also targets the experts' and the router's parameters (target_parameters)
     "mixtral": ({}, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear")),
     "deepseek_v3": (  # multi-head latent attention: keys 24 wide, values 12
@@ -275,9 +279,9 @@ ARCHITECTURES = {
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 def test_other_architectures_sliding_windows_soft_capping_and_sinks(tmp_path, model_type):
     """Each architecture's quirk (see ``ARCHITECTURES``: Qwen2-MoE's shared expert also sees its tokens
-    flattened, GPT-OSS adds attention sinks, Mixtral's adapter targets expert and router parameters,
-    DeepSeek V3 has values narrower than keys; the last four have mixture-of-experts layers), with a LoRA
-    adapter beside the base."""
+    flattened, GPT-OSS adds attention sinks, Llama 4 chunked attention, Mixtral's adapter targets expert
+    and router parameters, DeepSeek V3 has values narrower than keys; the last five have mixture-of-experts
+    layers), with a LoRA adapter beside the base."""
     overrides, lora = ARCHITECTURES[model_type]
     model_dir = save_tiny_model_with_tokenizer(tmp_path / model_type, model_type, **overrides)
     adapter = save_adapter(model_dir, lora, tmp_path / "lora", seed=1)
