@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, adapter admin.
+"""The OpenAI-compatible HTTP API (FastAPI): models, completions, chat completions, adapter admin,
+Prometheus metrics.
 
 ``model`` in a request names an adapter or the base model; an unknown name is a 404 with an
 OpenAI error body, never a fallback to the base. Streaming answers are server-sent events ending
@@ -17,12 +18,14 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from .engine import EngineClosed, Event
 from .generation import ContextLengthError, Generation, GenerationError, Prompts, chat_prompt, completion_prompts, max_new_tokens
 from .logprobs import TokenStrings, chat_logprobs, completion_logprobs
+from .metrics import ServingMetrics
 from .protocol import AdapterLoadRequest, ChatCompletionRequest, CompletionRequest, error_body
 from .registry import ModelConflictError, ModelRegistry, ServedModel, UnknownModelError
 from .sampling import TokenLogprob
@@ -33,8 +36,8 @@ _TEXT = ("cmpl", "text_completion", "text_completion")
 
 
 def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_token: str | None = None) -> FastAPI:
-    """The API over ``registry``. ``api_key`` guards ``/v1``; ``admin_token`` guards ``/admin``
-    (without it ``/admin`` is open, and ``app.state.admin_open`` says so)."""
+    """The API over ``registry``. ``api_key`` guards ``/v1``; ``admin_token`` guards ``/admin`` and
+    ``/metrics`` (without it both are open, and ``app.state.admin_open`` says so)."""
     app = FastAPI(title="Symbiosis OpenAI-compatible server")
     app.state.admin_open = admin_token is None
     _install_error_handlers(app)
@@ -42,6 +45,7 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
     admin = Depends(_bearer(admin_token, "invalid_admin_token"))
     engine, tokenizer = registry.engine, registry.tokenizer
     strings = TokenStrings(tokenizer)
+    metrics = ServingMetrics(engine)
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -85,6 +89,10 @@ def create_app(registry: ModelRegistry, *, api_key: str | None = None, admin_tok
     def unload_adapter(name: str) -> dict[str, Any]:
         registry.unload(name)
         return {"id": name, "object": "model", "deleted": True}
+
+    @app.get("/metrics", dependencies=[admin])
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/admin/stats", dependencies=[admin])
     def stats() -> dict[str, Any]:

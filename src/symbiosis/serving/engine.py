@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -64,6 +65,19 @@ class Event:
     error: BaseException | None = None
 
 
+@dataclass(frozen=True)
+class Finished:
+    """A choice that ended with a ``reason`` ("stop" or "length"): its served ``model``, its prompt and
+    generated token counts, and seconds from its request's submission to its first token and to its end."""
+
+    model: str
+    prompt_tokens: int
+    generated_tokens: int
+    first_token_s: float | None
+    total_s: float
+    reason: str
+
+
 class EngineClosed(RuntimeError):
     """The engine no longer accepts requests (the server stops)."""
 
@@ -80,6 +94,7 @@ class GenerationRequest:
     first_choice: int = 0
     stream: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop generating for this request (its rows leave the batch at the next step)."""
@@ -173,6 +188,7 @@ class Engine:
         self._arrivals = 0
         self._closing = False
         self._failure: Exception | None = None
+        self._listeners: list[Callable[[Finished], None]] = []
         self._thread = threading.Thread(target=self._loop, name="serving-engine", daemon=True)
         self._thread.start()
 
@@ -189,6 +205,10 @@ class Engine:
                 raise EngineClosed("the server is shutting down")
             self._incoming.extend(requests)
             self._cond.notify()
+
+    def on_finish(self, listener: Callable[[Finished], None]) -> None:
+        """Call ``listener`` (on the engine's thread: it must be quick) for every choice that finishes."""
+        self._listeners.append(listener)
 
     def close(self, *, cancel: bool = False) -> None:
         """Accept no more requests; finish the queued and running ones (or cancel them) and stop."""
@@ -214,6 +234,11 @@ class Engine:
         with self._cond:
             seqs = [*self.scheduler.running, *self.scheduler.waiting]
             return len(self._incoming) + len({id(seq.request) for seq in seqs})
+
+    def occupancy(self) -> tuple[int, int]:
+        """Sequences running now; requests and sequences waiting to start."""
+        with self._cond:
+            return len(self.scheduler.running), len(self._incoming) + len(self.scheduler.waiting)
 
     def kv_usage(self) -> dict[str, int]:
         pool = self.cache.pool
@@ -438,6 +463,8 @@ class Engine:
         params = seq.request.params
         seq.tokens.append(token)
         seq.pending_tokens.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         self.stats.tokens += 1
@@ -466,8 +493,19 @@ class Engine:
             request.emit(Event(seq.choice, text, tuple(seq.pending_tokens), tuple(seq.pending_logprobs), prompt, seq.finish_reason))
         seq.pending_tokens, seq.pending_logprobs = [], []
         if done:
-            self.stats.count(self._model_name(seq.info), tokens=len(seq.tokens) - seq.prompt_len)
+            model, generated = self._model_name(seq.info), len(seq.tokens) - seq.prompt_len
+            self.stats.count(model, tokens=generated)
             self._release(seq)
+            if self._listeners:
+                start, first = request.submitted, seq.first_token_at
+                self._report(Finished(model, seq.prompt_len, generated, None if first is None else first - start, time.monotonic() - start, seq.finish_reason))
+
+    def _report(self, finished: Finished) -> None:
+        for listener in self._listeners:
+            try:
+                listener(finished)
+            except Exception:  # a listener must never fail a request
+                log.exception("a finish listener failed")
 
     def _release(self, seq: Sequence) -> None:
         """Take ``seq`` out of the engine and give back its blocks and its hold on its adapter."""

@@ -54,6 +54,7 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    first_token_at: float | None = None  # time.monotonic() of its first generated token
 
     @property
     def virtual(self) -> int:

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from symbiosis import BaseExecutor
@@ -381,3 +382,44 @@ def test_penalties_and_logit_bias_change_the_distribution_as_specified(served, c
         (dict(logit_bias={"77": 100}), [77] * 12),
     ):
         assert served_tokens(**options) == [served.tokenizer.decode([t]) for t in expected], options
+
+
+def test_prometheus_metrics_count_requests_tokens_and_latencies(served):
+    registry = ModelRegistry(ExecutorRef(served.executor), served.tokenizer, base_name=BASE, max_seqs=8)
+    registry.load_adapter("lora", served.adapters["lora"])
+    server = HttpServer(create_app(registry, admin_token="admin-secret"), port=0).start()
+    try:
+        assert httpx.get(f"{server.url}/metrics").status_code == 401  # behind the admin token, as /admin is
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        chats = [client.chat.completions.create(model="lora", messages=QUESTION, max_tokens=5, temperature=0) for _ in range(2)]
+        pair = client.completions.create(model=BASE, prompt="one two three", max_tokens=4, n=2, temperature=1, seed=3)
+        streamed = list(client.completions.create(model=BASE, prompt="four five", max_tokens=3, temperature=0, stream=True))
+        assert streamed
+        answer = httpx.get(f"{server.url}/metrics", headers=ADMIN)
+        assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+        samples = {}
+        for family in text_string_to_metric_families(answer.text):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+        def value(name: str, **labels: str) -> float:
+            return samples[(f"symbiosis_serving_{name}", tuple(sorted(labels.items())))]
+
+        assert value("requests_total", model="lora") == 2 and value("requests_total", model=BASE) == 2
+        assert value("generation_tokens_total", model="lora") == sum(c.usage.completion_tokens for c in chats)
+        assert value("generation_tokens_total", model=BASE) == pair.usage.completion_tokens + 3
+        assert value("prompt_tokens_total", model="lora") == sum(c.usage.prompt_tokens for c in chats)
+        finished = {labels: v for (name, labels), v in samples.items() if name == "symbiosis_serving_request_success_total"}
+        assert sum(v for labels, v in finished.items() if ("model", "lora") in labels) == 2
+        assert sum(v for labels, v in finished.items() if ("model", BASE) in labels) == 3  # n=2, and the streamed one
+        for model, choices in (("lora", 2), (BASE, 3)):
+            assert value("e2e_request_latency_seconds_count", model=model) == choices
+            assert value("time_to_first_token_seconds_count", model=model) == choices
+            assert 0 < value("time_to_first_token_seconds_sum", model=model) <= value("e2e_request_latency_seconds_sum", model=model)
+            assert value("e2e_request_latency_seconds_bucket", model=model, le="+Inf") == choices
+        assert value("sequences_running") == 0 and value("sequences_waiting") == 0 and value("kv_cache_usage_ratio") == 0
+        assert value("adapters_resident") == 1 and value("adapters_registered") == 1
+        assert value("steps_total") > 0 and value("decode_rows_total") > 0 and value("preemptions_total") == 0
+    finally:
+        server.stop()
+        registry.close()
