@@ -10,7 +10,9 @@ adapters (r = 8 on every linear layer).
 
 Scenarios (``--scenarios``): ``lora4`` (requests spread over 4 LoRA adapters) at every ``--clients``;
 ``lora1`` (one LoRA adapter), ``base`` (the base model) and ``mixed`` (LoRA, IA3, prefix tuning and
-prompt tuning; Symbiosis only: vLLM serves LoRA only) at 16 clients.
+prompt tuning; Symbiosis only: vLLM serves LoRA only) at 16 clients; ``prefix`` (the base model, every
+prompt a shared ``--prefix-words``-word preamble before its own words, as a system prompt or an
+evaluation's shared context) at 16 clients, also against Symbiosis with ``--no-prefix-caching``.
 
 Reported per scenario, server and C: output tokens/s over the window, time to first token and time
 per output token (p50, p99), completed requests; for Symbiosis, rows per executor GEMM and rows per
@@ -23,6 +25,7 @@ engine step (``/admin/stats``). vLLM runs from its own venv (``bench.vllm_env``)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -40,7 +43,7 @@ import httpx
 from bench import common, vllm_env
 from bench.procs import REPO
 
-SCENARIOS = {"lora4": None, "lora1": [16], "base": [16], "mixed": [16]}
+SCENARIOS = {"lora4": None, "lora1": [16], "base": [16], "mixed": [16], "prefix": [16]}
 #: The benchmark model: the issue's 78M-parameter Llama with the tiny trained tokenizer.
 MODEL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
              max_position_embeddings=2048)
@@ -139,13 +142,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def symbiosis_server(path: Path, adapters: dict[str, Path], args, scratch: Path) -> Server:
+def symbiosis_server(path: Path, adapters: dict[str, Path], args, scratch: Path, *, prefix_caching: bool = True) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "symbiosis.cli.main", "serve-openai", "--model", str(path), "--port", str(port), "--base-name", "base",
                "--device", args.device, "--dtype", args.dtype, "--threads", str(args.server_threads),
-               "--max-seqs", str(max(args.clients)), *(f"--adapter={name}={p}" for name, p in adapters.items())]
+               "--max-seqs", str(max(args.clients)), *(f"--adapter={name}={p}" for name, p in adapters.items()),
+               *([] if prefix_caching else ["--no-prefix-caching"])]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return Server("symbiosis", command, env, scratch / "symbiosis.log", port)
+    name = "symbiosis" if prefix_caching else "symbiosis-nocache"
+    return Server(name, command, env, scratch / f"{name}.log", port)
 
 
 def vllm_server(python: Path, path: Path, adapters: dict[str, Path], args, scratch: Path) -> Server:
@@ -160,6 +165,9 @@ def vllm_server(python: Path, path: Path, adapters: dict[str, Path], args, scrat
 
 
 # ---------------------------------------------------------------------------- load generator
+_REQUESTS = itertools.count()
+
+
 async def closed_loop(url: str, models: list[str], clients: int, duration_s: float, texts: list[str], max_tokens: int) -> dict[str, Any]:
     """``clients`` workers sending streamed completions back to back for ``duration_s``; tokens count
     when they arrive inside the window (the usage's count, spread over the chunks); TTFT and TPOT
@@ -172,12 +180,11 @@ async def closed_loop(url: str, models: list[str], clients: int, duration_s: flo
     start = time.perf_counter()
     end = start + duration_s
     tokens_in_window, ttft, tpot, completed, errors = 0, [], [], 0, []
-    counter = iter(range(1 << 30))
 
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal tokens_in_window, completed
         while time.perf_counter() < end:
-            i = next(counter)
+            i = next(_REQUESTS)  # shared by every window of the run: no prompt comes back (as long as texts last)
             body = {"model": models[i % len(models)], "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
             sent, times, generated = time.perf_counter(), [], 0
@@ -226,14 +233,18 @@ def engine_figures(before: dict | None, after: dict | None) -> dict[str, float]:
     ex0, ex1, en0, en1 = before["executor"], after["executor"], before["engine"], after["engine"]
     gemms, steps = ex1["gemms"] - ex0["gemms"], en1["steps"] - en0["steps"]
     return {"rows_per_gemm": (ex1["rows"] - ex0["rows"]) / max(gemms, 1), "rows_per_step": (en1["rows"] - en0["rows"]) / max(steps, 1),
-            "steps": steps, "mixed_adapter_steps": en1["mixed_steps"] - en0["mixed_steps"]}
+            "steps": steps, "mixed_adapter_steps": en1["mixed_steps"] - en0["mixed_steps"],
+            "prefix_cached_tokens": en1["cached_tokens"] - en0["cached_tokens"], "prompt_rows": en1["prefill_rows"] - en0["prefill_rows"]}
 
 
 def measure(server: Server, scenario: str, clients: list[int], models: list[str], args, texts: list[str]) -> list[dict[str, Any]]:
     rows = []
+    if scenario == "prefix":
+        preamble = prompts(1, args.prefix_words, seed=1)[0]
+        texts = [f"{preamble} {text}" for text in texts]
     for c in clients:
         asyncio.run(closed_loop(server.url, models, c, args.warmup, texts, args.max_tokens))  # warm-up: first calls, adapter loads
-        before = admin_stats(server.url) if server.name == "symbiosis" else None
+        before = admin_stats(server.url) if server.name.startswith("symbiosis") else None
         result = asyncio.run(closed_loop(server.url, models, c, args.duration, texts, args.max_tokens))
         result |= {"server": server.name, "scenario": scenario, "server_threads": args.server_threads, **engine_figures(before, admin_stats(server.url) if before else None)}
         print(f"{server.name:9s} {scenario:6s} C={c:3d}: {result['tokens_per_s']:7.1f} tokens/s, TTFT p50 {result['ttft_ms'].get('p50', 0):7.0f} ms, "
@@ -243,7 +254,8 @@ def measure(server: Server, scenario: str, clients: list[int], models: list[str]
 
 
 def scenario_models(scenario: str) -> list[str]:
-    return {"lora4": ["lora0", "lora1", "lora2", "lora3"], "lora1": ["lora0"], "base": ["base"], "mixed": ["lora0", "ia3", "prefix", "prompt"]}[scenario]
+    return {"lora4": ["lora0", "lora1", "lora2", "lora3"], "lora1": ["lora0"], "base": ["base"], "mixed": ["lora0", "ia3", "prefix", "prompt"],
+            "prefix": ["base"]}[scenario]
 
 
 def run_server(server: Server, scenarios: list[str], args, texts: list[str]) -> list[dict[str, Any]]:
@@ -272,6 +284,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = r["tokens_per_s"] / other["tokens_per_s"]
             out.append({"comparison": f"{r['scenario']} C={r['clients']}: symbiosis / vllm", "ratio": ratio, "target": target,
                         "met": None if target is None else ratio >= target})
+    cached, uncached = find("symbiosis", "prefix", 16), find("symbiosis-nocache", "prefix", 16)
+    if cached and uncached and uncached["tokens_per_s"]:
+        out.append({"comparison": "prefix C=16: prefix caching / none (symbiosis)", "ratio": cached["tokens_per_s"] / uncached["tokens_per_s"],
+                    "target": None, "met": None})
     mixed, lora1 = find("symbiosis", "mixed", 16), find("symbiosis", "lora1", 16)
     if mixed and lora1 and lora1["tokens_per_s"]:
         ratio = mixed["tokens_per_s"] / lora1["tokens_per_s"]
@@ -287,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of load before each measured window (default 5)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--words", type=int, default=12, help="words per prompt (default 12)")
+    p.add_argument("--prefix-words", type=int, default=200, help="words of the shared preamble of the prefix scenario (default 200)")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds a server may take to start")
     p.add_argument("--no-vllm", action="store_true", help="skip the vLLM server")
     args = p.parse_args(argv)
@@ -300,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     load = common.start(args)
     began = time.time()
     vllm_python, vllm_status = (None, "skipped (--no-vllm)") if args.no_vllm else vllm_env.ensure()
-    texts = prompts(4096, args.words)
+    texts = prompts(16384, args.words)
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="symbiosis-serving-") as tmp:
         scratch = Path(tmp)
         adapters = build_adapters(path, scratch / "adapters")
         rows += run_server(symbiosis_server(path, adapters, args, scratch), args.scenarios, args, texts)
+        if "prefix" in args.scenarios:
+            rows += run_server(symbiosis_server(path, adapters, args, scratch, prefix_caching=False), ["prefix"], args, texts)
         vllm_scenarios = [s for s in args.scenarios if s != "mixed"]
         if vllm_python is not None and vllm_scenarios:
             try:
@@ -315,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         elif vllm_python is None:
             skipped.append({"server": "vllm", "reason": vllm_status})
     result = {"model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": load, "vllm": vllm_status,
-              "config": {k: getattr(args, k) for k in ("scenarios", "clients", "duration", "warmup", "max_tokens", "words")},
+              "config": {k: getattr(args, k) for k in ("scenarios", "clients", "duration", "warmup", "max_tokens", "words", "prefix_words")},
               "rows": rows, "skipped": skipped, "targets": targets(rows), "elapsed_s": time.time() - began}
     md = common.table(["scenario", "clients", "server", "tokens/s", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "requests",
                        "rows/GEMM", "rows/step"],

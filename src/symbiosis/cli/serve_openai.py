@@ -55,6 +55,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kv-cache-gib", type=float, help="KV cache memory budget in GiB (default: a full context per sequence, at most 1)")
     group.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     group.add_argument("--max-adapters", type=int, default=64, help="adapters resident at once, least recently used evicted first (default 64)")
+    group.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="compute every prompt in full (default: reuse the cached KV blocks of prompt starts computed before)",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +71,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_bytes=int(args.kv_cache_gib * 2**30) if args.kv_cache_gib else None,
         block_size=args.block_size,
         max_adapters=args.max_adapters,
+        prefix_caching=args.prefix_caching,
     )
 
 

@@ -105,7 +105,8 @@ class GenerationRequest:
 class EngineStats:
     """Counters of the engine: requests, steps and the token rows they computed (prompt and decode),
     the most rows and sequences in a step, steps that mixed several adapters (the bare base counting
-    as one), generated tokens, cancelled and preempted sequences, adapter loads and evictions; and
+    as one), generated tokens, cancelled and preempted sequences, prompt positions taken from the
+    prefix cache, adapter loads and evictions; and
     requests and generated tokens per served model."""
 
     requests: int = 0
@@ -120,6 +121,7 @@ class EngineStats:
     tokens: int = 0
     cancelled: int = 0
     preemptions: int = 0
+    cached_tokens: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
     per_model: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -145,7 +147,8 @@ class Engine:
     ``max_seqs``: sequences running at once; ``max_step_tokens``: token rows per step (decode rows
     plus prompt chunks); ``kv_cache_bytes``: the KV cache's memory budget (default: a full context for
     every sequence, at most 1 GiB); ``max_adapters``: resident adapters; ``base_name``: the base
-    model's name in statistics. The engine takes ``model`` over (attention implementation, wrappers).
+    model's name in statistics; ``prefix_caching``: reuse the cached blocks of prompt starts computed
+    before. The engine takes ``model`` over (attention implementation, wrappers).
     """
 
     def __init__(
@@ -160,6 +163,7 @@ class Engine:
         block_size: int = 16,
         max_adapters: int = 64,
         base_name: str = "base",
+        prefix_caching: bool = True,
     ) -> None:
         if not hasattr(model, "symbiosis") or hasattr(model, "peft_config"):
             raise TypeError("the engine serves a Symbiosis client of the base model (load_model); register adapters with engine.adapters")
@@ -178,7 +182,7 @@ class Engine:
         if kv_cache_bytes is None:
             kv_cache_bytes = min(DEFAULT_KV_CACHE_BYTES, max_seqs * (self.context_length or 4096) * layout.bytes_per_token)
         self.cache = PagedKVCache.within(layout, kv_cache_bytes, block_size, device=self.device)
-        self.scheduler = Scheduler(self.cache, max_seqs=max_seqs, max_step_tokens=max_step_tokens)
+        self.scheduler = Scheduler(self.cache, max_seqs=max_seqs, max_step_tokens=max_step_tokens, prefix_caching=prefix_caching)
         self.adapters = AdapterStore(model, max_resident=max_adapters, attach=self._attach, detach=self._detach)
         #: Longest sequence (virtual tokens, prompt and completion) a request may reach.
         self.max_sequence = min(n for n in (self.context_length, self.cache.capacity_tokens) if n)
@@ -400,6 +404,7 @@ class Engine:
         self._account(chunks, step, len(ids))
         for chunk in chunks:
             chunk.seq.computed = chunk.stop
+            self.scheduler.register_computed(chunk.seq)
         for chunk, first_kept, first in prompt_rows:
             self._prompt_logprobs(chunk.seq, logits, first_kept, first, min(chunk.stop, chunk.seq.virtual + chunk.seq.prompt_len - 1))
         argmax = logits.argmax(-1).tolist() if next_rows else []  # one op for every plain greedy row
@@ -533,6 +538,7 @@ class Engine:
         stats.mixed_steps += adapters > 1
         stats.max_adapters_in_step = max(stats.max_adapters_in_step, adapters)
         stats.preemptions = self.scheduler.preemptions
+        stats.cached_tokens = self.scheduler.cached_tokens
         stats.adapter_loads, stats.adapter_evictions = self.adapters.loads, self.adapters.evictions
 
     # -------------------------------------------------------------------------------- adapters

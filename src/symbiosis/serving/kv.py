@@ -7,14 +7,15 @@ Block ``b`` owns slots ``[b * block_size, (b + 1) * block_size)``; a sequence's 
 blocks in order, so its position ``p`` lives in slot ``table[p // block_size] * block_size + p %
 block_size``. Block 0 is never handed out: it stays zero and pads gathers (a padded key is masked
 out, and zeros keep uninitialised memory, possibly NaN, out of the products). Blocks are counted
-references: the choices of one prompt share its full blocks.
+references: the choices of one prompt share its full blocks, and sequences whose prompts start
+alike share the blocks of their common start (prefix caching, ``BlockPool.register``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,13 @@ class CacheLayout:
 
 
 class BlockPool:
-    """Reference-counted blocks ``1 .. num_blocks - 1`` (block 0 is the null block)."""
+    """Reference-counted blocks ``1 .. num_blocks - 1`` (block 0 is the null block), and the prefix cache.
+
+    A block whose content is registered (``register``: a full block of computed keys and values, under
+    a key naming that content) stays findable (``lookup``) while it is used and after: released by
+    every sequence, it waits in least-recently-used order and is only reused for other content, its
+    registration dropped, when no never-registered block is free. So ``free`` counts both kinds.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 2:
@@ -44,10 +51,21 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._refs = [0] * num_blocks
         self._free: deque[int] = deque(range(1, num_blocks))
+        self._cached: OrderedDict[int, None] = OrderedDict()  # registered blocks nobody holds, least recently used first
+        self._by_key: dict[Hashable, int] = {}
+        self._key_of: dict[int, Hashable] = {}
+        self._serial: dict[int, int] = {}
+        self._serials = 0
 
     @property
     def free(self) -> int:
-        return len(self._free)
+        """Blocks that ``allocate`` can hand out (cached ones included)."""
+        return len(self._free) + len(self._cached)
+
+    @property
+    def cached(self) -> int:
+        """Registered blocks nobody holds (findable until reused)."""
+        return len(self._cached)
 
     @property
     def capacity(self) -> int:
@@ -55,23 +73,54 @@ class BlockPool:
         return self.num_blocks - 1
 
     def allocate(self, count: int) -> list[int] | None:
-        """``count`` fresh blocks, or None (and nothing taken) when fewer are free."""
-        if count > len(self._free):
+        """``count`` blocks for new content, or None (and nothing taken) when fewer are free; never-registered
+        blocks first, then the least recently used cached ones (which lose their registration)."""
+        if count > self.free:
             return None
-        blocks = [self._free.popleft() for _ in range(count)]
-        for block in blocks:
+        blocks = []
+        for _ in range(count):
+            if self._free:
+                block = self._free.popleft()
+            else:
+                block, _ = self._cached.popitem(last=False)
+                del self._by_key[self._key_of.pop(block)], self._serial[block]
             self._refs[block] = 1
+            blocks.append(block)
         return blocks
 
     def share(self, blocks: Sequence[int]) -> None:
         for block in blocks:
+            if self._refs[block] == 0:
+                del self._cached[block]
             self._refs[block] += 1
 
     def release(self, blocks: Sequence[int]) -> None:
         for block in blocks:
             self._refs[block] -= 1
             if self._refs[block] == 0:
-                self._free.append(block)
+                if block in self._key_of:
+                    self._cached[block] = None
+                else:
+                    self._free.append(block)
+
+    def register(self, block: int, key: Hashable) -> int:
+        """Record that held ``block`` holds the content ``key`` names; returns that content's serial (an
+        integer never reused, for keys that chain on it): ``block``'s, or that of a block registered
+        before with the same content."""
+        known = self._by_key.get(key)
+        if known is not None:
+            return self._serial[known]
+        if block not in self._key_of:
+            self._by_key[key] = block
+            self._key_of[block] = key
+            self._serials += 1
+            self._serial[block] = self._serials
+        return self._serial[block]
+
+    def lookup(self, key: Hashable) -> tuple[int, int] | None:
+        """``(block, serial)`` of the content ``key`` names, if a block holds it (take it with ``share``)."""
+        block = self._by_key.get(key)
+        return None if block is None else (block, self._serial[block])
 
 
 class PagedKVCache:

@@ -25,6 +25,7 @@ ENGINE_COUNTERS = {
     "prompt_rows": ("prefill_rows", "Prompt token rows computed (recomputed ones after a preemption included)"),
     "decode_rows": ("decode_rows", "Decoding token rows computed"),
     "preemptions": ("preemptions", "Sequences preempted for lack of KV cache blocks (recomputed later)"),
+    "prefix_cache_hit_tokens": ("cached_tokens", "Prompt positions whose keys and values came from the prefix cache, not computed"),
     "cancelled": ("cancelled", "Sequences cancelled (client gone) before they finished"),
     "adapter_loads": ("adapter_loads", "Adapters made resident"),
     "adapter_evictions": ("adapter_evictions", "Resident adapters evicted"),

@@ -12,7 +12,10 @@ then what it generated; ``computed`` of them have keys and values in the cache. 
 2. Then, unless step 1 preempted, queued sequences in arrival order are admitted while the budget,
    the running-sequence limit and free blocks allow (a sequence whose adapter is still loading is
    passed over, without holding back the others; the first that finds no free blocks stops
-   admission, so load beyond capacity waits in the queue).
+   admission, so load beyond capacity waits in the queue). A sequence admitted without blocks first
+   takes the cached blocks of the longest start it shares with sequences computed before (prefix
+   caching: full blocks, keyed by their tokens, everything before them and the adapter), and
+   computes only the rest.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     first_token_at: float | None = None  # time.monotonic() of its first generated token
+    registered: int = 0  # leading blocks registered in the prefix cache
+    serial: int = 0  # content serial of the last of them (0: none)
 
     @property
     def virtual(self) -> int:
@@ -97,15 +102,17 @@ class Chunk:
 class Scheduler:
     """Queued and running sequences of one engine (used by the engine's thread only)."""
 
-    def __init__(self, cache: PagedKVCache, *, max_seqs: int, max_step_tokens: int) -> None:
+    def __init__(self, cache: PagedKVCache, *, max_seqs: int, max_step_tokens: int, prefix_caching: bool = True) -> None:
         if max_seqs < 1 or max_step_tokens < 1:
             raise ValueError("max_seqs and max_step_tokens must be >= 1")
         self.cache = cache
         self.max_seqs = max_seqs
         self.max_step_tokens = max_step_tokens
+        self.prefix_caching = prefix_caching
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.cached_tokens = 0  # positions admitted from the prefix cache instead of computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -138,24 +145,62 @@ class Scheduler:
                 break
             if not ready(seq):
                 continue
+            reused = self._reuse(seq)
             start = max(seq.computed, seq.written_prefix)
             count = min(seq.total - start, budget)
             if not self._reserve(seq, start + count):
+                self._forget(seq)
                 break
+            self.cached_tokens += reused
             self.waiting.remove(seq)
             self.running.append(seq)
             chunks.append(Chunk(seq, start, count, write_prefix=start > seq.computed))
             budget -= count
         return chunks
 
+    def register_computed(self, seq: Sequence) -> None:
+        """Register ``seq``'s blocks that its computed positions fill, for other sequences to reuse."""
+        if not self._cacheable(seq):
+            return
+        size, pool = self.cache.block_size, self.cache.pool
+        for index in range(seq.registered, seq.computed // size):
+            seq.serial = pool.register(seq.blocks[index], (seq.serial, seq.info, tuple(seq.tokens[index * size : (index + 1) * size])))
+            seq.registered = index + 1
+
     def preempt(self, seq: Sequence) -> None:
-        """Free ``seq``'s blocks and queue it first, to be recomputed."""
-        self.cache.pool.release(seq.blocks)
-        seq.blocks, seq.computed = [], 0
+        """Free ``seq``'s blocks and queue it first, to be recomputed (from its cached blocks, where they last)."""
+        self._forget(seq)
         if seq.prompt_logprobs is not None and not seq.sent_prompt_logprobs:
             seq.prompt_logprobs = [None]
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _cacheable(self, seq: Sequence) -> bool:
+        """Whether ``seq``'s blocks go through the prefix cache: not for adapters' virtual tokens or prefix."""
+        return self.prefix_caching and seq.virtual == 0
+
+    def _reuse(self, seq: Sequence) -> int:
+        """Give a sequence that has no blocks yet the cached blocks of its longest cached start (always
+        leaving its last position to compute, whose logits it needs; all of it when the prompt's
+        log-probabilities are still to be reported); returns the positions reused."""
+        if seq.blocks or not self._cacheable(seq) or (seq.prompt_logprobs is not None and not seq.sent_prompt_logprobs):
+            return 0
+        size, pool = self.cache.block_size, self.cache.pool
+        blocks, serial = [], 0
+        for index in range((seq.total - 1) // size):
+            hit = pool.lookup((serial, seq.info, tuple(seq.tokens[index * size : (index + 1) * size])))
+            if hit is None:
+                break
+            block, serial = hit
+            blocks.append(block)
+        pool.share(blocks)
+        seq.blocks, seq.computed, seq.registered, seq.serial = blocks, len(blocks) * size, len(blocks), serial
+        return seq.computed
+
+    def _forget(self, seq: Sequence) -> None:
+        """Release ``seq``'s blocks; it has computed nothing."""
+        self.cache.pool.release(seq.blocks)
+        seq.blocks, seq.computed, seq.registered, seq.serial = [], 0, 0, 0
 
     def remove(self, seq: Sequence) -> None:
         """Take ``seq`` out (finished or cancelled) and free its blocks."""
@@ -173,12 +218,12 @@ class Scheduler:
         size = self.cache.block_size
         full = parent.computed // size
         child.blocks = list(parent.blocks[:full])
+        child.registered, child.serial = parent.registered, parent.serial
         self.cache.pool.share(child.blocks)
         if parent.computed % size:
             block = self.cache.pool.allocate(1)
             if block is None:
-                self.cache.pool.release(child.blocks)
-                child.blocks, child.computed = [], 0
+                self._forget(child)
                 self.waiting.appendleft(child)
                 return
             self.cache.copy_block(parent.blocks[full], block[0])

@@ -20,6 +20,7 @@ from symbiosis import BaseExecutor, load_model
 from symbiosis.protocol import Direction
 from symbiosis.serving import Engine, EngineClosed, Event, GenerationRequest, SamplingParams, read_adapter
 from symbiosis.serving.adapters import store
+from symbiosis.serving.kv import BlockPool
 from symbiosis.tiny import save_tiny_model_with_tokenizer
 
 from .adapters import ADAPTER_CONFIGS, greedy_with_logprobs, logits_from_scratch, monolithic, save_adapter, save_adapters
@@ -131,6 +132,64 @@ def test_choices_of_one_prompt_share_its_cache_and_sample_with_their_own_seeds(s
     apart = generate(setup.engine, [(info, PROMPTS[2], SamplingParams(max_tokens=10, temperature=1.0, seed=5))] * 3)
     assert [together[i] for i in range(3)] == [e.token_ids for e in apart]
     assert len(set(together.values())) > 1
+
+
+def test_prompts_that_start_alike_reuse_the_cached_blocks_of_their_start(setup):
+    """Prefix caching: a prompt whose first full blocks were computed before (same tokens, same adapter)
+    takes those blocks and computes only the rest, and answers exactly as computed from scratch; another
+    adapter's prompt, or one whose prompt log-probabilities are asked for, computes everything."""
+    engine, size = setup.engine, setup.engine.cache.block_size
+    start = [1] + list(range(200, 200 + 2 * size + 7))  # two full blocks and 8 positions more
+    first, second = start + [11, 12], start + [13]
+    lora = setup.infos["lora"]
+
+    def run(info, prompt, params):
+        before = engine.stats.snapshot()
+        [event] = generate(engine, [(info, prompt, params)])
+        after = engine.stats.snapshot()
+        return event, after["cached_tokens"] - before["cached_tokens"], after["prefill_rows"] - before["prefill_rows"]
+
+    event, cached, _ = run(None, first, greedy(4, logprobs=1))
+    assert cached == 0
+    assert_matches_reference(event, setup.reference(None), first, 4, "first")
+    event, cached, prefilled = run(None, second, greedy(4, logprobs=1))
+    assert cached == 2 * size and prefilled == len(second) - 2 * size
+    assert_matches_reference(event, setup.reference(None), second, 4, "second, from the cache")
+    event, cached, _ = run(lora, second, greedy(4, logprobs=1))  # another adapter: other keys and values
+    assert cached == 0
+    assert_matches_reference(event, setup.reference("lora"), second, 4, "lora")
+    event, cached, _ = run(None, second, greedy(1, prompt_logprobs=1))  # every prompt position's logits needed
+    assert cached == 0 and len(event.prompt_logprobs) == len(second)
+    event, cached, _ = run(lora, first, greedy(4, logprobs=1))
+    assert cached == 2 * size
+    assert_matches_reference(event, setup.reference("lora"), first, 4, "lora, from the cache")
+
+
+def test_cached_blocks_are_reused_least_recently_used_first_and_only_when_nothing_else_is_free():
+    pool = BlockPool(5)  # blocks 1..4
+    a, b = pool.allocate(2)
+    assert pool.register(a, "A") == 1 and pool.register(b, "B") == 2
+    assert pool.register(b, "B") == 2 and pool.lookup("A") == (a, 1)
+    pool.release([a, b])
+    assert pool.free == 4 and pool.cached == 2  # cached blocks count as free
+    c, d = pool.allocate(2)  # the two never-registered blocks come first
+    assert {c, d}.isdisjoint({a, b}) and pool.cached == 2
+    pool.share([b])  # taken from the cache by a sequence that reuses it
+    assert pool.cached == 1 and pool.free == 1
+    [e] = pool.allocate(1)  # only a cached block is left: it loses its content
+    assert e == a and pool.lookup("A") is None and pool.lookup("B") == (b, 2)
+    assert pool.allocate(1) is None
+    pool.release([b, c, d, e])
+    assert pool.free == 4 and pool.cached == 1 and pool.register(e, "A") == 3  # new content, new serial
+
+
+def test_prefix_caching_can_be_turned_off(chat_model_dir):
+    engine = Engine(load_model(BaseExecutor.from_pretrained(chat_model_dir)), None, eos_ids=[], prefix_caching=False)
+    prompt = [1] + list(range(300, 340))
+    events = [generate(engine, [(None, prompt, greedy(3))])[0] for _ in range(2)]
+    engine.close()
+    assert engine.join(timeout=30)
+    assert engine.stats.cached_tokens == 0 and events[0].token_ids == events[1].token_ids
 
 
 def test_long_prompts_are_prefilled_in_chunks_while_other_sequences_decode(chat_model_dir):
