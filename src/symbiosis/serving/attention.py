@@ -11,9 +11,9 @@ stores the keys and values in their slots, then attends:
 * each longer chunk (a prompt being prefilled) on its own, causally from its offset.
 
 Sliding windows (``sliding_window``), chunked attention (Llama 4), logit soft-capping
-(``softcap``, Gemma 2) and attention sinks (GPT-OSS) are applied as the model's own attention applies them; grouped-query attention folds
-each key/value head's query heads into one product; values may be narrower than keys (multi-head
-latent attention, DeepSeek V2/V3).
+(``softcap``, Gemma 2) and attention sinks (GPT-OSS) are applied as the model's own attention
+applies them; grouped-query attention folds each key/value head's query heads into one product;
+values may be narrower than keys (multi-head latent attention, DeepSeek V2/V3).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class AttentionPlan:
 class LayoutProbe:
     """A plan that only records each layer's ``(kv_heads, key_dim, value_dim)`` (one forward at engine start)."""
 
-    layers: dict[int, tuple[int, int]] = field(default_factory=dict)
+    layers: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def paged_attention(

@@ -27,7 +27,7 @@ NULL_BLOCK = 0
 class CacheLayout:
     """The shape of one token's cache entry: ``(kv_heads, key_dim, value_dim)`` per attention layer."""
 
-    layers: tuple[tuple[int, int], ...]
+    layers: tuple[tuple[int, int, int], ...]
     dtype: torch.dtype
 
     @property

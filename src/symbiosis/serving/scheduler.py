@@ -162,9 +162,9 @@ class Scheduler:
         """Register ``seq``'s blocks that its computed positions fill, for other sequences to reuse."""
         if not self._cacheable(seq):
             return
-        size, pool = self.cache.block_size, self.cache.pool
-        for index in range(seq.registered, seq.computed // size):
-            seq.serial = pool.register(seq.blocks[index], (seq.serial, seq.info, tuple(seq.tokens[index * size : (index + 1) * size])))
+        pool = self.cache.pool
+        for index in range(seq.registered, seq.computed // self.cache.block_size):
+            seq.serial = pool.register(seq.blocks[index], self._block_key(seq, index, seq.serial))
             seq.registered = index + 1
 
     def preempt(self, seq: Sequence) -> None:
@@ -188,7 +188,7 @@ class Scheduler:
         size, pool = self.cache.block_size, self.cache.pool
         blocks, serial = [], 0
         for index in range((seq.total - 1) // size):
-            hit = pool.lookup((serial, seq.info, tuple(seq.tokens[index * size : (index + 1) * size])))
+            hit = pool.lookup(self._block_key(seq, index, serial))
             if hit is None:
                 break
             block, serial = hit
@@ -196,6 +196,12 @@ class Scheduler:
         pool.share(blocks)
         seq.blocks, seq.computed, seq.registered, seq.serial = blocks, len(blocks) * size, len(blocks), serial
         return seq.computed
+
+    def _block_key(self, seq: Sequence, index: int, before: int) -> tuple:
+        """The prefix cache's key of block ``index`` of cacheable ``seq``: the serial of the content
+        ``before`` it, the adapter, and the block's tokens."""
+        size = self.cache.block_size
+        return before, seq.info, tuple(seq.tokens[index * size : (index + 1) * size])
 
     def _forget(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks; it has computed nothing."""

@@ -287,9 +287,8 @@ def wrap(model: nn.Module, name: str) -> RowDispatch:
     module = model.get_submodule(name)
     if isinstance(module, RowDispatch):
         return module
-    parent_name, _, attr = name.rpartition(".")
     wrapper = RowDispatch(module, lm_head=module is model.get_output_embeddings())
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+    model.set_submodule(name, wrapper)
     return wrapper
 
 

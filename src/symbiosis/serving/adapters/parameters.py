@@ -62,9 +62,8 @@ def wrap(model: nn.Module, name: str) -> ParameterDispatch:
         return module
     if isinstance(module, RowDispatch):
         raise DispatchError(f"{name} is served per row as a module already; an adapter cannot also target its parameters")
-    parent_name, _, attr = name.rpartition(".")
     wrapper = ParameterDispatch(module)
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+    model.set_submodule(name, wrapper)
     return wrapper
 
 
