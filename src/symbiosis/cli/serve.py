@@ -21,6 +21,7 @@ from .executor_args import add_quantize_argument
 from ..server import ExecutorServer, TenantRegistry
 from ..server.app import DEFAULT_SESSION_IDLE_S, UNARY_THREADS
 from ..server.shm_host import DEFAULT_MAX_CHANNELS
+from ..transport.waiting import DEFAULT_SPIN_S
 from ..transport.keepalive import DEFAULT_KEEPALIVE_S
 
 #: How often the main thread wakes to run signal handlers while it waits for SIGTERM/SIGINT.
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-shared-memory", action="store_true", help="do not offer same-host shared-memory channels")
     parser.add_argument("--shm-channels", type=int, default=DEFAULT_MAX_CHANNELS,
                         help=f"same-host shared-memory channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use another lane)")
+    parser.add_argument("--channel-spin-us", type=float, default=DEFAULT_SPIN_S * 1e6, metavar="US",
+                        help=f"a shared-memory channel polls for its client's next call this long before it sleeps (default "
+                             f"{DEFAULT_SPIN_S * 1e6:.0f}; only while the client calls that often; 0: never poll, saves CPU)")
     parser.add_argument("--data-port", type=int, default=0,
                         help="port of the TCP data channels, which carry op calls without gRPC (default 0: any free port; "
                              "clients learn it over gRPC)")
@@ -122,6 +126,7 @@ def start_server(args: argparse.Namespace) -> ExecutorServer:
         max_workers=args.max_workers,
         shared_memory=not args.no_shared_memory,
         shm_channels=args.shm_channels,
+        channel_spin_s=args.channel_spin_us / 1e6,
         data_channel=not args.no_data_channel,
         data_port=args.data_port,
         data_channels=args.data_channels,

@@ -19,6 +19,7 @@ from .handler import RequestHandler
 from .metrics import ServerMetrics
 from .data_host import DataHost
 from .service import ExecutorService
+from ..transport.waiting import DEFAULT_SPIN_S
 from .shm_host import DEFAULT_MAX_CHANNELS, ShmHost
 from .tenancy import TenantRegistry
 
@@ -44,7 +45,8 @@ class ExecutorServer:
     ``max_workers``: server threads; session streams may hold all but ``UNARY_THREADS`` of them
     (further sessions are refused with RESOURCE_EXHAUSTED), the rest serve health checks and unary
     calls. ``shared_memory``: offer same-host channels (Linux only), at most ``shm_channels`` at
-    once. ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
+    once; each polls for its client's next call for up to ``channel_spin_s`` before it blocks
+    (``transport.waiting``; 0: never poll). ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
     hosts), at most ``data_channels`` at once, listening on ``data_port`` (0: any free port; TLS
     when the service uses TLS). ``session_idle_s``: end sessions and channels idle longer than this
     (their clients open new ones). ``keepalive_s``: ping quiet connections this often and drop
@@ -63,6 +65,7 @@ class ExecutorServer:
         max_workers: int = 64,
         shared_memory: bool = True,
         shm_channels: int = DEFAULT_MAX_CHANNELS,
+        channel_spin_s: float = DEFAULT_SPIN_S,
         data_channel: bool = True,
         data_port: int = 0,
         data_channels: int = DEFAULT_MAX_CHANNELS,
@@ -81,7 +84,7 @@ class ExecutorServer:
         self.session_idle_s = session_idle_s
         self.metrics = ServerMetrics(executor, self.registry.tenants())
         self.handler = RequestHandler(executor, self.metrics)
-        self.shm = ShmHost(self.handler, max_channels=shm_channels) if shared_memory and SHM_SUPPORTED else None
+        self.shm = ShmHost(self.handler, max_channels=shm_channels, spin_s=channel_spin_s) if shared_memory and SHM_SUPPORTED else None
         self.data = (
             DataHost(
                 self.handler, self.registry, host=host, port=data_port, tls=tls, max_payload_bytes=max_message_bytes,

@@ -5,7 +5,9 @@ to one tenant. Its thread reads a call, hands it to the executor and goes back t
 once the call is answered — so a client has at most one call in flight per channel, and a hostile
 one cannot queue more. The answer is written by whichever thread computed the call (the executor's
 combiner writes straight into the channel's response memory and sends the result message): no
-thread hand-off on the way back. A channel ends when its client hangs up, crashes or sends what
+thread hand-off on the way back. A channel sees the same few calls again and again (one per op and
+shape of its client's model): each is decoded, checked and validated the first time only and kept
+as a ``CallPlan`` under the bytes that follow its call id; a repeat is then run at once. A channel ends when its client hangs up, crashes or sends what
 it cannot answer, when idle longer than the server's idle timeout, or when the server drains; a
 call in flight is answered first (or its answer dropped if the client is gone), so nothing a
 dead client asked for outlives its channel.
@@ -17,7 +19,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -25,7 +27,7 @@ from ..errors import BadRequestError, ExecutorUnavailableError, LimitExceededErr
 from ..transport import symbiosis_pb2 as pb
 from ..transport.frames import FrameError
 from ..transport.wire import RegionReader, describe_region, status_code_of
-from .handler import RequestHandler
+from .handler import CallPlan, RequestHandler
 from .tenancy import TenantState
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,20 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 1024
 #: Serialized output descriptions a channel keeps (see ``Channel._described``).
 MAX_DESCRIPTIONS = 256
+#: Call plans a channel keeps (beyond this many distinct calls it starts afresh).
+MAX_PLANS = 256
+
+
+def call_key(message: bytes | memoryview, call: pb.OpCall) -> bytes | None:
+    """What identifies the call ``message`` carries apart from its call id: the bytes after its
+    leading call id (clients send the call id first, then a serialized description they keep per
+    call); None when the message does not start with its call id. Repeats of one call have equal
+    keys, and messages with equal keys describe the same call whatever their call ids (the leading
+    bytes hold nothing but the call id)."""
+    prefix = pb.OpCall(call_id=call.call_id).SerializeToString()
+    if message[: len(prefix)] != prefix:
+        return None
+    return bytes(message[len(prefix) :])
 
 
 class Channel(threading.Thread):
@@ -49,11 +65,14 @@ class Channel(threading.Thread):
         self.idle_since = time.monotonic()
         self._answered = threading.Lock()  # held while a call is in flight
         self._call_id = 0
+        self._answer = b""  # the current call's answer besides its call id, when a plan has it
         self._descriptions: dict[tuple, bytes] = {}
+        self._plans: dict[Hashable, CallPlan | None] = {}
 
     # ------------------------------------------------------------------------ for subclasses
-    def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
-        """The next call and how to read its tensor, or None when the client hung up.
+    def receive(self) -> tuple[pb.OpCall, RegionReader, Hashable | None] | None:
+        """The next call, how to read its tensor and its plan key (equal for repeats of one call;
+        None: decode this call afresh), or None when the client hung up.
 
         Raises ``BadRequestError`` for a message that is no call (answered with an error, the
         channel goes on) and ``OSError`` when the connection broke (the channel ends).
@@ -96,17 +115,43 @@ class Channel(threading.Thread):
                 return
             if got is None:
                 return
-            call, regions = got
+            call, regions, key = got
             self._call_id = call.call_id
             self.idle_since = math.inf
-            handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
+            plan = self._plans.get(key, False) if key is not None else None
+            if plan is False:
+                try:
+                    plan = self._plan(key, call, regions)
+                except Exception as exc:
+                    self.complete(None, exc)
+                    continue
+            if plan is None:
+                self._answer = b""
+                handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
+            else:
+                self._answer = plan.answer
+                handler.run(plan, tenant, self.complete)
+
+    def _plan(self, key: Hashable, call: pb.OpCall, regions: RegionReader) -> CallPlan | None:
+        """Plan ``call`` and keep the plan (or that it has none) under ``key``."""
+        plan = self.host.handler.plan(call, self.tenant, regions, self.output)
+        if plan is not None:
+            plan.answer = self._described(plan.out)
+        if len(self._plans) >= MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    def forget_plans(self) -> None:
+        """Drop the plans kept (call when the memory their tensors view is replaced)."""
+        self._plans.clear()
 
     def complete(self, y: torch.Tensor | None, error: BaseException | None) -> None:
         """Answer the current call (called once per call, by whichever thread computed it)."""
         try:
             if error is None:
                 # two serialized messages concatenated parse as their merge: the call id, then the output
-                result = pb.OpResult(call_id=self._call_id).SerializeToString() + self._described(y)
+                result = pb.OpResult(call_id=self._call_id).SerializeToString() + (self._answer or self._described(y))
             else:
                 message = pb.OpResult(call_id=self._call_id)
                 message.error.code = status_code_of(error).name

@@ -30,7 +30,7 @@ from ..transport.frames import PREFIX, receive_into, receive_prefix, send_frame,
 from ..transport.keepalive import DEFAULT_KEEPALIVE_S, enable_tcp_keepalive
 from ..transport.shm import Area
 from ..transport.wire import RegionReader, status_code_of
-from .channels import MAX_ERROR_CHARS, Channel, ChannelHost
+from .channels import MAX_ERROR_CHARS, Channel, ChannelHost, call_key
 from .handler import RequestHandler
 from .tenancy import TenantRegistry, TenantState
 
@@ -192,7 +192,7 @@ class _DataChannel(Channel):
             return True
 
     # ------------------------------------------------------------------------------ the calls
-    def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
+    def receive(self) -> tuple[pb.OpCall, RegionReader, tuple[bytes, int] | None] | None:
         sock = self._sock
         lengths = receive_prefix(sock, self._prefix, self.host.max_payload_bytes)
         if lengths is None:
@@ -203,6 +203,7 @@ class _DataChannel(Channel):
             receive_into(sock, memoryview(header))
             if self._requests.memory.numel() < payload_bytes:
                 self._requests = Area(torch.empty(_rounded(payload_bytes), dtype=torch.uint8))
+                self.forget_plans()  # their rows view the old buffer
             self._requests.size = payload_bytes  # a region must lie within this frame's payload
             receive_into(sock, tensor_view(self._requests.memory[:payload_bytes]))
         except EOFError as exc:
@@ -212,7 +213,8 @@ class _DataChannel(Channel):
             call.ParseFromString(bytes(header))
         except Exception as exc:  # protobuf's DecodeError, or anything a malformed message provokes
             raise BadRequestError(f"malformed OpCall: {exc}") from None
-        return call, self._request_region
+        key = call_key(header, call)
+        return call, self._request_region, None if key is None else (key, payload_bytes)
 
     def _request_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
         if device:
@@ -226,6 +228,7 @@ class _DataChannel(Channel):
         nbytes = math.prod(shape) * dtype.itemsize
         if self._responses.size < nbytes:
             self._responses = Area(torch.empty(_rounded(nbytes), dtype=torch.uint8))
+            self.forget_plans()  # their outputs view the old buffer
         return self._responses.tensor(0, shape, dtype)
 
     def region(self, y: torch.Tensor) -> tuple[int, bool]:

@@ -10,6 +10,8 @@ import threading
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +32,19 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 MAX_CLIENT_IDS = 1024
 #: The id under which a tenant's requests from further client ids are counted.
 OTHER_CLIENTS = "other"
+
+
+@dataclass(slots=True)
+class CallPlan:
+    """A channel's call decoded, checked against the tenant's size limits and validated once, to be
+    run again whenever the same call comes back: its rows are a view of the channel's request
+    memory (fresh values each time) and its output goes to ``out`` (see ``RequestHandler.plan``)."""
+
+    call: pb.OpCall
+    request: OpRequest
+    out: torch.Tensor
+    #: What the channel sends back for a computed call besides its call id (see ``Channel``).
+    answer: bytes = b""
 
 
 class RequestHandler:
@@ -86,6 +101,48 @@ class RequestHandler:
             self.executor.submit(request, done, out=out)
         except Exception as exc:
             done(None, exc)
+
+    def plan(
+        self,
+        call: pb.OpCall,
+        tenant: TenantState,
+        regions: RegionReader,
+        output: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
+    ) -> CallPlan | None:
+        """``call`` as a ``CallPlan``, or None when it must be decoded afresh each time (token ids:
+        their values are validated per call). Raises (and counts) what ``submit`` would refuse for
+        good: a malformed call, one beyond the tenant's size limits, one the executor refuses."""
+        start = time.perf_counter()
+        try:
+            request = decode_call(call, tenant=tenant.name, regions=regions)
+            if not request.x.is_floating_point():
+                return None
+            tenant.check_request(request.rows, request.x.numel() * request.x.element_size())
+            request.priority = min(MAX_PRIORITY, request.priority + tenant.tenant.priority)
+            shape, dtype = self.executor.validate(request)
+            out = output(shape, dtype)
+        except Exception as exc:
+            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
+            raise
+        return CallPlan(call, request, out)
+
+    def run(self, plan: CallPlan, tenant: TenantState, reply: Completion) -> None:
+        """Hand a planned call to the executor as ``submit`` does (the tenant's rate and in-flight
+        limits are checked each time; nothing else needs to be)."""
+        start = time.perf_counter()
+        call, request = plan.call, plan.request
+        try:
+            tenant.acquire()
+        except Exception as exc:
+            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
+            reply(None, exc)
+            return
+
+        def done(y: torch.Tensor | None, error: BaseException | None) -> None:
+            self._finish(call, tenant, request, start, error)
+            reply(y, error)
+
+        self.executor.submit(request, done, out=plan.out, validated=True)
 
     def _admitted(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float) -> OpRequest:
         """The request ``call`` describes, within the tenant's limits and holding one of its in-flight

@@ -43,12 +43,12 @@ from ..transport.shm import (
     listen,
     map_tensor,
     peer_pid,
-    receive,
     refuse,
     unmap,
 )
+from ..transport.waiting import DEFAULT_SPIN_S, Receiver
 from ..transport.wire import RegionReader
-from .channels import Channel, ChannelHost
+from .channels import Channel, ChannelHost, call_key
 from .handler import RequestHandler
 from .tenancy import TenantState
 
@@ -74,9 +74,12 @@ class ShmHost(ChannelHost):
         max_channels: int = DEFAULT_MAX_CHANNELS,
         max_pending: int = DEFAULT_MAX_PENDING,
         accept_timeout_s: float = DEFAULT_ACCEPT_TIMEOUT_S,
+        spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
         super().__init__(handler, max_channels=max_channels, max_pending=max_pending)
         self.accept_timeout_s = accept_timeout_s
+        #: How long a channel polls for its client's next call before it blocks (``transport.waiting``).
+        self.spin_s = spin_s
         self.device = handler.executor.device
         #: Makes a channel's CUDA buffers (``capacity`` bytes each way) for clients that compute on a
         #: GPU: on a GPU executor, buffers in its memory; None (clients use host memory) otherwise.
@@ -122,7 +125,7 @@ class _ShmChannel(Channel):
         self._bytes = map_tensor(self._memory)
         self._requests = Area(self._bytes, layout.request_data, layout.capacity)
         self._responses = Area(self._bytes, layout.response_data, layout.capacity)
-        self._buffer = bytearray(MAX_MESSAGE_BYTES)
+        self._receiver: Receiver | None = None
         self._lock = threading.Lock()  # orders hang_up() against accepting and closing
         self._conn: socket.socket | None = None
         self._ended = False
@@ -168,6 +171,7 @@ class _ShmChannel(Channel):
         with self._lock:
             if not self._ended:
                 self._conn = conn
+                self._receiver = Receiver(conn, MAX_MESSAGE_BYTES, spin_s=self.host.spin_s)
                 self.idle_since = time.monotonic()
                 self.connected = True
                 return True
@@ -196,8 +200,8 @@ class _ShmChannel(Channel):
             self.serve()
 
     # ------------------------------------------------------------------------------ the calls
-    def receive(self) -> tuple[pb.OpCall, RegionReader] | None:
-        message = receive(self._conn, self._buffer)
+    def receive(self) -> tuple[pb.OpCall, RegionReader, bytes | None] | None:
+        message = self._receiver.receive()
         if message is None:
             return None
         call = pb.OpCall()
@@ -210,7 +214,8 @@ class _ShmChannel(Channel):
             if self._device_buffers is None:
                 raise BadRequestError("a device region on a channel without CUDA buffers")
             self._device_buffers.await_request()
-        return call, self._request_region
+            return call, self._request_region, None
+        return call, self._request_region, call_key(message, call)
 
     def _request_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
         return (self._device_requests if device else self._requests).tensor(offset, shape, dtype)

@@ -33,6 +33,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UnsupportedFeatureError
+from ..executor.executor import adopt_thread_count
 from . import batch
 from .adapters import AdapterInfo, AdapterLoadError, AdapterStore, LoadedAdapter
 from .adapters import layer as dispatch
@@ -263,6 +264,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
+        adopt_thread_count()
         try:
             self._serve()
         except Exception as exc:  # an engine bug: fail every request and refuse new ones, never leave them waiting

@@ -31,7 +31,8 @@ from . import symbiosis_pb2 as pb
 from . import symbiosis_pb2_grpc as pb_grpc
 from .frames import PREFIX, receive_into, receive_prefix, send_frame, tensor_view
 from .keepalive import enable_tcp_keepalive
-from .shm import MAX_MESSAGE_BYTES, Area, ShmLayout, map_tensor, open_channel, receive, set_receive_timeout, unmap
+from .shm import MAX_MESSAGE_BYTES, Area, ShmLayout, map_tensor, open_channel, set_receive_timeout, unmap
+from .waiting import DEFAULT_SPIN_S, Receiver
 from .wire import WIRE_DTYPES, decode_tensor, describe_region, encode_call, encode_tensor, exception_for
 
 #: Serialized call descriptions a channel lane keeps (see ``_SocketLane._header``).
@@ -106,21 +107,26 @@ class _SocketLane:
 
     def _header(self, request: OpRequest, call_id: int, x: torch.Tensor, offset: int, device: bool = False) -> bytes:
         """The serialized ``OpCall`` of ``request``, its rows ``x`` at ``offset`` of the channel's
-        request memory (``device``: of its CUDA request buffer). All but the call id is kept per
-        distinct call (a thread makes the same few calls, one per op and shape, again and again)
-        and the call id prepended: two serialized messages concatenated parse as their merge."""
+        request memory (``device``: of its CUDA request buffer): the call id, then the call's
+        ``_description`` (two serialized messages concatenated parse as their merge; the server
+        recognises a call it has seen by the bytes after its call id)."""
+        return pb.OpCall(call_id=call_id).SerializeToString() + self._description(request, x, offset, device)
+
+    def _description(self, request: OpRequest, x: torch.Tensor, offset: int, device: bool) -> bytes:
+        """The serialized ``OpCall`` of ``request`` without its call id, kept per distinct call (a
+        thread makes the same few calls, one per op and shape, again and again)."""
         key = (
             request.op, request.direction, request.priority, request.out_dtype, request.client_id,
             request.compute_dtype, request.weight_dtype, request.features, x.shape, x.dtype, offset, device,
         )
-        header = self._descriptions.get(key)
-        if header is None:
+        description = self._descriptions.get(key)
+        if description is None:
             msg = encode_call(request, 0, self._msg)
             describe_region(x, offset, msg.x, device=device)
             if len(self._descriptions) >= MAX_DESCRIPTIONS:
                 self._descriptions.clear()
-            header = self._descriptions[key] = msg.SerializeToString()
-        return pb.OpCall(call_id=call_id).SerializeToString() + header
+            description = self._descriptions[key] = msg.SerializeToString()
+        return description
 
     def _impatient(self) -> None:
         """A receive timed out: go on waiting while the server is alive, else ``Transient``."""
@@ -157,11 +163,14 @@ class _SocketLane:
 
 class ShmLane(_SocketLane):
     """One same-host shared-memory channel (see ``transport.shm``); ``cuda``: the thread's rows live
-    on a GPU (use the channel's CUDA buffers when the executor offers them, else pinned host memory)."""
+    on a GPU (use the channel's CUDA buffers when the executor offers them, else pinned host memory);
+    ``spin_s``: how long a call polls for its answer before it sleeps (``transport.waiting``)."""
 
     kind = "shm"
 
-    def __init__(self, reply: pb.AttachReply, *, cuda: bool, patience_s: float, alive: Callable[[], bool]) -> None:
+    def __init__(
+        self, reply: pb.AttachReply, *, cuda: bool, patience_s: float, alive: Callable[[], bool], spin_s: float = DEFAULT_SPIN_S
+    ) -> None:
         self.layout = ShmLayout(reply.capacity)
         sock, self._memory, grant = open_channel(reply.doorbell, self.layout.size)
         super().__init__(sock, patience_s, alive)
@@ -169,7 +178,9 @@ class ShmLane(_SocketLane):
         self._bytes = map_tensor(self._memory)
         self._requests = Area(self._bytes, self.layout.request_data, self.layout.capacity)
         self._responses = Area(self._bytes, self.layout.response_data, self.layout.capacity)
-        self._buffer = bytearray(MAX_MESSAGE_BYTES)
+        self._receiver = Receiver(sock, MAX_MESSAGE_BYTES, spin_s=spin_s)
+        #: Per call description: its last answer without the call id, and the output it describes.
+        self._answers: dict[bytes, tuple[bytes, torch.Tensor]] = {}
         parsed = pb.ChannelGrant.FromString(grant)
         self.cuda = cuda_ipc.CudaBuffers.open(parsed.cuda) if cuda and parsed.HasField("cuda") else None
         self._unpin = cuda_ipc.pin(self._bytes) if cuda and self.cuda is None else _nothing
@@ -186,11 +197,13 @@ class ShmLane(_SocketLane):
             self.cuda.send(x)
         else:
             self._requests.tensor(self.layout.request_data, tuple(x.shape), x.dtype).copy_(x)
-        header = self._header(request, call_id, x, 0 if on_device else self.layout.request_data, on_device)
-        self._send(lambda: self._sock.send(header))
+        description = self._description(request, x, 0 if on_device else self.layout.request_data, on_device)
+        prefix = pb.OpCall(call_id=call_id).SerializeToString()  # OpResult's call id has the same field number
+        message = prefix + description
+        self._send(lambda: self._sock.send(message))
         while True:
             try:
-                answer = receive(self._sock, self._buffer)
+                answer = self._receiver.receive()
                 break
             except BlockingIOError:
                 self._impatient()
@@ -198,10 +211,20 @@ class ShmLane(_SocketLane):
                 raise Transient(f"the shared-memory channel was lost: {exc}") from None
         if answer is None:
             raise Transient("the server closed the shared-memory channel")
-        y = _checked(pb.OpResult.FromString(answer), call_id)
-        if y.region.device:
-            return self.cuda.receive(y.region.offset, tuple(y.shape), _dtype(y), x.device)
-        out = decode_tensor(y, regions=self._response_region, copy=True)
+        # an answer exactly like the last one to this call (but for its call id) needs no decoding
+        known = self._answers.get(description)
+        if known is not None and answer[: len(prefix)] == prefix and answer[len(prefix) :] == known[0]:
+            out = known[1].clone()
+        else:
+            y = _checked(pb.OpResult.FromString(answer), call_id)
+            if y.region.device:
+                return self.cuda.receive(y.region.offset, tuple(y.shape), _dtype(y), x.device)
+            output = decode_tensor(y, regions=self._response_region)
+            out = output.clone()
+            if answer[: len(prefix)] == prefix and output.is_floating_point():  # a view of the response memory
+                if len(self._answers) >= MAX_DESCRIPTIONS:
+                    self._answers.clear()
+                self._answers[description] = (bytes(answer[len(prefix) :]), output)
         return out if out.device == x.device else out.to(x.device)
 
     def _response_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:

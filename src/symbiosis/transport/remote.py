@@ -45,6 +45,7 @@ from . import symbiosis_pb2_grpc as pb_grpc
 from .keepalive import DEFAULT_KEEPALIVE_S, MAX_ACK_WAIT_S, keepalive_options
 from .lanes import DataLane, ShmLane, StreamLane, Transient, translate
 from .shm import DEFAULT_CAPACITY, SUPPORTED
+from .waiting import DEFAULT_SPIN_S
 from .wire import spec_from_json
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class RemoteTransport:
     ``token``: the tenant's token. ``tls``: connect with TLS, trusting ``root_certificates`` (PEM;
     default: the system's roots); data channels then use TLS too. ``shared_memory``: ``None``
     (default) uses a same-host channel when one can be had, ``True`` requires one, ``False`` never
-    uses one. ``shm_capacity``: bytes each way of a channel. ``data_channel``: the same choice for
+    uses one. ``shm_capacity``: bytes each way of a channel. ``channel_spin_s``: how long a call on a
+    channel polls for its answer before it sleeps (``transport.waiting``; 0: never poll). ``data_channel``: the same choice for
     TCP data channels (``False``: op calls take gRPC streams where no shared-memory channel serves
     them). ``data_address``: ``host:port`` to reach the data channel at, when it differs from what
     the server reports (port forwarding, NAT). ``retry_timeout_s``: how long calls are retried while
@@ -81,6 +83,7 @@ class RemoteTransport:
         root_certificates: bytes | None = None,
         shared_memory: bool | None = None,
         shm_capacity: int = DEFAULT_CAPACITY,
+        channel_spin_s: float = DEFAULT_SPIN_S,
         data_channel: bool | None = None,
         data_address: str | None = None,
         retry_timeout_s: float = 60.0,
@@ -111,6 +114,7 @@ class RemoteTransport:
         self._keepalive_s = keepalive_s
         self._shared_memory = shared_memory
         self._shm_capacity = shm_capacity
+        self._channel_spin_s = channel_spin_s
         self._data_channel = data_channel
         self._host = _host(address)
         self._data_address = _split(data_address) if data_address else None
@@ -254,7 +258,7 @@ class RemoteTransport:
         attach = pb.AttachRequest(pid=os.getpid(), capacity=self._shm_capacity, cuda=cuda)
         try:
             reply = self._stub.AttachShm(attach, metadata=self._metadata, timeout=self._call_timeout_s)
-            lane = ShmLane(reply, cuda=cuda, patience_s=self._keepalive_s, alive=self._alive)
+            lane = ShmLane(reply, cuda=cuda, patience_s=self._keepalive_s, alive=self._alive, spin_s=self._channel_spin_s)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 return self._no_lane("shm", f"the server offers none ({exc.details()})")

@@ -54,7 +54,6 @@ MAX_MESSAGE_BYTES = 64 << 10
 #: The byte before a serialized ``ChannelGrant`` (a message needs one byte even if the grant is empty).
 _GRANT = b"\x01"
 _PEERCRED = struct.Struct("3i")
-_TRUNCATED = int(socket.MSG_TRUNC)  # a plain int: testing an IntFlag costs an enum construction per message
 _TIMEVAL = struct.Struct("ll")
 
 
@@ -145,19 +144,6 @@ def aligned_capacity(capacity: int) -> int:
 def map_tensor(memory: mmap.mmap) -> torch.Tensor:
     """The whole mapping as a uint8 tensor (writable; it keeps the mapping's buffer exported)."""
     return torch.frombuffer(memory, dtype=torch.uint8)
-
-
-def receive(sock: socket.socket, buffer: bytearray) -> memoryview | None:
-    """The next message on a ``SOCK_SEQPACKET`` socket (a view of ``buffer``), or None at end-of-file.
-
-    Raises ``BadRequestError`` for a message longer than ``buffer`` (it is discarded whole).
-    """
-    nbytes, _ancillary, flags, _address = sock.recvmsg_into([buffer])
-    if flags & _TRUNCATED:
-        raise BadRequestError(f"a message on the channel exceeds {len(buffer)} bytes")
-    if nbytes == 0:
-        return None
-    return memoryview(buffer)[:nbytes]
 
 
 def set_receive_timeout(sock: socket.socket, seconds: float | None) -> None:

@@ -12,7 +12,8 @@ import torch
 from symbiosis.transport import symbiosis_pb2 as pb
 from symbiosis.transport import symbiosis_pb2_grpc as pb_grpc
 from symbiosis.transport.frames import PREFIX, receive_into, receive_prefix, send_frame
-from symbiosis.transport.shm import MAX_MESSAGE_BYTES, ShmLayout, map_tensor, open_channel, receive, unmap
+from symbiosis.transport.shm import MAX_MESSAGE_BYTES, ShmLayout, map_tensor, open_channel, unmap
+from symbiosis.transport.waiting import Receiver
 from symbiosis.transport.wire import describe_region
 
 
@@ -59,7 +60,7 @@ class RawChannel:
 
     def answer(self) -> pb.OpResult:
         """Wait for the server's answer."""
-        message = receive(self.sock, bytearray(MAX_MESSAGE_BYTES))
+        message = Receiver(self.sock, MAX_MESSAGE_BYTES, compiled=False).receive()
         assert message is not None, "the server hung up"
         return pb.OpResult.FromString(message)
 

@@ -20,6 +20,8 @@ checked too, so that the contract states them exactly.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -52,14 +54,15 @@ def found(tensors: dict[str, torch.Tensor], haystack: bytes) -> list[str]:
 
 @pytest.fixture
 def shm_recorder(monkeypatch):
-    """Records the call message and tensor bytes of every shared-memory call, as the server reads them."""
+    """Records every message sent on a shared-memory channel's socket in this process (the calls
+    exactly as sent) and the tensor bytes of every shared-memory call, as the server reads them."""
     recorded: list[bytes] = []
-    original_call, original_header = lanes.ShmLane.call, lanes.ShmLane._header
+    original_call, original_send = lanes.ShmLane.call, socket.socket.send
 
-    def header(self, *args, **kwargs):
-        message = original_header(self, *args, **kwargs)
-        recorded.append(message)  # the message this call sends
-        return message
+    def send(self, data, *args):
+        if self.family == socket.AF_UNIX and self.type == socket.SOCK_SEQPACKET:
+            recorded.append(bytes(data))
+        return original_send(self, data, *args)
 
     def call(self, request, call_id):
         out = original_call(self, request, call_id)
@@ -67,7 +70,7 @@ def shm_recorder(monkeypatch):
         recorded.append(self._requests.memory[:nbytes].numpy().tobytes())
         return out
 
-    monkeypatch.setattr(lanes.ShmLane, "_header", header)
+    monkeypatch.setattr(socket.socket, "send", send)
     monkeypatch.setattr(lanes.ShmLane, "call", call)
     return recorded
 

@@ -27,7 +27,7 @@ from symbiosis.transport import symbiosis_pb2 as pb
 from symbiosis.transport.frames import PREFIX
 from symbiosis.transport.shm import MAX_MESSAGE_BYTES
 
-from .raw import RawChannel, RawDataChannel, attach
+from .raw import RawChannel, RawDataChannel, attach, call_message
 from .servers import LANES, health_status, server_process
 from .workers import idle_client, stuck_client
 
@@ -117,6 +117,31 @@ def test_garbage_in_shared_memory(server):
     finally:
         channel.close()
     healthy(server)
+
+
+def test_a_repeated_data_channel_call_reads_its_own_frame(server):
+    """A data channel keeps each call's plan, but never past its frame: the same header with a
+    payload of another length is refused (not served from the last frame's bytes), and a call
+    after the channel's buffers grew still reads and answers its own rows."""
+    channel = RawDataChannel(server.port)
+    weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    try:
+        assert not channel.open().HasField("error")
+        x = torch.randn(2, 64)
+        header = call_message(OP, x, 0, call_id=1).SerializeToString()
+        for payload in (x, torch.randn(2, 64)):
+            channel.send_raw(PREFIX.pack(len(header), 512) + header + payload.numpy().tobytes())
+            result, data = channel.answer()
+            assert torch.allclose(torch.frombuffer(bytearray(data), dtype=torch.float32).view(2, 64), payload @ weight.t(), atol=1e-5)
+        channel.send_raw(PREFIX.pack(len(header), 256) + header + bytes(256))  # the same header, half its rows
+        assert "outside the frame" in channel.answer()[0].error.message
+        channel.call(OP, torch.randn(128, 64), call_id=2)  # both buffers grow
+        assert channel.answer()[0].WhichOneof("outcome") == "y"
+        channel.send_raw(PREFIX.pack(len(header), 512) + header + x.numpy().tobytes())
+        result, data = channel.answer()
+        assert torch.allclose(torch.frombuffer(bytearray(data), dtype=torch.float32).view(2, 64), x @ weight.t(), atol=1e-5)
+    finally:
+        channel.close()
 
 
 def test_garbage_on_a_data_channel(server):

@@ -26,9 +26,11 @@ from symbiosis.protocol import Direction, OpRequest
 from symbiosis.server import ExecutorServer, TenantRegistry
 from symbiosis.server.shm_host import DEFAULT_MAX_PENDING
 from symbiosis.transport import RemoteTransport
+from symbiosis.transport import symbiosis_pb2 as pb
+from symbiosis.transport import waiting
 from symbiosis.transport.shm import MAX_CAPACITY
 
-from .raw import RawChannel, attach
+from .raw import RawChannel, attach, call_message
 from .servers import REPO
 from .test_reliability import eventually
 
@@ -90,6 +92,8 @@ OTHER_USER = """
 import os, sys, torch
 from symbiosis.protocol import Direction, OpRequest
 from symbiosis.transport import RemoteTransport
+from symbiosis.transport import symbiosis_pb2 as pb
+from symbiosis.transport import waiting
 transport = RemoteTransport(sys.argv[1], shared_memory=True)
 transport.spec()
 os.setgid(65534)
@@ -236,4 +240,73 @@ def test_drain_waits_once_for_all_channels(model_dir, hold_batches):
     finally:
         for channel in channels:
             channel.close()
+        server.stop(1.0)
+
+
+def test_a_repeated_call_computes_its_new_rows(server):
+    """Calls with the same description (kept as a plan after the first) each compute the rows
+    written for them; other shapes, refused calls and token-id calls in between change nothing."""
+    channel = RawChannel(attach(server.port))
+    weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    try:
+        for call_id in range(1, 7):
+            x = torch.randn(3 if call_id % 3 else 5, 64)
+            channel.call(OP, x, call_id=call_id)
+            result = channel.answer()
+            assert result.call_id == call_id
+            assert torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
+            if call_id == 2:
+                channel.call(OP, torch.full((3, 64), float("nan")), call_id=50)  # the same call, with NaN rows
+                assert "NaN" in channel.answer().error.message
+            if call_id == 4:
+                channel.call(EMBED, torch.tensor([1, 2]), call_id=51)
+                assert channel.answer().WhichOneof("outcome") == "y"
+    finally:
+        channel.close()
+
+
+def test_token_ids_are_validated_on_every_call(server):
+    """Integer inputs are never planned: the same description with ids out of range is refused."""
+    channel = RawChannel(attach(server.port))
+    try:
+        channel.call(EMBED, torch.tensor([3, 4, 5]), call_id=1)
+        assert channel.answer().WhichOneof("outcome") == "y"
+        channel.call(EMBED, torch.tensor([3, 10**9, 5]), call_id=2)
+        result = channel.answer()
+        assert result.error.code == "INVALID_ARGUMENT" and "token ids" in result.error.message
+    finally:
+        channel.close()
+
+
+def test_a_call_not_led_by_its_call_id_is_served_too(server):
+    """A foreign client may order its fields as it likes: the call is decoded each time, not planned."""
+    channel = RawChannel(attach(server.port))
+    weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    try:
+        for call_id in (1, 2):
+            x = torch.randn(2, 64)
+            channel.write_region(channel.layout.request_data, x)
+            described = call_message(OP, x, channel.layout.request_data, call_id=0).SerializeToString()
+            channel.send(described + pb.OpCall(call_id=call_id).SerializeToString())  # the call id last
+            result = channel.answer()
+            assert result.call_id == call_id and torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
+    finally:
+        channel.close()
+
+
+@pytest.mark.parametrize("receive", ["python", "compiled-no-poll"])
+def test_channels_without_polling(model_dir, monkeypatch, receive):
+    """Both ends of a channel work with the pure-Python receive (an install without the compiled
+    extension) and with polling turned off."""
+    if receive == "python":
+        monkeypatch.setattr(waiting, "COMPILED", False)
+    spin = 0.0 if receive == "compiled-no-poll" else waiting.DEFAULT_SPIN_S
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), channel_spin_s=spin).start()
+    try:
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", shared_memory=True, channel_spin_s=spin)
+        for _ in range(3):
+            assert correct(server, transport)
+        assert transport.lane_kind == "shm"
+        transport.close()
+    finally:
         server.stop(1.0)

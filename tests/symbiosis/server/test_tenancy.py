@@ -107,23 +107,35 @@ def test_limits_give_clear_errors(server_with, tmp_path):
     assert call(alice, rows=64).shape == (64, 64)  # alice has no limits
 
 
-def test_rate_limit(server_with):
+#: Each lane a client thread's calls can take (repeated calls on a channel run from a kept plan:
+#: its limits must hold there too).
+LANES = {
+    "shm": {"shared_memory": True},
+    "tcp": {"shared_memory": False, "data_channel": True},
+    "grpc": {"shared_memory": False, "data_channel": False},
+}
+
+
+@pytest.mark.parametrize("lane", LANES)
+def test_rate_limit(server_with, lane):
     registry = TenantRegistry.from_dict({"tenants": [{"name": "slow", "token": "s", "limits": {"requests_per_second": 1}}]})
-    transport = RemoteTransport(f"127.0.0.1:{server_with(registry).port}", token="s", shared_memory=False)
+    transport = RemoteTransport(f"127.0.0.1:{server_with(registry).port}", token="s", **LANES[lane])
     call(transport)
     with pytest.raises(LimitExceededError, match="more than 1 requests per second"):
         for _ in range(5):  # a bucket of one token refills at 1/s: five calls in a row cannot all pass
             call(transport)
 
 
-def test_concurrency_and_session_limits(model_dir, hold_batches):
+@pytest.mark.parametrize("lane", LANES)
+def test_concurrency_and_session_limits(model_dir, hold_batches, lane):
     slow = hold_batches(BaseExecutor.from_pretrained(model_dir("llama"), max_wait_s=0.5))  # every request waits 0.5 s for a batch
     registry = TenantRegistry.from_dict(
-        {"tenants": [{"name": "one", "token": "t", "limits": {"concurrent_requests": 1, "sessions": 2}}]}
+        {"tenants": [{"name": "one", "token": "t", "limits": {"concurrent_requests": 1, "sessions": 3}}]}
     )
     server = ExecutorServer(slow, registry=registry).start()
     try:
-        transport = RemoteTransport(f"127.0.0.1:{server.port}", token="t", shared_memory=False)
+        transport = RemoteTransport(f"127.0.0.1:{server.port}", token="t", **LANES[lane])
+        call(transport)  # the calls below repeat this one
         errors: list[BaseException] = []
         started = threading.Barrier(2)
 

@@ -1,0 +1,72 @@
+"""Waiting for a channel's next message: poll briefly, then block.
+
+A thread blocked in ``recv`` is woken by the kernel when the other end sends; on a virtual machine
+whose idle vCPUs halt (no guest halt-polling), waking a thread on another vCPU costs about 25 µs,
+twice per op call — more than the rest of a small call's transfer (measured in
+``docs/architecture-service.md``). A ``Receiver`` therefore first polls the socket for up to
+``spin_s`` (in C, without the GIL, yielding the CPU to any other runnable thread between polls)
+and only then blocks. It polls only while the other end answers within that time: after a longer
+wait, the next one blocks at once (a slow or idle peer costs no CPU), until a wait is short again.
+
+The polling receive is a C extension built at install time (``_wait.c``). Without it (no compiler
+at install, or ``SYMBIOSIS_PURE_PYTHON=1``) a ``Receiver`` blocks in Python's ``recvmsg_into``:
+the same messages, errors and timeouts, only the wake-ups cost more.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ..errors import BadRequestError
+
+try:
+    from ._wait import receive as _compiled_receive
+except ImportError:  # pragma: no cover - the install could not compile the extension
+    _compiled_receive = None
+
+#: Whether receives poll before blocking (the compiled extension is there and not turned off).
+COMPILED = _compiled_receive is not None and os.environ.get("SYMBIOSIS_PURE_PYTHON", "") in ("", "0")
+#: Default longest poll before blocking (a small op call is answered well within it).
+DEFAULT_SPIN_S = 200e-6
+_TRUNCATED = int(socket.MSG_TRUNC)  # a plain int: testing an IntFlag costs an enum construction per message
+
+
+class Receiver:
+    """Receives the messages of a ``SOCK_SEQPACKET`` socket into one buffer of ``size`` bytes,
+    polling up to ``spin_s`` before blocking (see the module docstring; 0: never poll).
+
+    ``compiled``: use the polling receive (default: when it is available); False: plain blocking.
+    """
+
+    def __init__(self, sock: socket.socket, size: int, *, spin_s: float = DEFAULT_SPIN_S, compiled: bool | None = None) -> None:
+        if compiled and _compiled_receive is None:
+            raise RuntimeError("the compiled receive (symbiosis.transport._wait) is not built")
+        self._sock = sock
+        self.buffer = bytearray(size)
+        self._view = memoryview(self.buffer)
+        self._compiled = COMPILED if compiled is None else compiled
+        self._spin_ns = max(0, int(spin_s * 1e9)) if self._compiled else 0
+        self._next_spin_ns = self._spin_ns
+
+    def receive(self) -> memoryview | None:
+        """The next message (a view of ``buffer``, valid until the next receive), None at end-of-file.
+
+        Raises ``BadRequestError`` for a message longer than the buffer (discarded whole),
+        ``BlockingIOError`` when the socket's receive timeout (``SO_RCVTIMEO``) expires, ``OSError``
+        when the connection broke.
+        """
+        if self._compiled:
+            fd = self._sock.fileno()
+            if fd < 0:
+                raise OSError("the channel's socket is closed")
+            nbytes, truncated, waited_ns = _compiled_receive(fd, self.buffer, self._next_spin_ns)
+            self._next_spin_ns = self._spin_ns if waited_ns <= self._spin_ns else 0
+        else:
+            nbytes, _ancillary, flags, _address = self._sock.recvmsg_into([self.buffer])
+            truncated = flags & _TRUNCATED
+        if truncated:
+            raise BadRequestError(f"a message on the channel exceeds {len(self.buffer)} bytes")
+        if nbytes == 0:
+            return None
+        return self._view[:nbytes]
