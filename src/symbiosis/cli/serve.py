@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--shm-channels", type=int, default=DEFAULT_MAX_CHANNELS,
                         help=f"same-host shared-memory channels at once (default {DEFAULT_MAX_CHANNELS}; further client threads use another lane)")
     parser.add_argument("--channel-spin-us", type=float, default=DEFAULT_SPIN_S * 1e6, metavar="US",
-                        help=f"a shared-memory channel polls for its client's next call this long before it sleeps (default "
+                        help=f"a shared-memory or TCP data channel polls for its client's next call this long before it sleeps (default "
                              f"{DEFAULT_SPIN_S * 1e6:.0f}; only while the client calls that often; 0: never poll, saves CPU)")
     parser.add_argument("--data-port", type=int, default=0,
                         help="port of the TCP data channels, which carry op calls without gRPC (default 0: any free port; "

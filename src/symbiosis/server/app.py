@@ -45,10 +45,10 @@ class ExecutorServer:
     ``max_workers``: server threads; session streams may hold all but ``UNARY_THREADS`` of them
     (further sessions are refused with RESOURCE_EXHAUSTED), the rest serve health checks and unary
     calls. ``shared_memory``: offer same-host channels (Linux only), at most ``shm_channels`` at
-    once; each polls for its client's next call for up to ``channel_spin_s`` before it blocks
-    (``transport.waiting``; 0: never poll). ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
+    once. ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
     hosts), at most ``data_channels`` at once, listening on ``data_port`` (0: any free port; TLS
-    when the service uses TLS). ``session_idle_s``: end sessions and channels idle longer than this
+    when the service uses TLS). A channel of either kind polls for its client's next call for up to
+    ``channel_spin_s`` before it blocks (``transport.waiting``; 0: never poll). ``session_idle_s``: end sessions and channels idle longer than this
     (their clients open new ones). ``keepalive_s``: ping quiet connections this often and drop
     those that do not answer.
     """
@@ -88,7 +88,7 @@ class ExecutorServer:
         self.data = (
             DataHost(
                 self.handler, self.registry, host=host, port=data_port, tls=tls, max_payload_bytes=max_message_bytes,
-                max_channels=data_channels, keepalive_s=keepalive_s,
+                max_channels=data_channels, keepalive_s=keepalive_s, spin_s=channel_spin_s,
             )
             if data_channel
             else None

@@ -29,6 +29,7 @@ from ..transport import symbiosis_pb2 as pb
 from ..transport.frames import PREFIX, receive_into, receive_prefix, send_frame, tensor_view
 from ..transport.keepalive import DEFAULT_KEEPALIVE_S, enable_tcp_keepalive
 from ..transport.shm import Area
+from ..transport.waiting import DEFAULT_SPIN_S, StreamWaiter
 from ..transport.wire import RegionReader, status_code_of
 from .channels import MAX_ERROR_CHARS, Channel, ChannelHost, call_key
 from .handler import RequestHandler
@@ -75,12 +76,15 @@ class DataHost(ChannelHost):
         max_pending: int = DEFAULT_MAX_PENDING,
         keepalive_s: float = DEFAULT_KEEPALIVE_S,
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
+        spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
         super().__init__(handler, max_channels=max_channels, max_pending=max_pending)
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
         self.keepalive_s = keepalive_s
         self.handshake_timeout_s = handshake_timeout_s
+        #: How long a channel polls for its client's next call before it blocks (``transport.waiting``).
+        self.spin_s = spin_s
         self.tls = server_tls_context(*tls) if tls is not None else None
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._listener = socket.create_server((host, port), family=family)
@@ -134,6 +138,7 @@ class _DataChannel(Channel):
         self._lock = threading.Lock()  # orders hang_up() against the handshake and closing
         self._ended = False
         self._prefix = bytearray(PREFIX.size)
+        self._waiter = StreamWaiter(spin_s=host.spin_s)
         self._requests = Area(torch.empty(64, dtype=torch.uint8))
         self._responses = Area(torch.empty(64, dtype=torch.uint8))
 
@@ -194,7 +199,9 @@ class _DataChannel(Channel):
     # ------------------------------------------------------------------------------ the calls
     def receive(self) -> tuple[pb.OpCall, RegionReader, tuple[bytes, int] | None] | None:
         sock = self._sock
+        self._waiter.wait(sock)
         lengths = receive_prefix(sock, self._prefix, self.host.max_payload_bytes)
+        self._waiter.read()
         if lengths is None:
             return None
         header_bytes, payload_bytes = lengths

@@ -1,8 +1,9 @@
-/* Receiving one message on a SOCK_SEQPACKET socket, polling briefly before blocking.
+/* Waiting for a socket's next message, polling briefly before blocking.
  *
- * Built at install time (optional: transport/waiting.py falls back to a plain blocking receive).
- * receive(fd, buffer, spin_ns) -> (nbytes, truncated, waited_ns)
+ * Built at install time (optional: transport/waiting.py falls back to plain blocking receives).
  *
+ * receive(fd, buffer, spin_ns) -> (nbytes, truncated, waited_ns): one message of a SOCK_SEQPACKET
+ * socket.
  * Without the GIL, polls the socket (MSG_DONTWAIT, with sched_yield() between polls so that any
  * thread runnable on this CPU goes first) for up to spin_ns nanoseconds, then blocks in recvmsg()
  * (honouring SO_RCVTIMEO: BlockingIOError when it expires). A message that arrives while polling
@@ -15,6 +16,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -82,8 +84,36 @@ static PyObject *receive(PyObject *self, PyObject *args) {
     return Py_BuildValue("(nOL)", (Py_ssize_t)n, (msg.msg_flags & MSG_TRUNC) ? Py_True : Py_False, now_ns() - start);
 }
 
+/* readable(fd, spin_ns) -> (ready, waited_ns): poll (without the GIL, yielding between polls) until
+ * the socket has something to read (data, end-of-file or an error: the next read returns at once)
+ * or spin_ns have passed; the caller then reads, blocking if need be. For byte streams (TCP data
+ * channels), whose reads Python's socket and ssl modules do. */
+static PyObject *readable(PyObject *self, PyObject *args) {
+    int fd;
+    long long spin_ns;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &spin_ns)) {
+        return NULL;
+    }
+    struct pollfd polled = {fd, POLLIN, 0};
+    int ready = 0;
+    long long start = now_ns(), waited;
+    Py_BEGIN_ALLOW_THREADS
+    long long deadline = start + spin_ns;
+    for (;;) {
+        ready = poll(&polled, 1, 0) != 0; /* an error (-1) also means: let the read report it */
+        if (ready || now_ns() >= deadline) {
+            break;
+        }
+        sched_yield();
+    }
+    waited = now_ns() - start;
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(OL)", ready ? Py_True : Py_False, waited);
+}
+
 static PyMethodDef methods[] = {
     {"receive", receive, METH_VARARGS, "receive(fd, buffer, spin_ns) -> (nbytes, truncated, waited_ns)"},
+    {"readable", readable, METH_VARARGS, "readable(fd, spin_ns) -> (ready, waited_ns)"},
     {NULL, NULL, 0, NULL},
 };
 

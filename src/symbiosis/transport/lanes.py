@@ -32,7 +32,7 @@ from . import symbiosis_pb2_grpc as pb_grpc
 from .frames import PREFIX, receive_into, receive_prefix, send_frame, tensor_view
 from .keepalive import enable_tcp_keepalive
 from .shm import MAX_MESSAGE_BYTES, Area, ShmLayout, map_tensor, open_channel, set_receive_timeout, unmap
-from .waiting import DEFAULT_SPIN_S, Receiver
+from .waiting import DEFAULT_SPIN_S, Receiver, StreamWaiter
 from .wire import WIRE_DTYPES, decode_tensor, describe_region, encode_call, encode_tensor, exception_for
 
 #: Serialized call descriptions a channel lane keeps (see ``_SocketLane._header``).
@@ -240,7 +240,8 @@ class ShmLane(_SocketLane):
 
 
 class DataLane(_SocketLane):
-    """One TCP data channel (see ``transport.frames``), TLS when ``tls`` is a context."""
+    """One TCP data channel (see ``transport.frames``), TLS when ``tls`` is a context; ``spin_s``: how
+    long a call polls for its answer before it sleeps (``transport.waiting``)."""
 
     kind = "tcp"
 
@@ -254,6 +255,7 @@ class DataLane(_SocketLane):
         connect_timeout_s: float,
         patience_s: float,
         alive: Callable[[], bool],
+        spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
         sock = socket.create_connection((host, reply.port), timeout=connect_timeout_s)
         try:
@@ -277,6 +279,7 @@ class DataLane(_SocketLane):
         super().__init__(sock, patience_s, alive)
         self.max_payload = reply.max_payload_bytes
         self._prefix = bytearray(PREFIX.size)
+        self._waiter = StreamWaiter(spin_s=spin_s)
 
     def fits(self, request: OpRequest, output_bytes: int) -> bool:
         return True
@@ -288,8 +291,10 @@ class DataLane(_SocketLane):
             raise LimitExceededError(f"a tensor of {nbytes} bytes exceeds the limit of {self.max_payload} bytes per message")
         header = self._header(request, call_id, x, 0)
         self._send(lambda: send_frame(self._sock, header, x))
+        self._waiter.wait(self._sock)
         if not self._fill(memoryview(self._prefix), at_start=True):
             raise Transient("the server closed the data channel")
+        self._waiter.read()
         header_bytes, payload_bytes = PREFIX.unpack(self._prefix)
         if header_bytes > MAX_MESSAGE_BYTES:
             raise SymbiosisError(f"protocol error: a result header of {header_bytes} bytes")

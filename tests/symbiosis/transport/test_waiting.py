@@ -12,7 +12,7 @@ import pytest
 from symbiosis.errors import BadRequestError
 from symbiosis.transport import waiting
 from symbiosis.transport.shm import set_receive_timeout
-from symbiosis.transport.waiting import Receiver
+from symbiosis.transport.waiting import Receiver, StreamWaiter
 
 IMPLEMENTATIONS = [pytest.param(False, id="python"), pytest.param(True, id="compiled")]
 
@@ -135,3 +135,27 @@ def test_polling_yields_to_other_threads(pair):
         counter.join()
         sender.join()
     assert counted[0] > 1000
+
+
+@pytest.mark.parametrize("compiled", IMPLEMENTATIONS)
+def test_a_stream_waiter_returns_once_there_is_something_to_read(compiled):
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        waiter = StreamWaiter(spin_s=0.001, compiled=compiled)
+        theirs.sendall(b"abc")
+        waiter.wait(ours)
+        assert ours.recv(3) == b"abc"
+        waiter.read()
+        assert waiter._next_spin_ns == (1_000_000 if compiled else 0)
+        sender = threading.Timer(0.05, theirs.sendall, args=(b"late",))  # longer than the spin: the read blocks
+        sender.start()
+        waiter.wait(ours)
+        assert ours.recv(4) == b"late"
+        waiter.read()
+        sender.join()
+        assert waiter._next_spin_ns == 0
+        theirs.close()
+        waiter.wait(ours)  # end-of-file is something to read
+        assert ours.recv(1) == b""
+    finally:
+        ours.close()
