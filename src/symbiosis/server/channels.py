@@ -40,16 +40,30 @@ MAX_DESCRIPTIONS = 256
 MAX_PLANS = 256
 
 
-def call_key(message: bytes | memoryview, call: pb.OpCall) -> bytes | None:
-    """What identifies the call ``message`` carries apart from its call id: the bytes after its
-    leading call id (clients send the call id first, then a serialized description they keep per
-    call); None when the message does not start with its call id. Repeats of one call have equal
-    keys, and messages with equal keys describe the same call whatever their call ids (the leading
-    bytes hold nothing but the call id)."""
-    prefix = pb.OpCall(call_id=call.call_id).SerializeToString()
-    if message[: len(prefix)] != prefix:
+#: The first byte of a serialized ``OpCall`` that starts with its call id (field 1, a varint).
+_CALL_ID_TAG = 0x08
+
+
+def leading_call_id(message: bytes | memoryview) -> tuple[int, int] | None:
+    """``(call id, bytes it takes)`` when ``message`` starts with an ``OpCall``'s call id field (as
+    clients send it: the call id, then a serialized description they keep per call), else None.
+    Only the field's end is found here (a varint's last byte is below 0x80); protobuf decodes it."""
+    if not message or message[0] != _CALL_ID_TAG:
         return None
-    return bytes(message[len(prefix) :])
+    for end in range(2, min(len(message), 11) + 1):
+        if message[end - 1] < 0x80:
+            return pb.OpCall.FromString(message[:end]).call_id, end
+    return None
+
+
+def parse_call(message: bytes | memoryview) -> pb.OpCall:
+    """The ``OpCall`` a message carries; ``BadRequestError`` when it is none."""
+    call = pb.OpCall()
+    try:
+        call.ParseFromString(message)
+    except Exception as exc:  # protobuf's DecodeError, or anything a malformed message provokes
+        raise BadRequestError(f"malformed OpCall: {exc}") from None
+    return call
 
 
 class Channel(threading.Thread):
@@ -70,14 +84,20 @@ class Channel(threading.Thread):
         self._plans: dict[Hashable, CallPlan | None] = {}
 
     # ------------------------------------------------------------------------ for subclasses
-    def receive(self) -> tuple[pb.OpCall, RegionReader, Hashable | None] | None:
-        """The next call, how to read its tensor and its plan key (equal for repeats of one call;
-        None: decode this call afresh), or None when the client hung up.
+    def receive(self) -> tuple[bytes | memoryview, RegionReader, Hashable] | None:
+        """The next call's serialized ``OpCall`` (valid until the next receive), how to read its
+        tensor, and what else must be equal for a repeat of the same call (e.g. a frame's payload
+        length); None when the client hung up.
 
         Raises ``BadRequestError`` for a message that is no call (answered with an error, the
         channel goes on) and ``OSError`` when the connection broke (the channel ends).
         """
         raise NotImplementedError
+
+    def decoded(self, call: pb.OpCall) -> bool:
+        """Prepare for a call decoded afresh (raise ``BadRequestError`` to refuse it); whether it
+        may be planned (its tensor lies in the channel's host memory)."""
+        return True
 
     def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Where the current call's output is written (``LimitExceededError`` if it cannot be)."""
@@ -115,28 +135,42 @@ class Channel(threading.Thread):
                 return
             if got is None:
                 return
-            call, regions, key = got
-            self._call_id = call.call_id
+            message, regions, frame = got
             self.idle_since = math.inf
-            plan = self._plans.get(key, False) if key is not None else None
-            if plan is False:
-                try:
+            lead = leading_call_id(message)
+            key = (bytes(message[lead[1] :]), frame) if lead is not None else None
+            plan = self._plans.get(key) if key is not None else None
+            if plan is not None:  # a repeat: nothing to decode
+                self._call_id, self._answer = lead[0], plan.answer
+                handler.run(plan, tenant, self.complete)
+                continue
+            self._call_id, self._answer = 0, b""
+            try:
+                call = parse_call(message)
+                self._call_id = call.call_id
+                if self.decoded(call) and key is not None and key not in self._plans:
                     plan = self._plan(key, call, regions)
-                except Exception as exc:
-                    self.complete(None, exc)
-                    continue
+            except Exception as exc:
+                self.complete(None, exc)
+                continue
             if plan is None:
-                self._answer = b""
                 handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
             else:
                 self._answer = plan.answer
                 handler.run(plan, tenant, self.complete)
 
-    def _plan(self, key: Hashable, call: pb.OpCall, regions: RegionReader) -> CallPlan | None:
-        """Plan ``call`` and keep the plan (or that it has none) under ``key``."""
-        plan = self.host.handler.plan(call, self.tenant, regions, self.output)
-        if plan is not None:
-            plan.answer = self._described(plan.out)
+    def _plan(self, key: tuple[bytes, Hashable], call: pb.OpCall, regions: RegionReader) -> CallPlan | None:
+        """Plan ``call`` and keep the plan (or that it has none) under ``key``: the bytes after its
+        call id and the receiver's frame. Only a description in protobuf's own serialization is
+        planned (so it holds no call id: repeats of it differ in their call id alone)."""
+        description = pb.OpCall()
+        description.CopyFrom(call)
+        description.call_id = 0
+        plan = None
+        if description.SerializeToString() == key[0]:
+            plan = self.host.handler.plan(call, self.tenant, regions, self.output)
+            if plan is not None:
+                plan.answer = self._described(plan.out)
         if len(self._plans) >= MAX_PLANS:
             self._plans.clear()
         self._plans[key] = plan

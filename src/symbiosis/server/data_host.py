@@ -31,7 +31,7 @@ from ..transport.keepalive import DEFAULT_KEEPALIVE_S, enable_tcp_keepalive
 from ..transport.shm import Area
 from ..transport.waiting import DEFAULT_SPIN_S, StreamWaiter
 from ..transport.wire import RegionReader, status_code_of
-from .channels import MAX_ERROR_CHARS, Channel, ChannelHost, call_key
+from .channels import MAX_ERROR_CHARS, Channel, ChannelHost
 from .handler import RequestHandler
 from .tenancy import TenantRegistry, TenantState
 
@@ -197,7 +197,7 @@ class _DataChannel(Channel):
             return True
 
     # ------------------------------------------------------------------------------ the calls
-    def receive(self) -> tuple[pb.OpCall, RegionReader, tuple[bytes, int] | None] | None:
+    def receive(self) -> tuple[bytearray, RegionReader, int] | None:
         sock = self._sock
         self._waiter.wait(sock)
         lengths = receive_prefix(sock, self._prefix, self.host.max_payload_bytes)
@@ -215,13 +215,7 @@ class _DataChannel(Channel):
             receive_into(sock, tensor_view(self._requests.memory[:payload_bytes]))
         except EOFError as exc:
             raise ConnectionError(str(exc)) from None
-        call = pb.OpCall()
-        try:
-            call.ParseFromString(bytes(header))
-        except Exception as exc:  # protobuf's DecodeError, or anything a malformed message provokes
-            raise BadRequestError(f"malformed OpCall: {exc}") from None
-        key = call_key(header, call)
-        return call, self._request_region, None if key is None else (key, payload_bytes)
+        return header, self._request_region, payload_bytes
 
     def _request_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
         if device:

@@ -48,7 +48,7 @@ from ..transport.shm import (
 )
 from ..transport.waiting import DEFAULT_SPIN_S, Receiver
 from ..transport.wire import RegionReader
-from .channels import Channel, ChannelHost, call_key
+from .channels import Channel, ChannelHost
 from .handler import RequestHandler
 from .tenancy import TenantState
 
@@ -200,22 +200,20 @@ class _ShmChannel(Channel):
             self.serve()
 
     # ------------------------------------------------------------------------------ the calls
-    def receive(self) -> tuple[pb.OpCall, RegionReader, bytes | None] | None:
+    def receive(self) -> tuple[memoryview, RegionReader, None] | None:
         message = self._receiver.receive()
         if message is None:
             return None
-        call = pb.OpCall()
-        try:
-            call.ParseFromString(message)
-        except Exception as exc:  # protobuf's DecodeError, or anything a malformed message provokes
-            raise BadRequestError(f"malformed OpCall: {exc}") from None
+        self._call_on_device = False  # a repeat of a planned call reads host memory
+        return message, self._request_region, None
+
+    def decoded(self, call: pb.OpCall) -> bool:
         self._call_on_device = call.x.WhichOneof("payload") == "region" and call.x.region.device
         if self._call_on_device:
             if self._device_buffers is None:
                 raise BadRequestError("a device region on a channel without CUDA buffers")
             self._device_buffers.await_request()
-            return call, self._request_region, None
-        return call, self._request_region, call_key(message, call)
+        return not self._call_on_device
 
     def _request_region(self, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: bool) -> torch.Tensor:
         return (self._device_requests if device else self._requests).tensor(offset, shape, dtype)
