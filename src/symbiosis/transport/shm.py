@@ -19,7 +19,8 @@ there is no framing to write or parse, and the message that carries the call is 
 measured on the 2-core VM, a 96-byte ping-pong between two Python processes takes 9.6 µs (p50)
 over it against 10.6 µs for a 1-byte doorbell on a stream socket, 6.4 µs for an eventfd pair
 (which cannot tell that the other side died), and 43 µs over ZeroMQ's IPC transport
-(``bench/wakeup.py``). End-of-file on the socket tells either side that the other is gone.
+(``bench/wakeup.py``). End-of-file on the socket tells either side that the other is gone. Both
+ends poll the socket briefly before they sleep (``transport.waiting``).
 
 Memory layout (``C`` = capacity)::
 
