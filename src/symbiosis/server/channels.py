@@ -44,16 +44,16 @@ MAX_PLANS = 256
 _CALL_ID_TAG = 0x08
 
 
-def leading_call_id(message: bytes | memoryview) -> tuple[int, int] | None:
-    """``(call id, bytes it takes)`` when ``message`` starts with an ``OpCall``'s call id field (as
-    clients send it: the call id, then a serialized description they keep per call), else None.
-    Only the field's end is found here (a varint's last byte is below 0x80); protobuf decodes it."""
+def call_id_end(message: bytes | memoryview) -> int:
+    """Where the call id field that ``message`` starts with ends (as clients send an ``OpCall``: the
+    call id, then a serialized description they keep per call); 0 when it starts otherwise. Only the
+    field's end is found here (a varint's last byte is below 0x80); protobuf decodes the field."""
     if not message or message[0] != _CALL_ID_TAG:
-        return None
+        return 0
     for end in range(2, min(len(message), 11) + 1):
         if message[end - 1] < 0x80:
-            return pb.OpCall.FromString(message[:end]).call_id, end
-    return None
+            return end
+    return 0
 
 
 def parse_call(message: bytes | memoryview) -> pb.OpCall:
@@ -80,6 +80,7 @@ class Channel(threading.Thread):
         self._answered = threading.Lock()  # held while a call is in flight
         self._call_id = 0
         self._answer = b""  # the current call's answer besides its call id, when a plan has it
+        self._lead = b""  # a planned call's serialized call id (as OpResult's: both are field 1), else b""
         self._descriptions: dict[tuple, bytes] = {}
         self._plans: dict[Hashable, CallPlan | None] = {}
 
@@ -125,7 +126,7 @@ class Channel(threading.Thread):
             try:
                 got = self.receive()
             except BadRequestError as exc:
-                self._call_id = 0
+                self._call_id, self._lead = 0, b""
                 self.complete(None, exc)
                 if isinstance(exc, FrameError):  # a byte stream cannot find the next frame: end it
                     return
@@ -137,14 +138,14 @@ class Channel(threading.Thread):
                 return
             message, regions, frame = got
             self.idle_since = math.inf
-            lead = leading_call_id(message)
-            key = (bytes(message[lead[1] :]), frame) if lead is not None else None
-            plan = self._plans.get(key) if key is not None else None
+            end = call_id_end(message)
+            key = (bytes(message[end:]), frame) if end else None
+            plan = self._plans.get(key) if end else None
             if plan is not None:  # a repeat: nothing to decode
-                self._call_id, self._answer = lead[0], plan.answer
+                self._answer, self._lead = plan.answer, bytes(message[:end])
                 handler.run(plan, tenant, self.complete)
                 continue
-            self._call_id, self._answer = 0, b""
+            self._call_id, self._answer, self._lead = 0, b"", b""
             try:
                 call = parse_call(message)
                 self._call_id = call.call_id
@@ -156,7 +157,7 @@ class Channel(threading.Thread):
             if plan is None:
                 handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
             else:
-                self._answer = plan.answer
+                self._answer, self._lead = plan.answer, bytes(message[:end])
                 handler.run(plan, tenant, self.complete)
 
     def _plan(self, key: tuple[bytes, Hashable], call: pb.OpCall, regions: RegionReader) -> CallPlan | None:
@@ -185,9 +186,11 @@ class Channel(threading.Thread):
         try:
             if error is None:
                 # two serialized messages concatenated parse as their merge: the call id, then the output
-                result = pb.OpResult(call_id=self._call_id).SerializeToString() + (self._answer or self._described(y))
+                # (a planned call's own call id bytes serve: OpCall and OpResult number it alike)
+                lead = self._lead or pb.OpResult(call_id=self._call_id).SerializeToString()
+                result = lead + (self._answer or self._described(y))
             else:
-                message = pb.OpResult(call_id=self._call_id)
+                message = pb.OpResult.FromString(self._lead) if self._lead else pb.OpResult(call_id=self._call_id)
                 message.error.code = status_code_of(error).name
                 message.error.message = str(error)[:MAX_ERROR_CHARS]
                 result, y = message.SerializeToString(), None

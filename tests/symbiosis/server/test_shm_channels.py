@@ -257,7 +257,8 @@ def test_a_repeated_call_computes_its_new_rows(server):
             assert torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
             if call_id == 2:
                 channel.call(OP, torch.full((3, 64), float("nan")), call_id=50)  # the same call, with NaN rows
-                assert "NaN" in channel.answer().error.message
+                refused = channel.answer()
+                assert refused.call_id == 50 and "NaN" in refused.error.message
             if call_id == 4:
                 channel.call(EMBED, torch.tensor([1, 2]), call_id=51)
                 assert channel.answer().WhichOneof("outcome") == "y"
