@@ -46,8 +46,9 @@ _CALL_ID_TAG = 0x08
 
 def call_id_end(message: bytes | memoryview) -> int:
     """Where the call id field that ``message`` starts with ends (as clients send an ``OpCall``: the
-    call id, then a serialized description they keep per call); 0 when it starts otherwise. Only the
-    field's end is found here (a varint's last byte is below 0x80); protobuf decodes the field."""
+    call id, then a serialized description they keep per call); 0 when it starts otherwise. A
+    varint's last byte is the first below 0x80; the field's value is never needed (a planned call's
+    answer echoes these bytes, and a call decoded afresh is parsed whole by protobuf)."""
     if not message or message[0] != _CALL_ID_TAG:
         return 0
     for end in range(2, min(len(message), 11) + 1):
@@ -163,12 +164,14 @@ class Channel(threading.Thread):
     def _plan(self, key: tuple[bytes, Hashable], call: pb.OpCall, regions: RegionReader) -> CallPlan | None:
         """Plan ``call`` and keep the plan (or that it has none) under ``key``: the bytes after its
         call id and the receiver's frame. Only a description in protobuf's own serialization is
-        planned (so it holds no call id: repeats of it differ in their call id alone)."""
+        planned (so it holds no call id: repeats of it differ in their call id alone), and only one
+        whose tensor is a region of the channel's memory (a tensor sent inline would make a plan of
+        every payload)."""
         description = pb.OpCall()
         description.CopyFrom(call)
         description.call_id = 0
         plan = None
-        if description.SerializeToString() == key[0]:
+        if call.x.WhichOneof("payload") == "region" and description.SerializeToString() == key[0]:
             plan = self.host.handler.plan(call, self.tenant, regions, self.output)
             if plan is not None:
                 plan.answer = self._described(plan.out)

@@ -251,6 +251,7 @@ class _DataChannel(Channel):
             self._ended = True
             with contextlib.suppress(OSError):
                 self._sock.close()
+        self.forget_plans()
         self.host.forget(self)
 
 

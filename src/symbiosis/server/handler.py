@@ -114,11 +114,9 @@ class RequestHandler:
         good: a malformed call, one beyond the tenant's size limits, one the executor refuses."""
         start = time.perf_counter()
         try:
-            request = decode_call(call, tenant=tenant.name, regions=regions)
+            request = self._decoded(call, tenant, regions)
             if not request.x.is_floating_point():
                 return None
-            tenant.check_request(request.rows, request.x.numel() * request.x.element_size())
-            request.priority = min(MAX_PRIORITY, request.priority + tenant.tenant.priority)
             shape, dtype = self.executor.validate(request)
             out = output(shape, dtype)
         except Exception as exc:
@@ -142,19 +140,28 @@ class RequestHandler:
             self._finish(call, tenant, request, start, error)
             reply(y, error)
 
-        self.executor.submit(request, done, out=plan.out, validated=True)
+        try:
+            self.executor.submit(request, done, out=plan.out, validated=True)
+        except Exception as exc:  # e.g. the executor closed
+            done(None, exc)
 
     def _admitted(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float) -> OpRequest:
         """The request ``call`` describes, within the tenant's limits and holding one of its in-flight
         slots; a refusal is counted and raised."""
         try:
-            request = decode_call(call, tenant=tenant.name, regions=regions)
-            tenant.check_request(request.rows, request.x.numel() * request.x.element_size())
-            request.priority = min(MAX_PRIORITY, request.priority + tenant.tenant.priority)
+            request = self._decoded(call, tenant, regions)
             tenant.acquire()
         except Exception as exc:
             self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
             raise
+        return request
+
+    @staticmethod
+    def _decoded(call: pb.OpCall, tenant: TenantState, regions: RegionReader | None) -> OpRequest:
+        """The request ``call`` describes, within the tenant's size limits, at the tenant's priority."""
+        request = decode_call(call, tenant=tenant.name, regions=regions)
+        tenant.check_request(request.rows, request.x.numel() * request.x.element_size())
+        request.priority = min(MAX_PRIORITY, request.priority + tenant.tenant.priority)
         return request
 
     def _finish(self, call: pb.OpCall, tenant: TenantState, request: OpRequest, start: float, error: BaseException | None) -> None:

@@ -251,6 +251,9 @@ class _ShmChannel(Channel):
             self._listener.close()
             if self._conn is not None:
                 self._conn.close()
+        if self._receiver is not None:
+            self._receiver.close()  # this thread's own receives are over
+        self.forget_plans()  # they view the channel's memory
         if self._fd is not None:
             os.close(self._fd)
         self._unpin()

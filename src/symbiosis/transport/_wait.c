@@ -4,9 +4,10 @@
  *
  * receive(fd, buffer, spin_ns) -> (nbytes, truncated, waited_ns): one message of a SOCK_SEQPACKET
  * socket.
- * Without the GIL, polls the socket (MSG_DONTWAIT, with sched_yield() between polls so that any
- * thread runnable on this CPU goes first) for up to spin_ns nanoseconds, then blocks in recvmsg()
- * (honouring SO_RCVTIMEO: BlockingIOError when it expires). A message that arrives while polling
+ * Without the GIL, polls the socket (MSG_DONTWAIT, with sched_yield() between polls: a hint that
+ * lets other threads runnable on this CPU run) for up to spin_ns nanoseconds, then — after handling
+ * any signal that arrived meanwhile — blocks in recvmsg() (honouring SO_RCVTIMEO: BlockingIOError
+ * when it expires). The socket must be in blocking mode (no Python-level timeout). A message that arrives while polling
  * costs no wake-up of a sleeping thread; on a virtual machine whose idle vCPUs halt, one wake-up
  * costs about 25 us (docs/architecture-service.md). nbytes 0 is end-of-file; truncated: the
  * message was longer than the buffer (its rest is discarded); waited_ns: time from the call to
@@ -40,51 +41,51 @@ static PyObject *receive(PyObject *self, PyObject *args) {
     ssize_t n = -1;
     int error = 0;
     long long start = now_ns();
-    for (;;) {
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (spin_ns > 0) {
         Py_BEGIN_ALLOW_THREADS
-        memset(&msg, 0, sizeof msg);
-        msg.msg_iov = &iov;
-        msg.msg_iovlen = 1;
-        n = -1;
-        error = EAGAIN;
-        if (spin_ns > 0) {
-            long long deadline = start + spin_ns;
-            do {
-                n = recvmsg(fd, &msg, MSG_DONTWAIT);
-                if (n >= 0) {
-                    break;
-                }
-                error = errno;
-                if (error != EAGAIN && error != EWOULDBLOCK) {
-                    break;
-                }
-                sched_yield();
-            } while (now_ns() < deadline);
-            spin_ns = 0; /* after a signal, wait without polling again */
-        }
-        if (n < 0 && (error == EAGAIN || error == EWOULDBLOCK)) {
-            n = recvmsg(fd, &msg, 0);
+        long long deadline = start + spin_ns;
+        do {
+            n = recvmsg(fd, &msg, MSG_DONTWAIT);
             error = n < 0 ? errno : 0;
-        }
+            if (n >= 0 || (error != EAGAIN && error != EWOULDBLOCK)) {
+                break;
+            }
+            sched_yield();
+        } while (now_ns() < deadline);
         Py_END_ALLOW_THREADS
-        if (n >= 0) {
-            break;
-        }
-        if (error != EINTR) {
-            PyBuffer_Release(&buffer);
-            errno = error;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        if (PyErr_CheckSignals() < 0) {
+        if (n < 0 && (error == EAGAIN || error == EWOULDBLOCK) && PyErr_CheckSignals() < 0) {
             PyBuffer_Release(&buffer);
             return NULL;
         }
+    } else {
+        error = EAGAIN;
+    }
+    while (n < 0 && (error == EAGAIN || error == EWOULDBLOCK || error == EINTR)) {
+        if (error == EINTR && PyErr_CheckSignals() < 0) {
+            PyBuffer_Release(&buffer);
+            return NULL;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        n = recvmsg(fd, &msg, 0);
+        error = n < 0 ? errno : 0;
+        Py_END_ALLOW_THREADS
+        if (n < 0 && (error == EAGAIN || error == EWOULDBLOCK)) {
+            break; /* SO_RCVTIMEO expired */
+        }
+    }
+    if (n < 0) {
+        PyBuffer_Release(&buffer);
+        errno = error;
+        return PyErr_SetFromErrno(PyExc_OSError);
     }
     PyBuffer_Release(&buffer);
     return Py_BuildValue("(nOL)", (Py_ssize_t)n, (msg.msg_flags & MSG_TRUNC) ? Py_True : Py_False, now_ns() - start);
 }
 
-/* readable(fd, spin_ns) -> (ready, waited_ns): poll (without the GIL, yielding between polls) until
+/* readable(fd, spin_ns) -> (ready, waited_ns): poll (without the GIL, sched_yield() between polls) until
  * the socket has something to read (data, end-of-file or an error: the next read returns at once)
  * or spin_ns have passed; the caller then reads, blocking if need be. For byte streams (TCP data
  * channels), whose reads Python's socket and ssl modules do. */

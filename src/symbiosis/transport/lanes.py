@@ -15,6 +15,7 @@ with ``Transient`` when it is not: a stopped or vanished server fails calls inst
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
@@ -158,6 +159,8 @@ class _SocketLane:
         return True
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # ends the connection even while a receive holds a duplicate of it
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
 
@@ -235,6 +238,7 @@ class ShmLane(_SocketLane):
     def close(self) -> None:
         super().close()
         self._unpin()
+        self._answers.clear()  # they view the channel's memory
         self._bytes = self._requests = self._responses = None
         unmap(self._memory)
 

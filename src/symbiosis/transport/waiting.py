@@ -5,7 +5,8 @@ whose idle vCPUs halt (no guest halt-polling), waking a thread on another vCPU c
 twice per op call — more than the rest of a small call's transfer (measured in
 ``docs/architecture-service.md``). A ``Receiver`` therefore first polls the socket for up to
 ``spin_s`` (in C, without the GIL, yielding the CPU to any other runnable thread between polls)
-and only then blocks. It polls only while the other end answers within that time: after a longer
+and only then blocks (``sched_yield`` is a hint to the scheduler, not a guarantee). It polls only
+while the other end answers within that time: after a longer
 wait, the next one blocks at once (a slow or idle peer costs no CPU), until a wait is short again.
 
 ``Receiver`` does this for the messages of a shared-memory channel's ``SOCK_SEQPACKET`` socket;
@@ -22,6 +23,7 @@ import os
 import socket
 import ssl
 import time
+import weakref
 
 from ..errors import BadRequestError
 
@@ -55,13 +57,22 @@ class _Polling:
 
 class Receiver(_Polling):
     """Receives the messages of a ``SOCK_SEQPACKET`` socket into one buffer of ``size`` bytes,
-    polling up to ``spin_s`` before blocking (see the module docstring; 0: never poll)."""
+    polling up to ``spin_s`` before blocking (see the module docstring; 0: never poll) while the
+    socket is in blocking mode (a socket with a Python-level timeout is read as Python reads it).
+
+    The compiled receive reads its own duplicate of the socket's descriptor, closed by ``close`` or
+    when the receiver is collected: a thread that closes the socket meanwhile cannot hand a running
+    receive a descriptor number the process reused. Whoever ends the connection must therefore
+    ``shutdown`` the socket before closing it (the duplicate keeps the connection open).
+    """
 
     def __init__(self, sock: socket.socket, size: int, *, spin_s: float = DEFAULT_SPIN_S, compiled: bool | None = None) -> None:
         super().__init__(spin_s, compiled)
         self._sock = sock
         self.buffer = bytearray(size)
         self._view = memoryview(self.buffer)
+        self._fd = os.dup(sock.fileno()) if self._compiled else -1
+        self.close = weakref.finalize(self, os.close, self._fd) if self._fd >= 0 else _nothing
 
     def receive(self) -> memoryview | None:
         """The next message (a view of ``buffer``, valid until the next receive), None at end-of-file.
@@ -70,11 +81,10 @@ class Receiver(_Polling):
         ``BlockingIOError`` when the socket's receive timeout (``SO_RCVTIMEO``) expires, ``OSError``
         when the connection broke.
         """
-        if self._compiled:
-            fd = self._sock.fileno()
-            if fd < 0:
+        if self._compiled and self._sock.gettimeout() is None:
+            if self._sock.fileno() < 0:
                 raise OSError("the channel's socket is closed")
-            nbytes, truncated, waited_ns = _compiled_receive(fd, self.buffer, self._next_spin_ns)
+            nbytes, truncated, waited_ns = _compiled_receive(self._fd, self.buffer, self._next_spin_ns)
             self._waited(waited_ns)
         else:
             nbytes, _ancillary, flags, _address = self._sock.recvmsg_into([self.buffer])
@@ -104,3 +114,7 @@ class StreamWaiter(_Polling):
 
     def read(self) -> None:
         self._waited(time.perf_counter_ns() - self._start)
+
+
+def _nothing() -> None:
+    pass

@@ -311,3 +311,51 @@ def test_channels_without_polling(model_dir, monkeypatch, receive):
         transport.close()
     finally:
         server.stop(1.0)
+
+
+def test_only_repeats_of_a_canonical_call_with_its_rows_in_the_channel_are_planned(server, monkeypatch):
+    """A call is planned once and its repeats served from the plan; a description that carries a
+    second call id, or its rows inline, is decoded afresh every time (and still answered right)."""
+    planned = []
+    plan = server.handler.plan
+    monkeypatch.setattr(server.handler, "plan", lambda *args, **kwargs: planned.append(plan(*args, **kwargs)) or planned[-1])
+    channel = RawChannel(attach(server.port))
+    weight = server.executor.tensors([f"{OP}.weight"])[f"{OP}.weight"]
+    try:
+        for call_id in range(1, 5):
+            x = torch.randn(2, 64)
+            channel.call(OP, x, call_id=call_id)
+            result = channel.answer()
+            assert result.call_id == call_id and torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
+        assert len(planned) == 1 and planned[0] is not None
+        for call_id in (10, 20):
+            x = torch.randn(2, 64)
+            channel.write_region(channel.layout.request_data, x)
+            described = call_message(OP, x, channel.layout.request_data, call_id=0).SerializeToString()
+            channel.send(pb.OpCall(call_id=call_id).SerializeToString() + described + pb.OpCall(call_id=call_id + 1).SerializeToString())
+            result = channel.answer()  # the last call id is the call's
+            assert result.call_id == call_id + 1 and torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
+            inline = pb.OpCall(call_id=call_id + 2, op=OP, x=pb.Tensor(dtype="float32", shape=[2, 64], data=x.numpy().tobytes()))
+            channel.send(inline.SerializeToString())
+            result = channel.answer()
+            assert result.call_id == call_id + 2 and torch.allclose(channel.output(result), x @ weight.t(), atol=1e-5)
+        assert len(planned) == 1, "a description that is not a repeat's was planned"
+    finally:
+        channel.close()
+
+
+def test_a_planned_call_the_executor_refuses_is_answered_and_frees_its_slot(model_dir):
+    registry = TenantRegistry.open()
+    server = ExecutorServer(BaseExecutor.from_pretrained(model_dir("llama")), registry=registry).start()
+    channel = RawChannel(attach(server.port))
+    try:
+        channel.call(OP, torch.ones(2, 64), call_id=1)
+        assert channel.answer().WhichOneof("outcome") == "y"
+        server.executor.close()  # refuses new requests from now on
+        channel.call(OP, torch.ones(2, 64), call_id=2)  # the planned repeat
+        result = channel.answer()
+        assert result.call_id == 2 and "closed" in result.error.message
+        assert registry.tenants()[0].requests_in_flight() == 0
+    finally:
+        channel.close()
+        server.stop(1.0)

@@ -135,7 +135,7 @@ def test_concurrency_and_session_limits(model_dir, hold_batches, lane):
     server = ExecutorServer(slow, registry=registry).start()
     try:
         transport = RemoteTransport(f"127.0.0.1:{server.port}", token="t", **LANES[lane])
-        call(transport)  # the calls below repeat this one
+        call(transport)  # the same call: on a channel kept by this thread, a repeat
         errors: list[BaseException] = []
         started = threading.Barrier(2)
 

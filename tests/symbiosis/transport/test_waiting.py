@@ -159,3 +159,30 @@ def test_a_stream_waiter_returns_once_there_is_something_to_read(compiled):
         assert ours.recv(1) == b""
     finally:
         ours.close()
+
+
+@pytest.mark.parametrize("compiled", IMPLEMENTATIONS)
+def test_a_socket_with_a_python_timeout_is_read_as_python_reads_it(pair, compiled):
+    """``settimeout`` makes a socket non-blocking underneath: its receives wait out the timeout."""
+    ours, theirs = pair
+    ours.settimeout(0.05)
+    receiver = Receiver(ours, 16, compiled=compiled)
+    with pytest.raises(TimeoutError):
+        receiver.receive()
+    theirs.send(b"m")
+    assert bytes(receiver.receive()) == b"m"
+
+
+def test_closing_the_socket_elsewhere_ends_a_receive_and_the_peer_sees_it(pair):
+    """The compiled receive reads its own descriptor; shutting the socket down ends it with
+    end-of-file, and the peer sees the connection end although that descriptor is still open."""
+    ours, theirs = pair
+    receiver = Receiver(ours, 16, spin_s=0.001, compiled=True)
+    closer = threading.Timer(0.05, lambda: (ours.shutdown(socket.SHUT_RDWR), ours.close()))
+    closer.start()
+    try:
+        assert receiver.receive() is None
+    finally:
+        closer.join()
+    assert theirs.recv(16) == b""
+    receiver.close()
