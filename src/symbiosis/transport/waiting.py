@@ -4,10 +4,10 @@ A thread blocked in ``recv`` is woken by the kernel when the other end sends; on
 whose idle vCPUs halt (no guest halt-polling), waking a thread on another vCPU costs about 25 µs,
 twice per op call — more than the rest of a small call's transfer (measured in
 ``docs/architecture-service.md``). A ``Receiver`` therefore first polls the socket for up to
-``spin_s`` (in C, without the GIL, yielding the CPU to any other runnable thread between polls)
-and only then blocks (``sched_yield`` is a hint to the scheduler, not a guarantee). It polls only
-while the other end answers within that time: after a longer
-wait, the next one blocks at once (a slow or idle peer costs no CPU), until a wait is short again.
+``spin_s`` (in C, without the GIL, calling ``sched_yield`` between polls: a hint that lets other
+threads runnable on that CPU run) and only then blocks. It polls only while the other end answers
+within that time: after a longer wait, the next one blocks at once (a slow or idle peer costs no
+CPU), until a wait is short again.
 
 ``Receiver`` does this for the messages of a shared-memory channel's ``SOCK_SEQPACKET`` socket;
 ``StreamWaiter`` for a TCP data channel's byte stream, whose frames the caller then reads as before.
