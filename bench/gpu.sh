@@ -43,6 +43,9 @@ step() {  # step NAME CAP_S COMMAND...: run with a time cap (within BUDGET_S), l
     tar -czf "$OUT/gpu-results.tar.gz" -C "$RESULTS" . 2>/dev/null
 }
 
+# the channels' polling receive (an optional C extension, transport/waiting.py): built in place here,
+# since the working tree arrives without build outputs; without a compiler channels block instead
+python3 setup.py -q build_ext --inplace >>"$LOG" 2>&1 || echo "(no C extension: channels block without polling)" >>"$LOG"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"
 } >>"$LOG" 2>&1
