@@ -48,8 +48,8 @@ class ExecutorServer:
     once. ``data_channel``: offer TCP data channels (op calls without gRPC for clients on other
     hosts), at most ``data_channels`` at once, listening on ``data_port`` (0: any free port; TLS
     when the service uses TLS). A channel of either kind polls for its client's next call for up to
-    ``channel_spin_s`` before it blocks (``transport.waiting``; 0: never poll). ``session_idle_s``: end sessions and channels idle longer than this
-    (their clients open new ones). ``keepalive_s``: ping quiet connections this often and drop
+    ``channel_spin_s`` before it blocks (``transport.waiting``; 0: never poll). ``session_idle_s``:
+    end sessions and channels idle longer than this (their clients open new ones). ``keepalive_s``: ping quiet connections this often and drop
     those that do not answer.
     """
 

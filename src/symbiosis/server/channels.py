@@ -7,10 +7,10 @@ one cannot queue more. The answer is written by whichever thread computed the ca
 combiner writes straight into the channel's response memory and sends the result message): no
 thread hand-off on the way back. A channel sees the same few calls again and again (one per op and
 shape of its client's model): each is decoded, checked and validated the first time only and kept
-as a ``CallPlan`` under the bytes that follow its call id; a repeat is then run at once. A channel ends when its client hangs up, crashes or sends what
-it cannot answer, when idle longer than the server's idle timeout, or when the server drains; a
-call in flight is answered first (or its answer dropped if the client is gone), so nothing a
-dead client asked for outlives its channel.
+as a ``CallPlan`` under the bytes that follow its call id; a repeat is then run at once. A channel
+ends when its client hangs up, crashes or sends what it cannot answer, when idle longer than the
+server's idle timeout, or when the server drains; a call in flight is answered first (or its
+answer dropped if the client is gone), so nothing a dead client asked for outlives its channel.
 """
 
 from __future__ import annotations
@@ -142,19 +142,16 @@ class Channel(threading.Thread):
             end = call_id_end(message)
             key = (bytes(message[end:]), frame) if end else None
             plan = self._plans.get(key) if end else None
-            if plan is not None:  # a repeat: nothing to decode
-                self._answer, self._lead = plan.answer, bytes(message[:end])
-                handler.run(plan, tenant, self.complete)
-                continue
-            self._call_id, self._answer, self._lead = 0, b"", b""
-            try:
-                call = parse_call(message)
-                self._call_id = call.call_id
-                if self.decoded(call) and key is not None and key not in self._plans:
-                    plan = self._plan(key, call, regions)
-            except Exception as exc:
-                self.complete(None, exc)
-                continue
+            if plan is None:  # not a repeat of a planned call: decode it (and plan it, the first time)
+                self._call_id, self._answer, self._lead = 0, b"", b""
+                try:
+                    call = parse_call(message)
+                    self._call_id = call.call_id
+                    if self.decoded(call) and end and key not in self._plans:
+                        plan = self._plan(key, call, regions)
+                except Exception as exc:
+                    self.complete(None, exc)
+                    continue
             if plan is None:
                 handler.submit(call, tenant, self.complete, regions=regions, out=self.output)
             else:
@@ -221,15 +218,17 @@ class Channel(threading.Thread):
 
 class ChannelHost:
     """A bounded set of channels of one kind: at most ``max_channels`` at once, of which at most
-    ``max_pending`` are not yet connected (each costs a thread and its memory)."""
+    ``max_pending`` are not yet connected (each costs a thread and its memory). A channel polls for
+    its client's next call for up to ``spin_s`` before it blocks (``transport.waiting``)."""
 
     #: What the host's channels are called in messages.
     what = "channels"
 
-    def __init__(self, handler: RequestHandler, *, max_channels: int, max_pending: int) -> None:
+    def __init__(self, handler: RequestHandler, *, max_channels: int, max_pending: int, spin_s: float) -> None:
         self.handler = handler
         self.max_channels = max_channels
         self.max_pending = max_pending
+        self.spin_s = spin_s
         self._lock = threading.Lock()
         self._channels: set[Channel] = set()
         self._draining = False

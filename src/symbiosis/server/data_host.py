@@ -78,13 +78,11 @@ class DataHost(ChannelHost):
         handshake_timeout_s: float = DEFAULT_HANDSHAKE_TIMEOUT_S,
         spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
-        super().__init__(handler, max_channels=max_channels, max_pending=max_pending)
+        super().__init__(handler, max_channels=max_channels, max_pending=max_pending, spin_s=spin_s)
         self.registry = registry
         self.max_payload_bytes = max_payload_bytes
         self.keepalive_s = keepalive_s
         self.handshake_timeout_s = handshake_timeout_s
-        #: How long a channel polls for its client's next call before it blocks (``transport.waiting``).
-        self.spin_s = spin_s
         self.tls = server_tls_context(*tls) if tls is not None else None
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         self._listener = socket.create_server((host, port), family=family)

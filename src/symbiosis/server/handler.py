@@ -86,21 +86,7 @@ class RequestHandler:
         """Hand ``call`` to the executor; ``reply(output, error)`` is called once it is answered (or
         refused), by whichever thread computed it — possibly this one, before ``submit`` returns.
         ``out``: where the output is to be written (see ``BaseExecutor.submit``)."""
-        start = time.perf_counter()
-        try:
-            request = self._admitted(call, tenant, regions, start)
-        except Exception as exc:
-            reply(None, exc)
-            return
-
-        def done(y: torch.Tensor | None, error: BaseException | None) -> None:
-            self._finish(call, tenant, request, start, error)
-            reply(y, error)
-
-        try:
-            self.executor.submit(request, done, out=out)
-        except Exception as exc:
-            done(None, exc)
+        self._submit(call, tenant, reply, regions=regions, out=out)
 
     def plan(
         self,
@@ -120,19 +106,30 @@ class RequestHandler:
             shape, dtype = self.executor.validate(request)
             out = output(shape, dtype)
         except Exception as exc:
-            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
+            self._count_refusal(call, tenant, start, exc)
             raise
         return CallPlan(call, request, out)
 
     def run(self, plan: CallPlan, tenant: TenantState, reply: Completion) -> None:
         """Hand a planned call to the executor as ``submit`` does (the tenant's rate and in-flight
         limits are checked each time; nothing else needs to be)."""
+        self._submit(plan.call, tenant, reply, plan=plan, out=plan.out)
+
+    def _submit(
+        self,
+        call: pb.OpCall,
+        tenant: TenantState,
+        reply: Completion,
+        *,
+        regions: RegionReader | None = None,
+        out: OutputBuffer | None = None,
+        plan: CallPlan | None = None,
+    ) -> None:
+        """``submit``, or with ``plan`` ``run``: admit the request and hand it to the executor."""
         start = time.perf_counter()
-        call, request = plan.call, plan.request
         try:
-            tenant.acquire()
+            request = self._admitted(call, tenant, regions, start, plan)
         except Exception as exc:
-            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
             reply(None, exc)
             return
 
@@ -141,20 +138,25 @@ class RequestHandler:
             reply(y, error)
 
         try:
-            self.executor.submit(request, done, out=plan.out, validated=True)
+            self.executor.submit(request, done, out=out, validated=plan is not None)
         except Exception as exc:  # e.g. the executor closed
             done(None, exc)
 
-    def _admitted(self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float) -> OpRequest:
-        """The request ``call`` describes, within the tenant's limits and holding one of its in-flight
-        slots; a refusal is counted and raised."""
+    def _admitted(
+        self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float, plan: CallPlan | None = None
+    ) -> OpRequest:
+        """The request ``call`` describes (``plan``'s, already decoded and checked, if given), within
+        the tenant's limits and holding one of its in-flight slots; a refusal is counted and raised."""
         try:
-            request = self._decoded(call, tenant, regions)
+            request = plan.request if plan is not None else self._decoded(call, tenant, regions)
             tenant.acquire()
         except Exception as exc:
-            self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
+            self._count_refusal(call, tenant, start, exc)
             raise
         return request
+
+    def _count_refusal(self, call: pb.OpCall, tenant: TenantState, start: float, exc: BaseException) -> None:
+        self.metrics.observe(tenant.name, call.op, call.direction, status_code_of(exc).name, time.perf_counter() - start)
 
     @staticmethod
     def _decoded(call: pb.OpCall, tenant: TenantState, regions: RegionReader | None) -> OpRequest:

@@ -76,10 +76,8 @@ class ShmHost(ChannelHost):
         accept_timeout_s: float = DEFAULT_ACCEPT_TIMEOUT_S,
         spin_s: float = DEFAULT_SPIN_S,
     ) -> None:
-        super().__init__(handler, max_channels=max_channels, max_pending=max_pending)
+        super().__init__(handler, max_channels=max_channels, max_pending=max_pending, spin_s=spin_s)
         self.accept_timeout_s = accept_timeout_s
-        #: How long a channel polls for its client's next call before it blocks (``transport.waiting``).
-        self.spin_s = spin_s
         self.device = handler.executor.device
         #: Makes a channel's CUDA buffers (``capacity`` bytes each way) for clients that compute on a
         #: GPU: on a GPU executor, buffers in its memory; None (clients use host memory) otherwise.

@@ -216,7 +216,8 @@ class ShmLane(_SocketLane):
             raise Transient("the server closed the shared-memory channel")
         # an answer exactly like the last one to this call (but for its call id) needs no decoding
         known = self._answers.get(description)
-        if known is not None and answer[: len(prefix)] == prefix and answer[len(prefix) :] == known[0]:
+        led = answer[: len(prefix)] == prefix
+        if led and known is not None and answer[len(prefix) :] == known[0]:
             out = known[1].clone()
         else:
             y = _checked(pb.OpResult.FromString(answer), call_id)
@@ -224,7 +225,7 @@ class ShmLane(_SocketLane):
                 return self.cuda.receive(y.region.offset, tuple(y.shape), _dtype(y), x.device)
             output = decode_tensor(y, regions=self._response_region)
             out = output.clone()
-            if answer[: len(prefix)] == prefix and output.is_floating_point():  # a view of the response memory
+            if led and output.is_floating_point():  # a view of the response memory
                 if len(self._answers) >= MAX_DESCRIPTIONS:
                     self._answers.clear()
                 self._answers[description] = (bytes(answer[len(prefix) :]), output)

@@ -64,8 +64,8 @@ class RemoteTransport:
     default: the system's roots); data channels then use TLS too. ``shared_memory``: ``None``
     (default) uses a same-host channel when one can be had, ``True`` requires one, ``False`` never
     uses one. ``shm_capacity``: bytes each way of a channel. ``channel_spin_s``: how long a call on a
-    shared-memory or TCP data channel polls for its answer before it sleeps (``transport.waiting``; 0: never poll). ``data_channel``: the same choice for
-    TCP data channels (``False``: op calls take gRPC streams where no shared-memory channel serves
+    shared-memory or TCP data channel polls for its answer before it sleeps (``transport.waiting``;
+    0: never poll). ``data_channel``: the same choice for TCP data channels (``False``: op calls take gRPC streams where no shared-memory channel serves
     them). ``data_address``: ``host:port`` to reach the data channel at, when it differs from what
     the server reports (port forwarding, NAT). ``retry_timeout_s``: how long calls are retried while
     the server is away. ``keepalive_s``: seconds between keepalive pings (a silent server is given
