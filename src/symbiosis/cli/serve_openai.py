@@ -61,6 +61,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="compute every prompt in full (default: reuse the cached KV blocks of prompt starts computed before)",
     )
+    group.add_argument(
+        "--engine-threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="intra-op threads of the engine's own computation: model code, adapters, attention (default 1; the base GEMMs use --threads)",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +79,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         block_size=args.block_size,
         max_adapters=args.max_adapters,
         prefix_caching=args.prefix_caching,
+        threads=args.engine_threads,
     )
 
 

@@ -38,7 +38,9 @@ from .stats import BatchStats
 log = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = frozenset(FLOAT_DTYPES.values())
-_THREAD = threading.local()  # ``ready``: ``adopt_thread_count`` ran in this thread
+#: Per thread: ``count``, the intra-op thread count this module last applied there; ``own``, the count
+#: the thread's own computation runs with (``set_own_thread_count``), when it set one.
+_THREAD = threading.local()
 #: Where a submitted request's output goes: a tensor, or ``(shape, dtype) -> tensor`` (see ``submit``).
 OutputBuffer = torch.Tensor | Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -65,6 +67,9 @@ class BaseExecutor:
     client, and rows never mix, so they harm no one else),
     ``layers`` (``(start, end)``: keep only the ops of layers [start, end), one shard of a sharded
     base; ownership rule in ``executor.sharding``; frozen tensors are all kept).
+
+    Products run with ``torch.get_num_threads()`` intra-op threads as it was when the executor was
+    built (``threads``), on whichever thread computes them (``set_own_thread_count``).
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class BaseExecutor:
         self.quantization = prepare_quantized_base(model)  # "int8", "nf4", "fp4" or None (dense)
         model.eval().requires_grad_(False)
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.threads = torch.get_num_threads()
         self.device = next(model.parameters()).device
         self.max_request_rows = max_request_rows
         self.reject_non_finite = reject_non_finite
@@ -336,12 +342,17 @@ class BaseExecutor:
         their own rows in their dtype and on their device. Runs without autograd, whatever the
         calling thread's grad mode (a combiner computes other clients' requests too).
         """
-        if not getattr(_THREAD, "ready", False):
-            adopt_thread_count()
-        if torch.is_grad_enabled() and any(r.x.requires_grad for r in requests):
-            with torch.no_grad():
-                return self._compute(op_name, direction, requests, outs)
-        return self._compute(op_name, direction, requests, outs)  # nothing to record: no mode switch
+        if getattr(_THREAD, "count", None) != self.threads:
+            _apply_thread_count(self.threads)
+        try:
+            if torch.is_grad_enabled() and any(r.x.requires_grad for r in requests):
+                with torch.no_grad():
+                    return self._compute(op_name, direction, requests, outs)
+            return self._compute(op_name, direction, requests, outs)  # nothing to record: no mode switch
+        finally:
+            own = getattr(_THREAD, "own", None)
+            if own is not None and own != self.threads:
+                _apply_thread_count(own)
 
     def _compute(
         self, op_name: str, direction: Direction, requests: Sequence[OpRequest], outs: Sequence[torch.Tensor | None]
@@ -477,18 +488,26 @@ class _Staging:
         return self._buffers[index][:nbytes].view(dtype).view(shape)
 
 
-def adopt_thread_count() -> None:
-    """Make the calling thread compute with torch's intra-op thread count (``torch.set_num_threads``).
+def set_own_thread_count(count: int) -> None:
+    """Run the calling thread's own computation with ``count`` intra-op threads; executor products it
+    computes still run with their executor's ``threads`` (switched around each batch, 0.1 µs a switch).
 
-    That count is per thread for OpenMP and MKL: a thread Python starts gets the library defaults
-    (one thread per core) until torch applies its count there, which only its own parallel loops
-    do — a plain GEMM, which goes straight to MKL, does not. A server thread computing a small GEMM
-    would otherwise run it on a team of OpenMP threads whose workers spin between GEMMs (measured:
-    a 16x64x64 product took 21 µs instead of 3 in a server started with ``--threads 1``, and the
-    spinning worker held a core).
+    The serving engine's thread uses this: its model code, adapters and attention are small products
+    that a team of threads slows down, while the base GEMMs gain from every core (measured at 16
+    clients on the base: 216–224 tokens/s against 199–208 with two threads for everything).
     """
-    torch.get_num_threads()  # applies torch's count to this thread once (at::internal::lazy_init_num_threads)
-    _THREAD.ready = True
+    _apply_thread_count(count)
+    _THREAD.own = count
+
+
+def _apply_thread_count(count: int) -> None:
+    """``torch.set_num_threads`` for the calling thread: OpenMP's and MKL's counts are per thread, and a
+    thread Python starts has the libraries' defaults (one thread per core) until a count is applied
+    there (measured: a 16x64x64 product took 21 µs instead of 3 in a server started with
+    ``--threads 1``, and the team's spinning worker held a core). torch also keeps ``count`` as the
+    process's default, which ``torch.get_num_threads()`` reports."""
+    torch.set_num_threads(count)
+    _THREAD.count = count
 
 
 def _writable_by(out: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -27,11 +27,13 @@ class RowGroup:
 @dataclass(frozen=True)
 class StepBatch:
     """One step: adapter groups over the N packed token rows, the same over the rows whose logits
-    the LM head computes, and the attention plan (``serving.attention``)."""
+    the LM head computes, and the attention plan (``serving.attention``). ``lora_masks``: the step's
+    LoRA row-scaling masks, built by the first module that needs each (``adapters/lora.py``)."""
 
     groups: tuple[RowGroup, ...]
     logit_groups: tuple[RowGroup, ...]
     attention: Any
+    lora_masks: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 _local = threading.local()

@@ -33,7 +33,7 @@ from peft.tuners.lora.layer import ParamWrapper
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import UnsupportedFeatureError
-from ..executor.executor import adopt_thread_count
+from ..executor.executor import set_own_thread_count
 from . import batch
 from .adapters import AdapterInfo, AdapterLoadError, AdapterStore, LoadedAdapter
 from .adapters import layer as dispatch
@@ -149,7 +149,9 @@ class Engine:
     plus prompt chunks); ``kv_cache_bytes``: the KV cache's memory budget (default: a full context for
     every sequence, at most 1 GiB); ``max_adapters``: resident adapters; ``base_name``: the base
     model's name in statistics; ``prefix_caching``: reuse the cached blocks of prompt starts computed
-    before. The engine takes ``model`` over (attention implementation, wrappers).
+    before; ``threads``: intra-op threads of the engine's own computation (model code, adapters,
+    attention, sampling), while the executor's products keep the executor's count. The engine takes
+    ``model`` over (attention implementation, wrappers).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class Engine:
         max_adapters: int = 64,
         base_name: str = "base",
         prefix_caching: bool = True,
+        threads: int = 1,
     ) -> None:
         if not hasattr(model, "symbiosis") or hasattr(model, "peft_config"):
             raise TypeError("the engine serves a Symbiosis client of the base model (load_model); register adapters with engine.adapters")
@@ -172,6 +175,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.base_name = base_name
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
         self.vocab_size = int(model.config.vocab_size)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         _check_architecture(model)
@@ -264,7 +270,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
-        adopt_thread_count()
+        set_own_thread_count(self.threads)
         try:
             self._serve()
         except Exception as exc:  # an engine bug: fail every request and refuse new ones, never leave them waiting

@@ -1,13 +1,18 @@
-"""Threads that compute for the executor use torch's intra-op thread count, not the libraries' defaults."""
+"""Threads that compute for the executor use its intra-op thread count, not the libraries' defaults,
+and a thread with a count of its own (the serving engine's) gets it back after each product."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
+from pathlib import Path
 
+import pytest
 import torch
 
 from symbiosis import BaseExecutor
+from symbiosis.executor.executor import set_own_thread_count
 from symbiosis.protocol import Direction, OpRequest
 
 OP = "model.layers.0.self_attn.o_proj"
@@ -20,10 +25,10 @@ def _threads() -> int:
 def test_a_new_thread_computes_with_torchs_thread_count(model_dir):
     """With ``torch.set_num_threads(1)``, a GEMM in a thread Python started (a server's channel
     thread) starts no OpenMP team of its own: MKL would otherwise use one thread per core there."""
-    executor = BaseExecutor.from_pretrained(model_dir("llama"))
     request = OpRequest(OP, Direction.FORWARD, torch.randn(256, 64))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    executor = BaseExecutor.from_pretrained(model_dir("llama"))
     counts: list[int] = []
 
     def compute() -> None:
@@ -39,3 +44,38 @@ def test_a_new_thread_computes_with_torchs_thread_count(model_dir):
     finally:
         torch.set_num_threads(previous)
     assert counts[0] == counts[1], f"the computing thread started {counts[1] - counts[0]} OpenMP workers"
+
+
+def _openmp_threads() -> int:
+    """The calling thread's OpenMP thread count (per thread, unlike ``torch.get_num_threads()``)."""
+    library = next(Path(torch.__file__).parent.joinpath("lib").glob("libgomp*.so*"), None)
+    if library is None:
+        pytest.skip("torch is not built with libgomp")
+    return ctypes.CDLL(str(library)).omp_get_max_threads()
+
+
+def test_a_thread_keeps_its_own_count_around_products(model_dir, monkeypatch):
+    """The engine's thread runs its own code on one thread and the executor's products with the
+    executor's count, switched around each product."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    executor = BaseExecutor.from_pretrained(model_dir("llama"))
+    inside: list[int] = []
+    compute = executor._compute
+    monkeypatch.setattr(executor, "_compute", lambda *args: inside.append(_openmp_threads()) or compute(*args))
+    seen: list[int] = []
+
+    def engine() -> None:
+        set_own_thread_count(1)
+        seen.append(_openmp_threads())
+        executor.run(OpRequest(OP, Direction.FORWARD, torch.randn(4, 64)))
+        seen.append(_openmp_threads())
+
+    try:
+        thread = threading.Thread(target=engine)
+        thread.start()
+        thread.join()
+    finally:
+        torch.set_num_threads(previous)
+    assert executor.threads == 2
+    assert inside == [2] and seen == [1, 1]

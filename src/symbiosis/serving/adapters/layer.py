@@ -209,7 +209,7 @@ class RowDispatch(nn.Module):
             elif entry.side is Side.OWN:
                 y[:, rows] = entry.own(x[:, rows])
         if stacked:
-            self.lora_stack.add_to(y, x, lora)
+            self.lora_stack.add_to(y, x, lora, step.lora_masks)
         return y
 
     def extra_repr(self) -> str:

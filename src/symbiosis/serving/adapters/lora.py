@@ -46,28 +46,36 @@ class LoraStack:
     """The stacked weights of the adapter sets a module has seen (cleared when its adapters change)."""
 
     def __init__(self) -> None:
-        self._stacks: dict[tuple[LoraWeights, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[tuple[LoraWeights, ...], tuple[torch.Tensor, torch.Tensor, tuple[tuple[int, float], ...]]] = {}
 
     def clear(self) -> None:
         self._stacks.clear()
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[LoraWeights, slice]]) -> None:
-        """``y[:, rows] += scaling · B(A(x[:, rows]))`` for every (adapter, rows) group; ``x``, ``y``: ``[1, N, ·]``."""
-        adapters = tuple(weights for weights, _ in groups)
-        a, b, owner, scale = self._stack(adapters)
-        slices = [rows for _, rows in groups]
-        contiguous = all(s.stop == t.start for s, t in zip(slices, slices[1:]))
-        rows = x[0, slices[0].start : slices[-1].stop] if contiguous else torch.cat([x[0, s] for s in slices])
-        sizes = torch.tensor([s.stop - s.start for s in slices], device=owner.device)
-        row_owner = torch.repeat_interleave(torch.arange(len(slices), device=owner.device), sizes)
-        delta = ((rows.to(a.dtype) @ a.t()) * ((row_owner[:, None] == owner[None, :]) * scale)) @ b.t()
-        if contiguous:
-            y[0, slices[0].start : slices[-1].stop] += delta.to(y.dtype)
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[LoraWeights, slice]], masks: dict) -> None:
+        """``y[:, rows] += scaling · B(A(x[:, rows]))`` for every (adapter, rows) group; ``x``, ``y``: ``[1, N, ·]``.
+
+        ``masks`` holds the row-scaling masks ``M`` by layout (ranks, scalings, rows); one dict serves
+        every module of a step, so each layout's mask is built once per step, not once per module."""
+        a, b, ranks = self._stack(tuple(weights for weights, _ in groups))
+        bounds = tuple((rows.start, rows.stop) for _, rows in groups)
+        key = (ranks, bounds)
+        mask = masks.get(key)
+        if mask is None:
+            mask = masks[key] = torch.block_diag(
+                *(torch.full((stop - start, rank), scaling, dtype=a.dtype, device=a.device) for (rank, scaling), (start, stop) in zip(ranks, bounds))
+            )
+        contiguous = all(s[1] == t[0] for s, t in zip(bounds, bounds[1:]))
+        rows = x[0, bounds[0][0] : bounds[-1][1]] if contiguous else torch.cat([x[0, rows] for _, rows in groups])
+        hidden = (rows if rows.dtype == a.dtype else rows.to(a.dtype)) @ a.t()
+        hidden.mul_(mask)
+        if contiguous and y.dtype == b.dtype:
+            y[0, bounds[0][0] : bounds[-1][1]].addmm_(hidden, b.t())
             return
+        delta = (hidden @ b.t()).to(y.dtype)
         offset = 0
-        for s in slices:
-            y[0, s] += delta[offset : offset + s.stop - s.start].to(y.dtype)
-            offset += s.stop - s.start
+        for start, stop in bounds:
+            y[0, start:stop] += delta[offset : offset + stop - start]
+            offset += stop - start
 
     def _stack(self, adapters: tuple[LoraWeights, ...]):
         stack = self._stacks.get(adapters)
@@ -76,8 +84,6 @@ class LoraStack:
                 self._stacks.clear()
             a = torch.cat([w.a for w in adapters])
             b = torch.cat([w.b for w in adapters], dim=1)
-            ranks = torch.tensor([w.a.shape[0] for w in adapters], device=a.device)
-            owner = torch.repeat_interleave(torch.arange(len(adapters), device=a.device), ranks)
-            scale = torch.repeat_interleave(torch.tensor([w.scaling for w in adapters], dtype=a.dtype, device=a.device), ranks)
-            stack = self._stacks[adapters] = (a, b, owner, scale)
+            ranks = tuple((w.a.shape[0], w.scaling) for w in adapters)
+            stack = self._stacks[adapters] = (a, b, ranks)
         return stack
