@@ -36,6 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads (default: torch's, one per core)")
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="in-process executor: wait this long for a batch to fill")
     parser.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="in-process executor: compute with the plain weights only (default: a second, prepacked copy of the "
+        "linear weights for forward products, 1.5-2.3x faster GEMMs on CPU for the linear weights' memory again)",
+    )
+    parser.add_argument(
         "--embeddings",
         choices=["client", "executor"],
         default="client",
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         adapters.append((name, Path(path)))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000}))
+    executor = open_executor(args, **({} if args.executor else {"max_wait_s": args.max_wait_ms / 1000, "pack_weights": args.pack_weights}))
     base_name = args.base_name or (args.model.resolve().name if args.model is not None and not args.executor else "base")
     registry = ModelRegistry(
         executor,

@@ -68,6 +68,11 @@ class BaseExecutor:
     ``layers`` (``(start, end)``: keep only the ops of layers [start, end), one shard of a sharded
     base; ownership rule in ``executor.sharding``; frozen tensors are all kept).
 
+    ``pack_weights``: keep a second copy of each dense CPU linear weight (float32 or bfloat16) in
+    oneDNN's blocked layout for forward products, which it computes 1.5–2.3x faster than MKL's
+    GEMM for 1–256 rows (``FrozenOp.pack``); backward products, casts and a fused op's members
+    alone use the plain weights. It costs the linear weights' bytes again (``parameter_bytes``).
+
     Products run with ``torch.get_num_threads()`` intra-op threads as it was when the executor was
     built (``threads``), on whichever thread computes them (``set_own_thread_count``).
     """
@@ -87,6 +92,7 @@ class BaseExecutor:
         reject_non_finite: bool = True,
         layers: tuple[int, int] | None = None,
         active_window_s: float | None = None,
+        pack_weights: bool = False,
     ) -> None:
         self.quantization = prepare_quantized_base(model)  # "int8", "nf4", "fp4" or None (dense)
         model.eval().requires_grad_(False)
@@ -107,6 +113,11 @@ class BaseExecutor:
         self._add_linear_ops({n: m for n, m in modules.items() if n in owned}, [g for g in groups if owned.issuperset(g)])
         if layers is None or layers[0] == 0:
             self._add_embedding_op(model)
+        if pack_weights:
+            members = {member for op in self._ops.values() for member in op.info.members}
+            for name, op in self._ops.items():
+                if isinstance(op, FrozenOp) and name not in members:
+                    op.pack()
         self._tensors = self._frozen_tensors(model, modules)
         self.stats = BatchStats()
         self._staging: list[_Staging] = []  # one per combiner that ever ran at once (at most one per lane)
@@ -448,14 +459,14 @@ class BaseExecutor:
         self._scheduler.close()
 
     def parameter_bytes(self) -> int:
-        """Bytes of frozen weights held (each storage counted once)."""
+        """Bytes of frozen weights held (each storage counted once, packed copies included)."""
         seen, total = set(), 0
         for t in [t for op in self._ops.values() for t in op.held_tensors()] + list(self._tensors.values()):
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()
-        return total
+        return total + sum(op.packed_bytes for op in self._ops.values() if isinstance(op, FrozenOp))
 
     def __repr__(self) -> str:
         linear = sum(op.info.kind is OpKind.LINEAR and not op.info.members for op in self._ops.values())

@@ -54,7 +54,7 @@ def greedy(max_tokens: int, logprobs: int | None = None, prompt_logprobs: int | 
 @pytest.fixture(scope="module")
 def setup(chat_model_dir, tmp_path_factory):
     paths = save_adapters(chat_model_dir, tmp_path_factory.mktemp("adapters"))
-    executor = BaseExecutor.from_pretrained(chat_model_dir)
+    executor = BaseExecutor.from_pretrained(chat_model_dir, pack_weights=True)  # as serve-openai runs it
     tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
     engine = Engine(load_model(executor), tokenizer, eos_ids=[], max_seqs=64, max_step_tokens=512)
     infos = {name: read_adapter(name, path) for name, path in paths.items()}
