@@ -15,9 +15,10 @@ batch 1); all start together. Systems, in the same run:
 * ``roofline``: this machine's ceiling for one forward per step over K rows of the base model (no
   adapters, no serving): ``gemms`` only the step's matrix products (one ``torch.mm`` per linear
   weight, LM head included, weights streamed from memory as in decoding: nothing else of a
-  forward), and ``forward`` the monolithic transformers model at batch K with a static KV cache;
-  each with ``--threads`` and with every core (``--roofline-threads``). Whatever shares the base
-  one forward per step (the engine, vLLM) can at best reach ``gemms``.
+  forward), ``packed gemms`` the same products on prepacked weights as the engine's executor
+  computes them (``FrozenOp.pack``), and ``forward`` the monolithic transformers model at batch K
+  with a static KV cache; each with ``--threads`` and with every core (``--roofline-threads``).
+  Whatever shares the base one forward per step can at best reach the faster of the GEMM lines.
 
 Reported: aggregate tokens/s (tokens generated / wall time from the common start to the last
 client's end), time per output token (decode steps, without the prefill) p50/p99, peak memory.
@@ -43,7 +44,7 @@ from bench.procs import REPO, MemorySampler, run_workers
 from bench.workers import DECODE_METHODS, decode_job, engine_job, mixed_batch_job, synchronize
 
 GIB = 2**30
-ROOFLINES = ("gemms", "forward")
+ROOFLINES = ("gemms", "packed gemms", "forward")
 TARGETS = {"vs_processes_min": 5.0, "vs_mixed_batch_min": 1.0, "vs_vllm_min": 1.0}
 
 
@@ -72,17 +73,29 @@ def roofline_job(spec: dict, ready) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, StaticCache
 
+    from symbiosis.executor.ops import FrozenOp
+    from symbiosis.protocol import Direction, OpInfo, OpKind
+
     dtype, device = getattr(torch, spec["dtype"]), spec["device"]
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device).eval()
     rows, steps = spec["clients"], spec["new_tokens"]
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype, device=device) for w in weights}
     products = [(inputs[w.shape[1]], w.t()) for w in weights]
+    packed = []
+    for w in weights:
+        op = FrozenOp(OpInfo("w", OpKind.LINEAR, w.shape[1], w.shape[0]), w.detach())
+        op.pack()
+        packed.append((inputs[w.shape[1]], op))
     prompts = torch.randint(3, model.config.vocab_size, (rows, spec["prompt_len"]), generator=torch.Generator().manual_seed(0)).to(device)
 
     def gemms(step: int, state: dict) -> None:
         for x, w in products:
             torch.mm(x, w)
+
+    def packed_gemms(step: int, state: dict) -> None:
+        for x, op in packed:
+            op.apply(Direction.FORWARD, x)
 
     def forward(step: int, state: dict) -> None:
         if step == 0:  # prefill
@@ -103,10 +116,10 @@ def roofline_job(spec: dict, ready) -> dict:
                 times.append(time.perf_counter() - begin)
         return {"start": start, "end": time.time(), "requests": [{"start": start, "steps_s": times, "tokens": rows * count}]}
 
-    for fn in (gemms, forward):  # warm-up
+    for fn in (gemms, packed_gemms, forward):  # warm-up
         run(fn, 2)
     ready()
-    return {"gemms": run(gemms, steps), "forward": run(forward, steps)}
+    return {"gemms": run(gemms, steps), "packed gemms": run(packed_gemms, steps), "forward": run(forward, steps)}
 
 
 def save_lora_adapters(path: Path, k: int, scratch: Path) -> list[str]:

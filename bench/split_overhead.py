@@ -36,7 +36,7 @@ def build(kind: str, model_dir: Path, args, address: str | None):
     if kind == "monolithic":
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device_map=args.device)
     elif kind == "split in-process":
-        base = load_model(BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device), device=args.device)
+        base = load_model(BaseExecutor.from_pretrained(model_dir, dtype=args.dtype, device=args.device, pack_weights=args.pack_weights), device=args.device)
     else:
         base = load_model(address, device=args.device, connect_options={"shm_capacity": SHM_CAPACITY})
     return adapted(base, "lora", seed=0)
@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-server", action="store_true", help="skip the split-via-server system")
+    p.add_argument("--pack-weights", action="store_true", help="the split systems' executors keep prepacked weights (serve --pack-weights)")
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.batch, args.seq_len, args.new_tokens = 1, 1, 2, 16, 4
     path = common.model_dir(args)
     start = common.start(args)
-    server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads)
+    server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads,
+                                                            options=["--pack-weights"] if args.pack_weights else [])
     try:
         kinds = ["monolithic", "split in-process"] + ([] if server is None else ["split via server"])
         models = {k: build(k, path, args, server and server.address) for k in kinds}
@@ -101,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
         "config": {"batch": args.batch, "seq_len": args.seq_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                   "steps_per_round": args.steps, "peft": "LoRA r=8, all linear layers", "threads": args.threads},
+                   "steps_per_round": args.steps, "peft": "LoRA r=8, all linear layers", "threads": args.threads,
+                   "pack_weights": args.pack_weights},
         "rows": rows,
         "samples_s": {"train_step": step_s, "decode_token": token_s},
         "targets": {"train_step_ratio_max": TARGETS["train_step"], "decode_token_ratio_max": TARGETS["decode_token"],

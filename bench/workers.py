@@ -217,11 +217,11 @@ def decode_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any
     return {"method": spec["method"], "start": start, "end": time.time(), "requests": requests}
 
 
-def in_process_executor(spec: dict[str, Any]) -> Any:
+def in_process_executor(spec: dict[str, Any], *, pack_weights: bool = False) -> Any:
     """A ``BaseExecutor`` of ``spec["model_dir"]`` in this process (``spec["dtype"]``, ``spec["device"]``)."""
     from symbiosis import BaseExecutor
 
-    return BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"))
+    return BaseExecutor.from_pretrained(spec["model_dir"], dtype=spec.get("dtype", "float32"), device=spec.get("device", "cpu"), pack_weights=pack_weights)
 
 
 def save_adapters(model_dir: str, methods: Sequence[str], count: int, root: Any) -> list[Any]:
@@ -253,7 +253,7 @@ def engine_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any
     from symbiosis import load_model
     from symbiosis.serving import Engine, GenerationRequest, SamplingParams, read_adapter
 
-    executor = in_process_executor(spec)
+    executor = in_process_executor(spec, pack_weights=True)  # as serve-openai's own executor
     client = load_model(executor, device=spec.get("device", "cpu"), embeddings=spec.get("embeddings", "client"), priority="inference")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])

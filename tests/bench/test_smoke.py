@@ -39,8 +39,8 @@ def test_experiment_runs_and_writes_outputs(name: str, tmp_path: Path) -> None:
         row = next(r for r in result["rows"] if r["system"] == "symbiosis")
         assert row["tokens"] == row["k"] * result["config"]["new_tokens"] and row["executor"]["requests_per_gemm"] == 1.0
         assert row["executor"]["rows_per_gemm"] >= row["k"]
-        rooflines = [r for r in result["rows"] if r["system"].startswith("roofline")]  # the step's GEMMs alone, the monolithic forward
-        assert len(rooflines) == 2 and all(r["tokens"] == r["k"] * result["config"]["new_tokens"] for r in rooflines)
+        rooflines = [r for r in result["rows"] if r["system"].startswith("roofline")]  # the step's GEMMs alone, plain and packed; the monolithic forward
+        assert len(rooflines) == 3 and all(r["tokens"] == r["k"] * result["config"]["new_tokens"] for r in rooflines)
         assert set(result["targets"]["rooflines_vs_peft_processes"]) == {r["system"] for r in rooflines}
 
 
