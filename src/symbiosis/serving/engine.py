@@ -353,7 +353,8 @@ class Engine:
     # ------------------------------------------------------------------------------------ step
     def _step(self, chunks: list[Chunk]) -> None:
         """One forward over every chunk, then each sequence's next token."""
-        chunks.sort(key=lambda c: (c.seq.adapter is not None, id(c.seq.adapter)))
+        # rows grouped by adapter, adapters by method: a module's LoRA groups sit next to each other
+        chunks.sort(key=lambda c: (c.seq.adapter is not None, c.seq.adapter and c.seq.adapter.info.peft_type, id(c.seq.adapter)))
         size = self.cache.block_size
         ids: list[int] = []
         positions: list[int] = []

@@ -9,9 +9,11 @@ has several plain LoRA groups on a module, their rows are multiplied at once ins
 
 with the step's adapters' ``A`` stacked (``[Σr, in]``), their ``B`` side by side (``[out, Σr]``)
 and ``M[row, j]`` the row's adapter's scaling on its own rank columns and 0 elsewhere, so each row
-gets exactly its own adapter's ``scaling · B(A(x))``. The weights are PEFT's own parameters (not
-copied); the stacks are kept per set of adapters. Only plain LoRA qualifies: no variant (DoRA,
-aLoRA), no ``lora_bias``; others, and a lone LoRA group, run through PEFT's layer.
+gets exactly its own adapter's ``scaling · B(A(x))``; rows of other adapters between the groups
+get a zero row of ``M``. The stacks are copies of PEFT's parameters, kept per set of adapters and
+dropped when a module's adapters change; the engine puts adapters of one method next to each other
+in a step, so a module's LoRA groups are usually adjacent. Only plain LoRA qualifies: no variant
+(DoRA, aLoRA), no ``lora_bias``; others, and a lone LoRA group, run through PEFT's layer.
 """
 
 from __future__ import annotations
@@ -54,28 +56,28 @@ class LoraStack:
     def add_to(self, y: torch.Tensor, x: torch.Tensor, groups: list[tuple[LoraWeights, slice]], masks: dict) -> None:
         """``y[:, rows] += scaling · B(A(x[:, rows]))`` for every (adapter, rows) group; ``x``, ``y``: ``[1, N, ·]``.
 
-        ``masks`` holds the row-scaling masks ``M`` by layout (ranks, scalings, rows); one dict serves
-        every module of a step, so each layout's mask is built once per step, not once per module."""
+        The products run over the rows from the first group's to the last group's; rows between
+        groups (other adapters') get a zero mask row, so exactly zero is added to them. ``masks``
+        holds the masks by layout (ranks, scalings, rows); one dict serves every module of a step,
+        so each layout's mask is built once per step, not once per module."""
         a, b, ranks = self._stack(tuple(weights for weights, _ in groups))
         bounds = tuple((rows.start, rows.stop) for _, rows in groups)
+        first, last = bounds[0][0], bounds[-1][1]
         key = (ranks, bounds)
         mask = masks.get(key)
         if mask is None:
-            mask = masks[key] = torch.block_diag(
-                *(torch.full((stop - start, rank), scaling, dtype=a.dtype, device=a.device) for (rank, scaling), (start, stop) in zip(ranks, bounds))
-            )
-        contiguous = all(s[1] == t[0] for s, t in zip(bounds, bounds[1:]))
-        rows = x[0, bounds[0][0] : bounds[-1][1]] if contiguous else torch.cat([x[0, rows] for _, rows in groups])
+            mask = masks[key] = torch.zeros(last - first, a.shape[0], dtype=a.dtype, device=a.device)
+            column = 0
+            for (rank, scaling), (start, stop) in zip(ranks, bounds):
+                mask[start - first : stop - first, column : column + rank] = scaling
+                column += rank
+        rows = x[0, first:last]
         hidden = (rows if rows.dtype == a.dtype else rows.to(a.dtype)) @ a.t()
         hidden.mul_(mask)
-        if contiguous and y.dtype == b.dtype:
-            y[0, bounds[0][0] : bounds[-1][1]].addmm_(hidden, b.t())
-            return
-        delta = (hidden @ b.t()).to(y.dtype)
-        offset = 0
-        for start, stop in bounds:
-            y[0, start:stop] += delta[offset : offset + stop - start]
-            offset += stop - start
+        if y.dtype == b.dtype:
+            y[0, first:last].addmm_(hidden, b.t())
+        else:
+            y[0, first:last] += (hidden @ b.t()).to(y.dtype)
 
     def _stack(self, adapters: tuple[LoraWeights, ...]):
         stack = self._stacks.get(adapters)
