@@ -245,6 +245,7 @@ def engine_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any
     """``spec["clients"]`` greedy requests, one per adapter (``spec["methods"]`` in turn), served together by
     one serving engine on a Symbiosis client of an executor in this process: one forward per step over
     every sequence. Each request's ``steps_s`` are its time to first token and then each token's gap."""
+    import gc
     import queue
     import tempfile
 
@@ -286,6 +287,7 @@ def engine_job(spec: dict[str, Any], ready: Callable[[], None]) -> dict[str, Any
         return [{"start": begin, "steps_s": [t[0] - begin] + [b - a for a, b in zip(t, t[1:])], "tokens": len(t)} for t in times.values()]
 
     run(2)  # warm-up: first calls
+    gc.freeze()  # as serve-openai does once it serves
     executor.stats.reset()
     ready()
     start = time.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         names = [m.name for m in registry.models()]
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         print(f"serving {shown} on {server.url}/v1", flush=True)
+        # what exists now (model, tokenizer, adapters) lives as long as the server: keep it out of the
+        # collector's passes, which otherwise walk it during steps (1.5-2 ms of a 60 ms step measured)
+        gc.freeze()
         server.run(ready_file=args.ready_file)
     finally:
         registry.close()

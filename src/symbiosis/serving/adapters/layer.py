@@ -20,7 +20,9 @@ layer calls its base layer is found once, when the adapter is attached, by probi
 * ``OWN``: anything else. The layer runs on its rows with a base product of its own (a separate
   executor request for those rows: correct, not batched).
 
-Several plain LoRA groups on one module are computed together (``adapters/lora.py``).
+Several plain LoRA groups on one module are computed together (``adapters/lora.py``). A plain IA3
+layer (one adapter, its vector in the rows' dtype) is applied as PEFT computes it — the rows times
+its vector — without going through the layer's Python.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.ia3 import Linear as Ia3Linear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -98,15 +101,19 @@ class SharedBase(nn.Module):
 
 @dataclass(eq=False)
 class AdapterEntry:
-    """One adapter's PEFT layer on one base module; ``lora``: its weights when it is plain LoRA."""
+    """One adapter's PEFT layer on one base module; ``lora``: its weights when it is plain LoRA;
+    ``scale``: its vector when it is plain IA3 (the layer's own arithmetic, without its Python)."""
 
     layer: nn.Module
     stub: SharedBase
     side: Side
     lora: LoraWeights | None = None
+    scale: torch.Tensor | None = None
 
     def capture(self, x: torch.Tensor) -> torch.Tensor:
         """The input the layer multiplies by the base weight for rows ``x`` (INPUT side)."""
+        if self.scale is not None and x.dtype == self.scale.dtype:
+            return x * self.scale
         stub = self.stub
         stub.set(mode=_Mode.CAPTURE, expected=x, calls=[])
         out = self.layer(x)
@@ -118,6 +125,8 @@ class AdapterEntry:
 
     def apply(self, x: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
         """The layer's output for rows ``x`` whose base product is ``base_rows`` (OUTPUT side)."""
+        if self.scale is not None and base_rows.dtype == self.scale.dtype:
+            return base_rows * self.scale
         stub = self.stub
         stub.set(mode=_Mode.OUTPUT, expected=x, output=base_rows)
         try:
@@ -159,7 +168,7 @@ class RowDispatch(nn.Module):
         stub = SharedBase(self)
         layer.base_layer = stub
         side = _probe(layer, stub, self.base)
-        entry = AdapterEntry(layer, stub, side, plain_lora(layer) if side is Side.OUTPUT else None)
+        entry = AdapterEntry(layer, stub, side, plain_lora(layer) if side is Side.OUTPUT else None, plain_ia3(layer, side))
         self.entries[adapter] = entry
         self.lora_stack.clear()
         return entry.side
@@ -303,6 +312,17 @@ def _single_product(base: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         return y if base.bias is None else y + base.bias
 
     return product
+
+
+def plain_ia3(layer: nn.Module, side: Side) -> torch.Tensor | None:
+    """The scaling vector of ``layer`` if it is a plain IA3 linear layer of one adapter that was
+    probed on the side its kind implies (input for feed-forward modules, else output), else None."""
+    if type(layer) is not Ia3Linear or len(layer.active_adapters) != 1 or layer.merged or layer.disable_adapters:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.ia3_l or side is not (Side.INPUT if layer.is_feedforward else Side.OUTPUT):
+        return None
+    return layer.ia3_l[name].detach().flatten()
 
 
 def _out_features(base: nn.Module) -> int:
