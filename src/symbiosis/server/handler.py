@@ -82,11 +82,27 @@ class RequestHandler:
         *,
         regions: RegionReader | None = None,
         out: OutputBuffer | None = None,
+        plan: CallPlan | None = None,
     ) -> None:
         """Hand ``call`` to the executor; ``reply(output, error)`` is called once it is answered (or
         refused), by whichever thread computed it — possibly this one, before ``submit`` returns.
-        ``out``: where the output is to be written (see ``BaseExecutor.submit``)."""
-        self._submit(call, tenant, reply, regions=regions, out=out)
+        ``out``: where the output is to be written (see ``BaseExecutor.submit``); ``plan``: the
+        call's ``CallPlan`` (``run``), whose request is already decoded and checked."""
+        start = time.perf_counter()
+        try:
+            request = self._admitted(call, tenant, regions, start, plan)
+        except Exception as exc:
+            reply(None, exc)
+            return
+
+        def done(y: torch.Tensor | None, error: BaseException | None) -> None:
+            self._finish(call, tenant, request, start, error)
+            reply(y, error)
+
+        try:
+            self.executor.submit(request, done, out=out, validated=plan is not None)
+        except Exception as exc:  # e.g. the executor closed
+            done(None, exc)
 
     def plan(
         self,
@@ -113,34 +129,7 @@ class RequestHandler:
     def run(self, plan: CallPlan, tenant: TenantState, reply: Completion) -> None:
         """Hand a planned call to the executor as ``submit`` does (the tenant's rate and in-flight
         limits are checked each time; nothing else needs to be)."""
-        self._submit(plan.call, tenant, reply, plan=plan, out=plan.out)
-
-    def _submit(
-        self,
-        call: pb.OpCall,
-        tenant: TenantState,
-        reply: Completion,
-        *,
-        regions: RegionReader | None = None,
-        out: OutputBuffer | None = None,
-        plan: CallPlan | None = None,
-    ) -> None:
-        """``submit``, or with ``plan`` ``run``: admit the request and hand it to the executor."""
-        start = time.perf_counter()
-        try:
-            request = self._admitted(call, tenant, regions, start, plan)
-        except Exception as exc:
-            reply(None, exc)
-            return
-
-        def done(y: torch.Tensor | None, error: BaseException | None) -> None:
-            self._finish(call, tenant, request, start, error)
-            reply(y, error)
-
-        try:
-            self.executor.submit(request, done, out=out, validated=plan is not None)
-        except Exception as exc:  # e.g. the executor closed
-            done(None, exc)
+        self.submit(plan.call, tenant, reply, out=plan.out, plan=plan)
 
     def _admitted(
         self, call: pb.OpCall, tenant: TenantState, regions: RegionReader | None, start: float, plan: CallPlan | None = None
