@@ -20,7 +20,7 @@ EXPERIMENTS = {
     "finetune_capacity": [],
     "multi_adapter_decode": ["--no-vllm"],
     "coserve": [],
-    "executor_efficiency": [],
+    "executor_efficiency": ["--pack-weights"],
     "serving": ["--no-vllm"],
     "training_stacks": ["--stacks", "eager", "autocast", "trl-sft"],
 }

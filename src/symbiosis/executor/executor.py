@@ -393,16 +393,18 @@ class BaseExecutor:
         try:
             x = self._gather(requests, compute, staging)
             total = x.sum(dtype=torch.float32) if check else None
-            if all(out is not None for out in outs):  # every output is copied out: compute into reused memory
-                width = op.info.output_width(direction, first.features)
-                y = op.apply(
-                    direction, x, features=first.features, weight_dtype=first.weight_dtype,
-                    out=staging.output(x.shape[0], width, compute or op.weight.dtype),
-                )
-            else:
-                y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype)
+            copied = all(out is not None for out in outs)
+            reused = None  # every output is copied out: compute into reused memory, unless the kernel allocates anyway
+            if copied and not (isinstance(op, FrozenOp) and op.uses_packed(direction, x.dtype, first.features, first.weight_dtype)):
+                reused = staging.output(x.shape[0], op.info.output_width(direction, first.features), compute or op.weight.dtype)
+            y = op.apply(direction, x, features=first.features, weight_dtype=first.weight_dtype, out=reused)
             if total is not None:
                 self._check_finite(total, requests, op_name)
+            if copied:  # one call copies every request's rows to its destination
+                outputs = list(outs)
+                torch._foreach_copy_(outputs, y.split([r.rows for r in requests]), non_blocking=True)
+                self._finish_copies(outs)
+                return outputs
             outputs, start = [], 0
             for request, out in zip(requests, outs, strict=True):
                 rows = request.rows

@@ -53,6 +53,16 @@ class FrozenOp:
         """Bytes of the packed copy (0 without one)."""
         return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
 
+    def uses_packed(
+        self, direction: Direction, dtype: torch.dtype, features: tuple[int, int] | None, weight_dtype: torch.dtype | None
+    ) -> bool:
+        """Whether ``apply`` computes this product on the packed copy (which allocates its result:
+        an ``out`` then costs a copy)."""
+        return (
+            self.packed is not None and direction is Direction.FORWARD and features is None
+            and weight_dtype is None and dtype == self.weight.dtype
+        )
+
     def apply(
         self,
         direction: Direction,
@@ -72,10 +82,10 @@ class FrozenOp:
         """
         if self.info.kind is OpKind.EMBEDDING:
             return F.embedding(x, self.weight) if out is None else torch.index_select(self.weight, 0, x, out=out)
+        if self.uses_packed(direction, x.dtype, features, weight_dtype):
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return y if out is None else out.copy_(y)
         if features is None and weight_dtype is None and x.dtype == self.weight.dtype:
-            if self.packed is not None and direction is Direction.FORWARD:
-                y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-                return y if out is None else out.copy_(y)
             return torch.mm(x, self.weight_t if direction is Direction.FORWARD else self.weight, out=out)
         weight = self.weight if features is None else self.weight[features[0] : features[1]]
         if weight_dtype is not None:
