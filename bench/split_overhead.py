@@ -7,7 +7,9 @@ shared-memory transport with 128 MiB channels; skip with ``--no-server``). Every
 whole machine: the monolithic model and the in-process split run with ``--threads`` torch threads
 (default: one per core), the server with ``--server-threads`` (default: ``--threads``, as ``symbiosis
 serve`` itself) and its client with ``--client-threads`` (default 1: the client's own products are
-small, and a client's idle OpenMP workers spin on the cores the server's GEMMs need). Measured in
+small, and a client's idle OpenMP workers spin on the cores the server's GEMMs need). Every
+process keeps the memory it frees (``--keep-freed-memory``, on here; ``--return-freed-memory``:
+glibc's default), so that no system pays this VM's page faults for a buffer the host took back. Measured in
 interleaved rounds (every system once per round, repeated), reported as medians:
 
 * training step: AdamW step on a batch of ``--batch`` x ``--seq-len`` tokens;
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-server", action="store_true", help="skip the split-via-server system")
     p.add_argument("--pack-weights", action="store_true", help="the split systems' executors keep prepacked weights (serve --pack-weights)")
     p.add_argument("--client-threads", type=int, default=1, metavar="N", help="torch threads of the via-server client (default 1)")
-    p.set_defaults(threads=os.cpu_count() or 1)
+    p.add_argument("--return-freed-memory", dest="keep_freed_memory", action="store_false",
+                   help="glibc's default: freed large blocks go back to the kernel (see --keep-freed-memory)")
+    p.set_defaults(threads=os.cpu_count() or 1, malloc_mmap_threshold=0, keep_freed_memory=True)
     args = p.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.batch, args.seq_len, args.new_tokens = 1, 1, 2, 16, 4
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(path), "parameters": common.parameter_count(path), "load_at_start": start,
         "config": {"batch": args.batch, "seq_len": args.seq_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
                    "steps_per_round": args.steps, "peft": "LoRA r=8, all linear layers", "threads": args.threads,
-                   "server_threads": args.server_threads, "client_threads": args.client_threads, "pack_weights": args.pack_weights},
+                   "server_threads": args.server_threads, "client_threads": args.client_threads, "pack_weights": args.pack_weights,
+                   "keep_freed_memory": args.keep_freed_memory},
         "rows": rows,
         "samples_s": {"train_step": step_s, "decode_token": token_s},
         "targets": {"train_step_ratio_max": TARGETS["train_step"], "decode_token_ratio_max": TARGETS["decode_token"],
