@@ -52,9 +52,10 @@ def family_shapes(address: str) -> dict[str, tuple[int, int]]:
 
 
 def bare_product_s(rows: int, shape: tuple[int, int], direction: str, repeats: int, device: str, dtype: str, *,
-                   streamed: bool = False, packed: bool = False) -> float:
+                   streamed: bool = False, packed: bool = False) -> float | None:
     """Median seconds of one product of ``rows`` rows with a weight of ``shape`` = (in, out): ``torch.matmul``,
-    or (``packed``) the executor's product on a prepacked weight (``FrozenOp``; forward only, else plain).
+    or (``packed``, forward only) the executor's product on a prepacked weight (``FrozenOp.pack``;
+    None where such weights cannot be packed).
 
     Cache-hot (default): the same weight every time, so from the second product on it is read from
     the CPU's caches. ``streamed``: each product takes the next of enough distinct weights to fill
@@ -71,10 +72,9 @@ def bare_product_s(rows: int, shape: tuple[int, int], direction: str, repeats: i
     x = torch.randn(rows, n_in if direction == "forward" else n_out, device=device, dtype=dt)
     if packed:
         ops = [FrozenOp(OpInfo("w", OpKind.LINEAR, n_in, n_out), w) for w in weights]
-        for op in ops:
-            op.pack()
-        way = Direction.FORWARD if direction == "forward" else Direction.BACKWARD
-        products = [lambda op=op: op.apply(way, x) for op in ops]
+        if not all([op.pack() for op in ops]):
+            return None
+        products = [lambda op=op: op.apply(Direction.FORWARD, x) for op in ops]
     else:
         operands = [w.t() if direction == "forward" else w for w in weights]
         products = [lambda w=w: torch.matmul(x, w) for w in operands]
@@ -92,10 +92,9 @@ def bare_product_s(rows: int, shape: tuple[int, int], direction: str, repeats: i
 def bare_s(rows: int, shape: tuple[int, int], direction: str, args, *, streamed: bool = False) -> tuple[float, float]:
     """(the fastest bare product's seconds, ``torch.matmul``'s seconds) for one GEMM of this shape."""
     matmul = bare_product_s(rows, shape, direction, args.repeats, args.device, args.dtype, streamed=streamed)
-    packable = direction == "forward" and args.device == "cpu" and args.dtype in ("float32", "bfloat16") and torch.backends.mkldnn.is_available()
-    if not packable:
-        return matmul, matmul
-    return min(matmul, bare_product_s(rows, shape, direction, args.repeats, args.device, args.dtype, streamed=streamed, packed=True)), matmul
+    packed = bare_product_s(rows, shape, direction, args.repeats, args.device, args.dtype, streamed=streamed, packed=True) \
+        if direction == "forward" else None
+    return (matmul if packed is None else min(matmul, packed)), matmul
 
 
 def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:

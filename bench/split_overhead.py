@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
         prompt = torch.randint(3, vocab, (1, 16), generator=gen).to(args.device)
         optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for k, m in models.items()}
+
         def threads(kind: str) -> None:
             torch.set_num_threads(args.client_threads if kind == "split via server" else args.threads)
 
