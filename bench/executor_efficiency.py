@@ -149,14 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds of decoding per client count")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=50, help="timings per bare product shape")
-    p.add_argument("--pack-weights", action="store_true", help="the server keeps prepacked weights (serve --pack-weights)")
+    p.add_argument("--pack-weights", action="store_true", help="the server keeps prepacked weights for its (forward) products (serve --pack-weights forward)")
     args = p.parse_args(argv)
     if args.smoke:
         args.clients, args.duration, args.new_tokens, args.repeats = [1, 2], 1.0, 4, 5
     path = common.model_dir(args)
     start = common.start(args)
     server = start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads,
-                          options=["--pack-weights"] if args.pack_weights else [])
+                          options=["--pack-weights", "forward"] if args.pack_weights else [])
     try:
         shapes = family_shapes(server.address)
         rows = [measure(n, server, shapes, args) for n in args.clients]

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-server", action="store_true", help="skip the split-via-server system")
-    p.add_argument("--pack-weights", action="store_true", help="the split systems' executors keep prepacked weights (serve --pack-weights)")
+    p.add_argument("--pack-weights", choices=["forward", "both"], default=False,
+                   help="the split systems' executors keep prepacked weights for these products (serve --pack-weights)")
     p.add_argument("--client-threads", type=int, default=1, metavar="N", help="torch threads of the via-server client (default 1)")
     p.add_argument("--return-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="glibc's default: freed large blocks go back to the kernel (see --keep-freed-memory)")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     path = common.model_dir(args)
     start = common.start(args)
     server = None if args.no_server else start_server(path, device=args.device, dtype=args.dtype, threads=args.server_threads,
-                                                            options=["--pack-weights"] if args.pack_weights else [])
+                                                            options=["--pack-weights", args.pack_weights] if args.pack_weights else [])
     try:
         kinds = ["monolithic", "split in-process"] + ([] if server is None else ["split via server"])
         models = {k: build(k, path, args, server and server.address) for k in kinds}

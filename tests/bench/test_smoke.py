@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 EXPERIMENTS = {
-    "split_overhead": [],
+    "split_overhead": ["--pack-weights", "both"],
     "finetune_capacity": [],
     "multi_adapter_decode": ["--no-vllm"],
     "coserve": [],
