@@ -41,7 +41,8 @@ def parser(experiment: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device of the executor and the clients (cpu, cuda, cuda:N)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads of every process (default 1: on a shared 2-core VM an OpenMP thread without a core stalls every GEMM)")
+                   help="torch threads of every process (default %(default)s; 1 where several processes share a 2-core VM: "
+                        "an OpenMP thread without a core stalls every GEMM)")
     p.add_argument("--server-threads", type=int, metavar="N",
                    help="torch threads of the symbiosis serve process (default: --threads)")
     p.add_argument("--malloc-mmap-threshold", type=int, default=65536, metavar="BYTES",

@@ -9,10 +9,9 @@ split run with ``--threads`` torch threads (default: one per core), the server w
 ``--server-threads`` (default: ``--threads``, as ``symbiosis serve`` itself) and its client with
 ``--client-threads`` (default: ``--threads``) and a short OpenMP spin (``--client-spin-count``,
 default 2000: a client's idle OpenMP workers otherwise spin for milliseconds on the cores the
-server's GEMMs need). Every
-process keeps the memory it frees (``--keep-freed-memory``, on here; ``--return-freed-memory``:
-glibc's default), so that no system pays this VM's page faults for a buffer the host took back. Measured in
-interleaved rounds (every system once per round, repeated), reported as medians:
+server's GEMMs need). Every process keeps the memory it frees (``--keep-freed-memory``, on here;
+``--return-freed-memory``: glibc's default), so that no system pays this VM's page faults for a
+buffer the host took back. Measured in interleaved rounds (every system once per round, repeated), reported as medians:
 
 * training step: AdamW step on a batch of ``--batch`` x ``--seq-len`` tokens;
 * decode: time per output token of greedy decoding (batch 1, 16-token prompt, ``--new-tokens``).
@@ -24,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import statistics
 import time
 from pathlib import Path
@@ -105,7 +105,13 @@ class ClientProcess:
             self._process.kill()
 
     def _answer(self) -> Any:
-        kind, value = self._results.get(timeout=1800)
+        while True:
+            try:
+                kind, value = self._results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise RuntimeError(f"the via-server client exited with code {self._process.exitcode}") from None
         if kind == "error":
             raise RuntimeError(f"the via-server client failed:\n{value}")
         return value
