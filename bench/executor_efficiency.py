@@ -17,6 +17,11 @@ what any forward pass of a model larger than the caches gets, the monolithic mod
 The bare product is the faster of ``torch.matmul`` and, for forward products of packable CPU
 weights, the prepacked product ``--pack-weights`` gives the server (``FrozenOp.pack``), so packing
 cannot flatter the executor; the ``torch.matmul``-only rate is reported too.
+A third reference is the monolithic model itself: transformers decoding a batch of as many
+sequences as the executor's mean rows per GEMM (interpolated between the two whole batch sizes
+around it) in this process with the same threads, its linear products' GFLOP/s from
+``torch.profiler`` (the products alone, none of the work around them). Its products read every
+weight from memory once per token, as the executor's do.
 Target: >= 80% of the (cache-hot) bare rate at >= 8 clients.
 """
 
@@ -97,6 +102,39 @@ def bare_s(rows: int, shape: tuple[int, int], direction: str, args, *, streamed:
     return (matmul if packed is None else min(matmul, packed)), matmul
 
 
+def monolithic_gflops(path: Path, rows: float, args) -> float:
+    """GFLOP/s of the monolithic model's linear products while it greedily decodes a batch of
+    ``rows`` sequences (a fractional ``rows``: interpolated between the batch sizes around it)."""
+    low = max(1, math.floor(rows))
+    rates = {b: _decode_gflops(path, b, args) for b in {low, max(low, math.ceil(rows))}}
+    high = max(rates)
+    return rates[low] + (rates[high] - rates[low]) * (rows - low) if high > low else rates[low]
+
+
+def _decode_gflops(path: Path, batch: int, args) -> float:
+    """GFLOP/s of the linear products (``aten::mm``/``addmm`` of ``batch`` rows: the decode steps'
+    products) of transformers' model decoding ``batch`` sequences of ``args.new_tokens`` tokens."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
+    options = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **options)  # warm-up
+        synchronize(args.device)
+        with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
+            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
+            synchronize(args.device)
+    flops = seconds = 0.0
+    for event in prof.events():
+        if event.name in ("aten::mm", "aten::addmm") and event.flops and event.input_shapes[-2][:1] == [batch]:
+            flops += event.flops
+            seconds += (event.device_time_total if args.device.startswith("cuda") else event.cpu_time_total) / 1e6
+    return flops / seconds / 1e9
+
+
 def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:
     """Per (op family, direction): GEMMs, rows and compute seconds between two stats snapshots."""
     def index(stats: dict) -> dict:
@@ -112,7 +150,7 @@ def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def measure(n: int, server, shapes: dict, args) -> dict:
+def measure(n: int, server, shapes: dict, path: Path, args) -> dict:
     specs = [{"system": "symbiosis", "target": server.address, "device": args.device, "threads": args.threads, "role": "inference",
               "method": DECODE_METHODS[i % len(DECODE_METHODS)], "requests": 10**6, "prompt_len": 16, "new_tokens": args.new_tokens,
               "duration_s": args.duration} for i in range(n)]
@@ -136,11 +174,14 @@ def measure(n: int, server, shapes: dict, args) -> dict:
     executor_gflops, bare_gflops, streamed_gflops = flops / exec_s / 1e9, bare_flops / bare_total / 1e9, bare_flops / streamed_total / 1e9
     matmul_gflops = bare_flops / matmul_total / 1e9
     cpu_gflops = flops / cpu_s / 1e9
+    monolithic = monolithic_gflops(path, rows / gemms, args)
     return {"clients": n, "gemms": gemms, "rows_per_gemm": rows / gemms, "executor_gflops": executor_gflops, "bare_gflops": bare_gflops,
             "efficiency": executor_gflops / bare_gflops, "matmul_gflops": matmul_gflops,
             "matmul_efficiency": executor_gflops / matmul_gflops, "executor_cpu_gflops": cpu_gflops, "cpu_efficiency": cpu_gflops / bare_gflops,
             "streamed_gflops": streamed_gflops, "streamed_efficiency": executor_gflops / streamed_gflops,
-            "streamed_cpu_efficiency": cpu_gflops / streamed_gflops, "executor_compute_s": exec_s, "executor_cpu_s": cpu_s, "families": families}
+            "streamed_cpu_efficiency": cpu_gflops / streamed_gflops,
+            "monolithic_gflops": monolithic, "monolithic_efficiency": executor_gflops / monolithic, "monolithic_cpu_efficiency": cpu_gflops / monolithic,
+            "executor_compute_s": exec_s, "executor_cpu_s": cpu_s, "families": families}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                           options=["--pack-weights", "forward"] if args.pack_weights else [])
     try:
         shapes = family_shapes(server.address)
-        rows = [measure(n, server, shapes, args) for n in args.clients]
+        rows = [measure(n, server, shapes, path, args) for n in args.clients]
     finally:
         server.stop()
     at8 = [r for r in rows if r["clients"] >= 8]
@@ -170,18 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     md = common.table(["clients", "rows per GEMM", "executor GFLOP/s: wall / its CPU time",
                        "bare GFLOP/s: cache-hot / weights from memory / torch.matmul cache-hot",
                        "efficiency vs cache-hot: wall / CPU time", "efficiency vs weights from memory: wall / CPU time",
-                       "efficiency vs torch.matmul cache-hot"],
+                       "efficiency vs torch.matmul cache-hot", "monolithic model's products GFLOP/s",
+                       "efficiency vs the monolithic model: wall / CPU time"],
                       [[r["clients"], r["rows_per_gemm"], f"{r['executor_gflops']:.2f} / {r['executor_cpu_gflops']:.2f}",
                         f"{r['bare_gflops']:.2f} / {r['streamed_gflops']:.2f} / {r['matmul_gflops']:.2f}",
                         f"{r['efficiency']:.0%} / {r['cpu_efficiency']:.0%}",
-                        f"{r['streamed_efficiency']:.0%} / {r['streamed_cpu_efficiency']:.0%}", f"{r['matmul_efficiency']:.0%}"] for r in rows])
+                        f"{r['streamed_efficiency']:.0%} / {r['streamed_cpu_efficiency']:.0%}", f"{r['matmul_efficiency']:.0%}",
+                        f"{r['monolithic_gflops']:.2f}", f"{r['monolithic_efficiency']:.0%} / {r['monolithic_cpu_efficiency']:.0%}"] for r in rows])
     md += (f"\nServer: {'prepacked' if args.pack_weights else 'plain'} weights. Bare: the faster of torch.matmul and the prepacked product.\n"
            f"Target: >= {TARGET:.0%} of the cache-hot bare rate at >= 8 clients (by wall time): {'met' if met else 'missed'}.\n")
     ns = [r["clients"] for r in rows]
 
     def draw_rate(out: Path) -> Path:
-        return common.chart(out / "executor_efficiency.png", "GEMM rate: executor vs the bare product (same shapes)", "clients", "GFLOP/s",
-                            {"executor": (ns, [r["executor_gflops"] for r in rows]), "bare product": (ns, [r["bare_gflops"] for r in rows])},
+        return common.chart(out / "executor_efficiency.png", "GEMM rate: executor vs the bare product and the monolithic model (same shapes)", "clients", "GFLOP/s",
+                            {"executor": (ns, [r["executor_gflops"] for r in rows]), "bare product, cache-hot": (ns, [r["bare_gflops"] for r in rows]),
+                             "bare product, weights from memory": (ns, [r["streamed_gflops"] for r in rows]),
+                             "monolithic model's products": (ns, [r["monolithic_gflops"] for r in rows])},
                             logx=True)
 
     def draw_rows(out: Path) -> Path:
