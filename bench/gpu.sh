@@ -71,7 +71,7 @@ save_random_model(llama_config(hidden_size=2048, num_hidden_layers=16, vocab_siz
 fi
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" "${MODEL_ARGS[@]}" "${SMOKE_ARGS[@]}")
 step split_overhead 100 python3 -m bench.split_overhead "${COMMON[@]}" --out "$RESULTS/split_overhead" --rounds 3 --steps 2 --batch 8 --seq-len 256 --new-tokens 32
-step executor_efficiency 100 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
+step executor_efficiency 130 python3 -m bench.executor_efficiency "${COMMON[@]}" --out "$RESULTS/executor_efficiency" --clients 4 16 --duration 8 --repeats 20
 step tests_quantized 90 python3 -m pytest -q -p no:cacheprovider tests/symbiosis/test_gpu_quantized.py -rs
 step multi_adapter_decode 150 python3 -m bench.multi_adapter_decode "${COMMON[@]}" --out "$RESULTS/multi_adapter_decode" --no-vllm --k 16 --new-tokens 32 --budget-gib 100
 step coserve 110 python3 -m bench.coserve "${COMMON[@]}" --out "$RESULTS/coserve" --duration 10 --rate 2
