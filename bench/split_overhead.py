@@ -34,6 +34,7 @@ import torch
 from bench import common
 from bench.procs import start_server
 from bench.workers import SHM_CAPACITY, adapted, greedy_decode, synchronize
+from symbiosis.executor.ops import PACKED_DIRECTIONS
 
 TARGETS = {"train_step": 1.10, "decode_token": 1.25}
 #: The via-server client's OpenMP spin count (see ``docs/architecture-service.md``, "the client's threads").
@@ -66,6 +67,12 @@ def train_steps(model, batch: torch.Tensor, optimizer, steps: int) -> list[float
         synchronize(batch.device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def warm_up(model, batch: torch.Tensor, optimizer, prompt: torch.Tensor) -> None:
+    """One training step and a short greedy decode, untimed: every system starts measuring warm."""
+    train_steps(model, batch, optimizer, 1)
+    greedy_decode(model.eval(), prompt, 3)
 
 
 class ClientProcess:
@@ -130,8 +137,7 @@ def _client_main(spec: dict[str, Any], commands, results) -> None:
         model = build("split via server", spec["model_dir"], spec["args"], spec["address"])
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
         batch, prompt = spec["batch"], spec["prompt"]
-        train_steps(model, batch, optimizer, 1)  # warm-up, as for the other systems
-        greedy_decode(model.eval(), prompt, 3)
+        warm_up(model, batch, optimizer, prompt)
         results.put(("ok", None))
         while True:
             kind, count = commands.get()
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-server", action="store_true", help="skip the split-via-server system")
-    p.add_argument("--pack-weights", choices=["forward", "both"], default=False,
+    p.add_argument("--pack-weights", choices=list(PACKED_DIRECTIONS), default=False,
                    help="the split systems' executors keep prepacked weights for these products (serve --pack-weights)")
     p.add_argument("--client-threads", type=int, metavar="N", help="torch threads of the via-server client (default: --threads)")
     p.add_argument("--client-spin-count", type=int, default=CLIENT_SPIN_COUNT, metavar="N",
@@ -179,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         batch = torch.randint(3, vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
         prompt = torch.randint(3, vocab, (1, 16), generator=gen).to(args.device)
         optimizers = {k: torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4) for k, m in models.items()}
-        for k, m in models.items():  # warm-up
-            train_steps(m, batch, optimizers[k], 1)
-            greedy_decode(m.eval(), prompt, 3)
+        for k, m in models.items():
+            warm_up(m, batch, optimizers[k], prompt)
         if server is not None:
             spec = {"model_dir": path, "args": args, "address": server.address, "threads": args.client_threads,
                     "keep_freed_memory": args.keep_freed_memory, "batch": batch, "prompt": prompt}

@@ -15,6 +15,7 @@ from typing import NoReturn
 import torch
 
 from ..executor import BaseExecutor
+from ..executor.ops import PACKED_DIRECTIONS
 from ..executor.scheduler import ACTIVE_WINDOW_S
 from ..executor.sharding import parse_layer_range
 from .executor_args import add_quantize_argument
@@ -44,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this HTTP port (0: any)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch intra-op threads of the GEMMs (default: torch's, one per core); 1 where clients share the host's cores")
-    parser.add_argument("--pack-weights", choices=["forward", "both"], default=False,
+    parser.add_argument("--pack-weights", choices=list(PACKED_DIRECTIONS), default=False,
                         help="keep a prepacked copy of the linear weights for forward products (forward: 1.5-2.3x faster "
                              "GEMMs on CPU with oneDNN, for the linear weights' memory again) or one for each direction "
                              "(both: fine-tuning clients' backward products 1.1-1.3x faster too, for twice that memory)")

@@ -95,6 +95,8 @@ class BaseExecutor:
         active_window_s: float | None = None,
         pack_weights: bool | Packing = False,
     ) -> None:
+        if not (isinstance(pack_weights, bool) or pack_weights in tuple(PACKED_DIRECTIONS)):
+            raise ValueError(f"pack_weights must be True, False or one of {tuple(PACKED_DIRECTIONS)}, not {pack_weights!r}")
         self.quantization = prepare_quantized_base(model)  # "int8", "nf4", "fp4" or None (dense)
         model.eval().requires_grad_(False)
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -114,8 +116,6 @@ class BaseExecutor:
         self._add_linear_ops({n: m for n, m in modules.items() if n in owned}, [g for g in groups if owned.issuperset(g)])
         if layers is None or layers[0] == 0:
             self._add_embedding_op(model)
-        if not (isinstance(pack_weights, bool) or pack_weights in tuple(PACKED_DIRECTIONS)):
-            raise ValueError(f"pack_weights must be True, False, 'forward' or 'both', not {pack_weights!r}")
         if pack_weights:
             directions = PACKED_DIRECTIONS["forward" if pack_weights is True else pack_weights]
             members = {member for op in self._ops.values() for member in op.info.members}
