@@ -102,37 +102,47 @@ def bare_s(rows: int, shape: tuple[int, int], direction: str, args, *, streamed:
     return (matmul if packed is None else min(matmul, packed)), matmul
 
 
-def monolithic_gflops(path: Path, rows: float, args) -> float:
-    """GFLOP/s of the monolithic model's linear products while it greedily decodes a batch of
-    ``rows`` sequences (a fractional ``rows``: interpolated between the batch sizes around it)."""
-    low = max(1, math.floor(rows))
-    rates = {b: _decode_gflops(path, b, args) for b in {low, max(low, math.ceil(rows))}}
-    high = max(rates)
-    return rates[low] + (rates[high] - rates[low]) * (rows - low) if high > low else rates[low]
+class MonolithicReference:
+    """The monolithic model (transformers, loaded once) as a reference: the GFLOP/s of its linear
+    products while it greedily decodes a batch of sequences, measured once per batch size."""
 
+    def __init__(self, path: Path, args) -> None:
+        from transformers import AutoModelForCausalLM
 
-def _decode_gflops(path: Path, batch: int, args) -> float:
-    """GFLOP/s of the linear products (``aten::mm``/``addmm`` of ``batch`` rows: the decode steps'
-    products) of transformers' model decoding ``batch`` sequences of ``args.new_tokens`` tokens."""
-    from torch.profiler import ProfilerActivity, profile
-    from transformers import AutoModelForCausalLM
+        self._args = args
+        self._model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+        self._rates: dict[int, float] = {}
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0)).to(args.device)
-    options = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    with torch.inference_mode():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, **options)  # warm-up
-        synchronize(args.device)
-        with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
-            model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
-            synchronize(args.device)
-    flops = seconds = 0.0
-    for event in prof.events():
-        if event.name in ("aten::mm", "aten::addmm") and event.flops and event.input_shapes[-2][:1] == [batch]:
-            flops += event.flops
-            seconds += (event.device_time_total if args.device.startswith("cuda") else event.cpu_time_total) / 1e6
-    return flops / seconds / 1e9
+    def gflops(self, rows: float) -> float:
+        """The rate at a batch of ``rows`` sequences (a fractional ``rows``: interpolated between
+        the batch sizes around it)."""
+        low, high = max(1, math.floor(rows)), max(1, math.ceil(rows))
+        for batch in {low, high} - self._rates.keys():
+            self._rates[batch] = self._decode_gflops(batch)
+        return self._rates[low] + (self._rates[high] - self._rates[low]) * (rows - low)
+
+    def _decode_gflops(self, batch: int) -> float:
+        """GFLOP/s of the linear products (``aten::mm``/``addmm`` of ``batch`` rows: the decode
+        steps' products) while decoding ``batch`` sequences of ``args.new_tokens`` tokens."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model, device, new_tokens = self._model, self._args.device, self._args.new_tokens
+        ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+        options = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
+        cuda = device.startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=2, min_new_tokens=2, **options)  # warm-up
+            synchronize(device)
+            with profile(activities=activities, record_shapes=True, with_flops=True) as prof:
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+                synchronize(device)
+        flops = seconds = 0.0
+        for event in prof.events():
+            if event.name in ("aten::mm", "aten::addmm") and event.flops and event.input_shapes[-2][:1] == [batch]:
+                flops += event.flops
+                seconds += (event.device_time_total if cuda else event.cpu_time_total) / 1e6
+        return flops / seconds / 1e9
 
 
 def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:
@@ -150,7 +160,7 @@ def delta(before: dict, after: dict) -> dict[tuple[str, str], dict[str, float]]:
     return out
 
 
-def measure(n: int, server, shapes: dict, path: Path, args) -> dict:
+def measure(n: int, server, shapes: dict, monolithic_reference: MonolithicReference, args) -> dict:
     specs = [{"system": "symbiosis", "target": server.address, "device": args.device, "threads": args.threads, "role": "inference",
               "method": DECODE_METHODS[i % len(DECODE_METHODS)], "requests": 10**6, "prompt_len": 16, "new_tokens": args.new_tokens,
               "duration_s": args.duration} for i in range(n)]
@@ -174,7 +184,7 @@ def measure(n: int, server, shapes: dict, path: Path, args) -> dict:
     executor_gflops, bare_gflops, streamed_gflops = flops / exec_s / 1e9, bare_flops / bare_total / 1e9, bare_flops / streamed_total / 1e9
     matmul_gflops = bare_flops / matmul_total / 1e9
     cpu_gflops = flops / cpu_s / 1e9
-    monolithic = monolithic_gflops(path, rows / gemms, args)
+    monolithic = monolithic_reference.gflops(rows / gemms)
     return {"clients": n, "gemms": gemms, "rows_per_gemm": rows / gemms, "executor_gflops": executor_gflops, "bare_gflops": bare_gflops,
             "efficiency": executor_gflops / bare_gflops, "matmul_gflops": matmul_gflops,
             "matmul_efficiency": executor_gflops / matmul_gflops, "executor_cpu_gflops": cpu_gflops, "cpu_efficiency": cpu_gflops / bare_gflops,
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                           options=["--pack-weights", "forward"] if args.pack_weights else [])
     try:
         shapes = family_shapes(server.address)
-        rows = [measure(n, server, shapes, path, args) for n in args.clients]
+        reference = MonolithicReference(path, args)
+        rows = [measure(n, server, shapes, reference, args) for n in args.clients]
     finally:
         server.stop()
     at8 = [r for r in rows if r["clients"] >= 8]
